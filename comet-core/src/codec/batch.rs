@@ -1,0 +1,142 @@
+//! op 9 batches (PROTOCOL.md 2.6).
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::{json, tcp};
+use crate::error::FrameError;
+use crate::frame::{op, Frame, WireMode, HEADER_LEN, SERVER_VER};
+
+/// Assembles op 9 frames from already-encoded inner frames, keeping each
+/// batch's body within `max_body` (in text mode: its JSON text).
+///
+/// ```
+/// use comet_core::codec::{read_batch, BatchWriter, TcpCodec};
+/// use comet_core::frame::WireMode;
+/// use comet_core::payload::Delivered;
+/// use tokio_util::codec::Decoder;
+///
+/// let msg = Delivered { op: 18, chat_id: 1, from: 1, to: 2, msg: "hi".into() };
+/// let mut batch = BatchWriter::new(WireMode::Binary, 1024);
+/// assert!(batch.push(&msg.encode_frame(WireMode::Binary)));
+/// let mut wire = bytes::BytesMut::from(&batch.take().unwrap()[..]);
+/// let op9 = TcpCodec::new(1024).decode(&mut wire).unwrap().unwrap();
+/// let inner = read_batch(WireMode::Binary, &op9.body, 1024).unwrap();
+/// assert_eq!(Delivered::decode(WireMode::Binary, &inner[0]).unwrap(), msg);
+/// ```
+#[derive(Debug)]
+pub struct BatchWriter {
+    mode: WireMode,
+    max_body: usize,
+    buf: BytesMut,
+    start: usize,
+    count: usize,
+}
+
+impl BatchWriter {
+    /// An empty batch writer for `mode`.
+    pub fn new(mode: WireMode, max_body: usize) -> Self {
+        BatchWriter {
+            mode,
+            max_body,
+            buf: BytesMut::new(),
+            start: 0,
+            count: 0,
+        }
+    }
+
+    /// Number of inner frames in the open batch.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether the open batch holds no frame.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    fn body_len(&self) -> usize {
+        match self.mode {
+            WireMode::Binary => self.buf.len() - self.start - HEADER_LEN,
+            // `[` plus the items and commas written so far; `]` is counted in push.
+            WireMode::Json => self.buf.len() - self.start,
+        }
+    }
+
+    /// Adds one encoded inner frame to the open batch (opening one if needed).
+    /// Returns `false`, adding nothing, when the open batch is not empty and
+    /// the frame would take its body past `max_body`; call
+    /// [`finish`](Self::finish) or [`take`](Self::take) and push again. A frame alone
+    /// is always accepted, even one larger than `max_body` (it cannot be split).
+    pub fn push(&mut self, inner: &[u8]) -> bool {
+        if self.count > 0 {
+            let extra = match self.mode {
+                WireMode::Binary => inner.len(),
+                WireMode::Json => inner.len() + 2, // comma and closing bracket
+            };
+            if self.body_len() + extra > self.max_body {
+                return false;
+            }
+        } else {
+            self.start = self.buf.len();
+            match self.mode {
+                WireMode::Binary => self.buf.put_bytes(0, HEADER_LEN),
+                WireMode::Json => {
+                    json::write_head(&mut self.buf, SERVER_VER, op::BATCH, 0);
+                    self.start = self.buf.len();
+                    self.buf.put_u8(b'[');
+                }
+            }
+        }
+        if self.count > 0 && self.mode == WireMode::Json {
+            self.buf.put_u8(b',');
+        }
+        self.buf.extend_from_slice(inner);
+        self.count += 1;
+        true
+    }
+
+    /// Closes the open batch, if any; its bytes stay buffered until
+    /// [`take`](Self::take).
+    pub fn finish(&mut self) {
+        if self.count == 0 {
+            return;
+        }
+        match self.mode {
+            WireMode::Binary => {
+                let body_len = self.buf.len() - self.start - HEADER_LEN;
+                let mut header = &mut self.buf[self.start..self.start + HEADER_LEN];
+                tcp::put_header(&mut header, body_len, SERVER_VER, op::BATCH, 0);
+            }
+            WireMode::Json => self.buf.put_slice(b"]}"),
+        }
+        self.count = 0;
+    }
+
+    /// Appends a frame that is not part of a batch (a reply), after closing
+    /// the open batch so the order on the wire is the order of calls.
+    pub fn push_frame(&mut self, frame: &Frame) {
+        self.finish();
+        super::encode(self.mode, frame, &mut self.buf);
+    }
+
+    /// Closes the open batch and returns every byte written since the last
+    /// call, or `None` when there is none. In binary mode that may be several
+    /// frames back to back (one write); in JSON mode call it after each frame,
+    /// since each text message holds exactly one frame object.
+    pub fn take(&mut self) -> Option<Bytes> {
+        self.finish();
+        if self.buf.is_empty() {
+            None
+        } else {
+            Some(self.buf.split().freeze())
+        }
+    }
+}
+
+/// Reads the inner frames of an op 9 body (what clients do).
+pub fn read_batch(mode: WireMode, body: &Bytes, max_body: usize) -> Result<Vec<Frame>, FrameError> {
+    match mode {
+        WireMode::Binary => tcp::split_frames(body.clone(), max_body),
+        WireMode::Json => json::split_array(body),
+    }
+}

@@ -1,0 +1,525 @@
+//! The [`Comet`] handle and its builder.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::BuildHasher;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{Sink, Stream};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tower::{Layer, Service, ServiceExt};
+
+use crate::auth::{Authenticator, ConnId, ConnInfo};
+use crate::config::Config;
+use crate::error::{BoxError, FrameError, SendError};
+use crate::frame::{op, Frame, Transport, WireMode};
+use crate::groups::GroupDirectory;
+use crate::message::{Conversation, Message};
+use crate::middleware::{BoxService, Request, Response, Router};
+use crate::payload::{Delivered, SendRequest};
+use crate::registry::{Delivery, Registry};
+use crate::session::{self, Outgoing, SessionEnd};
+use crate::stats::{Stats, StatsSnapshot};
+use crate::store::{Draft, MessageStore};
+use crate::{GroupId, Mid};
+
+/// Number of stripes of the per-conversation send lock.
+const SEND_STRIPES: usize = 1024;
+
+/// Something that happened to a connection, reported to the hook set with
+/// [`CometBuilder::on_event`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum Event {
+    /// A connection authenticated.
+    Authenticated {
+        /// The connection.
+        conn: ConnInfo,
+        /// As whom.
+        mid: Mid,
+    },
+    /// A connection ended.
+    Disconnected {
+        /// The connection.
+        conn: ConnInfo,
+        /// Its mid, if it had authenticated.
+        mid: Option<Mid>,
+        /// Why it ended.
+        reason: SessionEnd,
+    },
+}
+
+type EventHook = Arc<dyn Fn(&Event) + Send + Sync>;
+type LayerFn = Box<dyn FnOnce(BoxService) -> BoxService + Send>;
+
+/// Why [`CometBuilder::build`] refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// A required plug-in was not given.
+    #[error("no {0} was given to the builder")]
+    Missing(&'static str),
+    /// A handler was registered for one of the protocol's own ops.
+    #[error("op {0} belongs to the protocol; intercept it with a layer instead")]
+    ReservedOp(u32),
+    /// A setting is out of range.
+    #[error("invalid config: {0}")]
+    Config(&'static str),
+}
+
+/// Assembles a [`Comet`]: plug-ins, settings, middleware, handlers, hooks.
+///
+/// ```
+/// use comet_core::{Comet, Config};
+/// # use comet_core::{async_trait, AuthOutcome, AuthRequest, Authenticator, BoxError, ConnInfo, Identity};
+/// # use comet_core::{Draft, MessageStore, Message, GroupDirectory, Members};
+/// # use std::sync::Arc;
+/// # struct A; #[async_trait] impl Authenticator for A {
+/// #   async fn authenticate(&self, r: &AuthRequest, _: &ConnInfo) -> Result<AuthOutcome, BoxError> {
+/// #     Ok(AuthOutcome::Accepted(Identity::new(r.mid().unwrap_or(0)))) } }
+/// # struct S; #[async_trait] impl MessageStore for S {
+/// #   async fn append(&self, _: &Draft) -> Result<i64, BoxError> { Ok(1) }
+/// #   async fn push_offline(&self, _: i32, _: Arc<Message>) -> Result<(), BoxError> { Ok(()) }
+/// #   async fn take_offline(&self, _: i32) -> Result<Vec<Arc<Message>>, BoxError> { Ok(vec![]) } }
+/// # struct G; #[async_trait] impl GroupDirectory for G {
+/// #   async fn is_member(&self, _: i32, _: i32) -> Result<bool, BoxError> { Ok(false) }
+/// #   async fn members(&self, _: i32) -> Result<Members, BoxError> { Ok(Arc::from(vec![])) } }
+/// let comet = Comet::builder()
+///     .authenticator(Arc::new(A))
+///     .store(Arc::new(S))
+///     .groups(Arc::new(G))
+///     .config(Config { max_body: 8192, ..Config::default() })
+///     .layer(tower::limit::ConcurrencyLimitLayer::new(1))
+///     .build()
+///     .unwrap();
+/// assert_eq!(comet.config().max_msg(), 8192 - 32);
+/// ```
+#[must_use]
+pub struct CometBuilder {
+    config: Config,
+    auth: Option<Arc<dyn Authenticator>>,
+    store: Option<Arc<dyn MessageStore>>,
+    groups: Option<Arc<dyn GroupDirectory>>,
+    layers: Vec<LayerFn>,
+    handlers: HashMap<u32, BoxService>,
+    reserved: Option<u32>,
+    events: Option<EventHook>,
+}
+
+impl fmt::Debug for CometBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CometBuilder")
+            .field("config", &self.config)
+            .field("layers", &self.layers.len())
+            .field("handlers", &self.handlers.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CometBuilder {
+    /// The [`Authenticator`] (required).
+    pub fn authenticator(mut self, auth: Arc<dyn Authenticator>) -> Self {
+        self.auth = Some(auth);
+        self
+    }
+
+    /// The [`MessageStore`] (required).
+    pub fn store(mut self, store: Arc<dyn MessageStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// The [`GroupDirectory`] (required).
+    pub fn groups(mut self, groups: Arc<dyn GroupDirectory>) -> Self {
+        self.groups = Some(groups);
+        self
+    }
+
+    /// The engine settings.
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Adds a tower layer around the frame service. The first layer added is
+    /// the outermost: it sees each frame first.
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: Layer<BoxService> + Send + 'static,
+        L::Service: Service<Request, Response = Response> + Clone + Send + Sync + 'static,
+        <L::Service as Service<Request>>::Error: Into<BoxError>,
+        <L::Service as Service<Request>>::Future: Send + 'static,
+    {
+        self.layers.push(Box::new(move |inner: BoxService| {
+            BoxService::new(layer.layer(inner).map_err(Into::into))
+        }));
+        self
+    }
+
+    /// Routes frames with `op` (an op the protocol leaves to applications) to
+    /// `service`. `build` refuses handlers for the protocol's own ops.
+    pub fn handler<S>(mut self, op: u32, service: S) -> Self
+    where
+        S: Service<Request, Response = Response> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        if op::is_builtin(op) {
+            self.reserved = Some(op);
+        } else {
+            self.handlers
+                .insert(op, BoxService::new(service.map_err(Into::into)));
+        }
+        self
+    }
+
+    /// Calls `hook` on every connection event (authenticated, disconnected).
+    /// It runs on the session's task: keep it short and non-blocking.
+    pub fn on_event(mut self, hook: impl Fn(&Event) + Send + Sync + 'static) -> Self {
+        self.events = Some(Arc::new(hook));
+        self
+    }
+
+    /// Builds the comet.
+    pub fn build(self) -> Result<Comet, BuildError> {
+        if let Some(op) = self.reserved {
+            return Err(BuildError::ReservedOp(op));
+        }
+        let auth = self.auth.ok_or(BuildError::Missing("authenticator"))?;
+        let store = self.store.ok_or(BuildError::Missing("message store"))?;
+        let groups = self.groups.ok_or(BuildError::Missing("group directory"))?;
+        if self.config.max_body <= crate::frame::MSG_OVERHEAD {
+            return Err(BuildError::Config("max_body must be larger than 32"));
+        }
+        let stats = Arc::new(Stats::default());
+        let registry = Arc::new(Registry::new(store.clone(), stats.clone()));
+        let handlers = Arc::new(self.handlers);
+        let layers = self.layers;
+        let engine = Arc::new_cyclic(|weak| {
+            let mut service = BoxService::new(Router {
+                engine: weak.clone(),
+                handlers,
+            });
+            for layer in layers.into_iter().rev() {
+                service = layer(service);
+            }
+            Engine {
+                config: self.config,
+                auth,
+                store,
+                groups,
+                delivery: registry.clone(),
+                registry,
+                stats,
+                events: self.events,
+                service,
+                stripes: (0..SEND_STRIPES)
+                    .map(|_| tokio::sync::Mutex::new(()))
+                    .collect(),
+                hasher: Default::default(),
+                next_conn: AtomicU64::new(1),
+                shutdown: CancellationToken::new(),
+                active: AtomicUsize::new(0),
+                idle: Notify::new(),
+            }
+        });
+        Ok(Comet { engine })
+    }
+}
+
+pub(crate) struct Engine {
+    pub(crate) config: Config,
+    pub(crate) auth: Arc<dyn Authenticator>,
+    pub(crate) store: Arc<dyn MessageStore>,
+    pub(crate) groups: Arc<dyn GroupDirectory>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) delivery: Arc<dyn Delivery>,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) events: Option<EventHook>,
+    pub(crate) service: BoxService,
+    stripes: Box<[tokio::sync::Mutex<()>]>,
+    hasher: std::collections::hash_map::RandomState,
+    next_conn: AtomicU64,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) active: AtomicUsize,
+    pub(crate) idle: Notify,
+}
+
+impl Engine {
+    pub(crate) fn emit(&self, event: Event) {
+        if let Some(hook) = &self.events {
+            hook(&event);
+        }
+    }
+
+    /// Runs a plug-in call under the hook timeout.
+    pub(crate) async fn bounded<T>(
+        &self,
+        what: &'static str,
+        call: impl std::future::Future<Output = Result<T, BoxError>>,
+    ) -> Result<T, String> {
+        match tokio::time::timeout(self.config.hook_timeout, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                self.stats.store_error();
+                tracing::error!(hook = what, cause = %e, "plug-in call failed");
+                Err(e.to_string())
+            }
+            Err(_) => {
+                self.stats.store_error();
+                tracing::error!(hook = what, timeout = ?self.config.hook_timeout, "plug-in call timed out");
+                Err(format!("{what} timed out"))
+            }
+        }
+    }
+
+    /// Validates, stores and delivers one message (op 18 or op 20).
+    ///
+    /// `as_mid` is the authenticated sender when the message comes from a
+    /// connection (`from` must match it); `except` is the sending connection.
+    pub(crate) async fn send(
+        &self,
+        op: u32,
+        req: &SendRequest,
+        as_mid: Option<Mid>,
+        except: Option<ConnId>,
+    ) -> Result<i64, SendError> {
+        if as_mid.is_some_and(|m| m != req.from) {
+            return Err(SendError::Spoofed);
+        }
+        if req.to <= 0 {
+            return Err(SendError::BadRecipient);
+        }
+        if req.msg.is_empty() {
+            return Err(SendError::EmptyMessage);
+        }
+        let max = self.config.max_msg();
+        if req.msg.len() > max {
+            return Err(SendError::MessageTooLarge {
+                len: req.msg.len(),
+                max,
+            });
+        }
+        let (conversation, members) = if op == op::SEND_TO_GROUP {
+            let member = self
+                .bounded("group directory", self.groups.is_member(req.to, req.from))
+                .await
+                .map_err(SendError::Groups)?;
+            if !member {
+                return Err(SendError::NotMember(req.to));
+            }
+            let members = self
+                .bounded("group directory", self.groups.members(req.to))
+                .await
+                .map_err(SendError::Groups)?;
+            (Conversation::Group(req.to), Some(members))
+        } else {
+            (Conversation::direct(req.from, req.to), None)
+        };
+        let draft = Draft {
+            conversation,
+            op,
+            from: req.from,
+            to: req.to,
+            msg: req.msg.clone(),
+        };
+        // Storing and enqueueing happen under one per-conversation lock, so
+        // every session sees a conversation in chatId order.
+        let _order = self.stripe(&conversation).lock().await;
+        let chat_id = self
+            .bounded("message store", self.store.append(&draft))
+            .await
+            .map_err(SendError::Store)?;
+        let msg = Message::new(Delivered {
+            op,
+            chat_id,
+            from: req.from,
+            to: req.to,
+            msg: req.msg.clone(),
+        });
+        let single = [req.to];
+        let (recipients, echo): (&[Mid], Option<Mid>) = match &members {
+            Some(members) => (members, Some(req.from)),
+            None if req.to == req.from => (&single, None),
+            None => (&single, Some(req.from)),
+        };
+        if let Err(e) = self.delivery.deliver(recipients, echo, &msg, except).await {
+            // The message is stored: the sender's ack stands.
+            tracing::error!(chat_id, cause = %e, "delivery failed");
+        }
+        self.stats.message();
+        Ok(chat_id)
+    }
+
+    fn stripe(&self, conversation: &Conversation) -> &tokio::sync::Mutex<()> {
+        &self.stripes[(self.hasher.hash_one(conversation) as usize) % SEND_STRIPES]
+    }
+}
+
+/// A running comet: cheap to clone, kept by the application.
+///
+/// Transports hand it connections ([`serve`](Comet::serve)); the application
+/// uses it from its own code to send messages as if a client had sent op 18 /
+/// op 20, see who is online, disconnect users and shut down.
+#[derive(Clone)]
+pub struct Comet {
+    engine: Arc<Engine>,
+}
+
+impl fmt::Debug for Comet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Comet")
+            .field("config", &self.engine.config)
+            .field("sessions", &self.engine.registry.session_count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Comet {
+    /// Starts assembling a comet.
+    pub fn builder() -> CometBuilder {
+        CometBuilder {
+            config: Config::default(),
+            auth: None,
+            store: None,
+            groups: None,
+            layers: Vec::new(),
+            handlers: HashMap::new(),
+            reserved: None,
+            events: None,
+        }
+    }
+
+    /// The engine settings.
+    pub fn config(&self) -> &Config {
+        &self.engine.config
+    }
+
+    /// Facts for a new connection: a fresh connection id, its transport, wire
+    /// mode and peer.
+    pub fn conn_info(&self, transport: Transport, mode: WireMode, peer: SocketAddr) -> ConnInfo {
+        ConnInfo {
+            conn_id: self.engine.next_conn.fetch_add(1, Ordering::Relaxed),
+            transport,
+            mode,
+            peer,
+        }
+    }
+
+    /// Runs one connection to its end: handshake, authentication, offline
+    /// inbox, then frames through the middleware stack while a writer drains
+    /// the session's queue in op 9 batches.
+    ///
+    /// `inbound` yields decoded frames (bodies in `conn.mode`); `outbound`
+    /// takes encoded wire units ([`Outgoing`]). Transports, and tests using
+    /// channels, share this one loop.
+    pub async fn serve<St, Si>(&self, conn: ConnInfo, inbound: St, outbound: Si) -> SessionEnd
+    where
+        St: Stream<Item = Result<Frame, FrameError>> + Unpin + Send,
+        Si: Sink<Outgoing> + Unpin + Send,
+        Si::Error: fmt::Display,
+    {
+        session::run(self.engine.clone(), self.clone(), conn, inbound, outbound).await
+    }
+
+    /// Sends `msg` from `from` to user `to` exactly as if `from` had sent op
+    /// 18 over a connection: validated, stored (chatId assigned), delivered to
+    /// `to`'s sessions (or inbox) and to `from`'s sessions.
+    pub async fn send_to_user(&self, from: Mid, to: Mid, msg: Bytes) -> Result<i64, SendError> {
+        let req = SendRequest { from, to, msg };
+        self.engine.send(op::SEND_TO_USER, &req, None, None).await
+    }
+
+    /// Sends `msg` from member `from` to `group` exactly as if `from` had
+    /// sent op 20 (so `from` must be a member).
+    pub async fn send_to_group(&self, from: Mid, group: GroupId, msg: Bytes) -> Result<i64, SendError> {
+        let req = SendRequest {
+            from,
+            to: group,
+            msg,
+        };
+        self.engine.send(op::SEND_TO_GROUP, &req, None, None).await
+    }
+
+    /// Whether `mid` has a live session on this node.
+    pub fn is_online(&self, mid: Mid) -> bool {
+        self.engine.registry.sessions_of(mid) > 0
+    }
+
+    /// Number of live sessions of `mid`.
+    pub fn sessions_of(&self, mid: Mid) -> usize {
+        self.engine.registry.sessions_of(mid)
+    }
+
+    /// Mids with at least one live session.
+    pub fn online_users(&self) -> Vec<Mid> {
+        self.engine.registry.online_mids()
+    }
+
+    /// Number of authenticated sessions.
+    pub fn session_count(&self) -> usize {
+        self.engine.registry.session_count()
+    }
+
+    /// Number of connections being served, authenticated or not.
+    pub fn connection_count(&self) -> usize {
+        self.engine.active.load(Ordering::Acquire)
+    }
+
+    /// Closes every session of `mid`; returns how many there were.
+    pub fn disconnect(&self, mid: Mid) -> usize {
+        self.engine.registry.disconnect(mid)
+    }
+
+    /// The engine's counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.engine.stats.snapshot()
+    }
+
+    /// The local session registry (the default [`Delivery`]).
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.engine.registry
+    }
+
+    /// Starts a graceful shutdown: every session stops reading, writes what
+    /// is queued for it, and closes. New connections are refused.
+    pub fn shutdown(&self) {
+        self.engine.shutdown.cancel();
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.engine.shutdown.is_cancelled()
+    }
+
+    /// Resolves once shutdown was called.
+    pub async fn shutdown_requested(&self) {
+        self.engine.shutdown.cancelled().await
+    }
+
+    /// Waits until no connection is being served.
+    pub async fn idle(&self) {
+        loop {
+            let idle = self.engine.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.connection_count() == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    /// Shuts down and waits for every session to flush and close, at most
+    /// [`Config::shutdown_timeout`]; returns whether all closed in time.
+    pub async fn shutdown_and_wait(&self) -> bool {
+        self.shutdown();
+        tokio::time::timeout(self.engine.config.shutdown_timeout, self.idle())
+            .await
+            .is_ok()
+    }
+}

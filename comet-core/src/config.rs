@@ -1,0 +1,47 @@
+//! Engine settings.
+
+use std::time::Duration;
+
+use crate::frame::{DEFAULT_MAX_BODY, MSG_OVERHEAD};
+
+/// Settings of the session engine. Every field has a safe default
+/// (PROTOCOL.md's): build one with `Config { max_body: 8192, ..Config::default() }`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Time a new connection has to send op 7 (default 10 s).
+    pub handshake_timeout: Duration,
+    /// Silence after which a session is closed, counted from the last
+    /// complete frame (default 90 s).
+    pub heartbeat_timeout: Duration,
+    /// Largest accepted frame body in bytes (default 64 KiB).
+    pub max_body: usize,
+    /// Bytes a session may have queued for writing before it is closed as a
+    /// slow consumer (default 4 MiB).
+    pub max_outbound_bytes: usize,
+    /// Upper bound of every call into a plug-in (authenticator, store, group
+    /// directory); past it the call counts as failed (default 5 s).
+    pub hook_timeout: Duration,
+    /// How long a graceful shutdown waits for sessions to flush (default 10 s).
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            handshake_timeout: Duration::from_secs(10),
+            heartbeat_timeout: Duration::from_secs(90),
+            max_body: DEFAULT_MAX_BODY,
+            max_outbound_bytes: 4 * 1024 * 1024,
+            hook_timeout: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Config {
+    /// The longest `msg` a send may carry: `max_body - 32`, so that one
+    /// delivered message always fits one op 9.
+    pub fn max_msg(&self) -> usize {
+        self.max_body.saturating_sub(MSG_OVERHEAD)
+    }
+}

@@ -1,0 +1,103 @@
+//! # comet-core
+//!
+//! The engine of comet: frames and codecs, the traits applications plug in,
+//! the session engine and the middleware stack. Transports
+//! (`comet-transports`) feed it connections; plug-ins (`comet-plugins`)
+//! provide default implementations of the traits.
+//!
+//! ## Layout
+//!
+//! - [`frame`]: [`Frame`], op codes, wire modes;
+//! - [`codec`]: the binary codec, the JSON mapping, op 9 batches;
+//! - [`payload`]: typed bodies of ops 7/8, 18–21 in both modes;
+//! - [`auth`], [`store`], [`groups`]: the plug-in traits [`Authenticator`],
+//!   [`MessageStore`], [`GroupDirectory`];
+//! - [`registry`]: live sessions and the [`Delivery`] seam;
+//! - [`session`]: one connection's life; [`middleware`]: the tower stack;
+//! - [`comet`]: the [`Comet`] handle and its builder.
+//!
+//! ## Quick start
+//!
+//! ```
+//! use comet_core::{async_trait, AuthOutcome, AuthRequest, Authenticator, BoxError, ConnInfo, Identity};
+//! # use comet_core::{Draft, MessageStore, Message, GroupDirectory, Members};
+//! use std::sync::Arc;
+//!
+//! /// Logins checked against the application's own user database.
+//! struct Users;
+//!
+//! #[async_trait]
+//! impl Authenticator for Users {
+//!     async fn authenticate(&self, req: &AuthRequest, conn: &ConnInfo) -> Result<AuthOutcome, BoxError> {
+//!         Ok(match (req.mid(), req.mkey()) {
+//!             (Some(mid), Some(key)) if key == format!("secret-{mid}") => {
+//!                 AuthOutcome::Accepted(Identity::new(mid))
+//!             }
+//!             _ => AuthOutcome::Denied(format!("bad login from {}", conn.peer)),
+//!         })
+//!     }
+//! }
+//! # struct S; #[async_trait] impl MessageStore for S {
+//! #   async fn append(&self, _: &Draft) -> Result<i64, BoxError> { Ok(1) }
+//! #   async fn push_offline(&self, _: i32, _: Arc<Message>) -> Result<(), BoxError> { Ok(()) }
+//! #   async fn take_offline(&self, _: i32) -> Result<Vec<Arc<Message>>, BoxError> { Ok(vec![]) } }
+//! # struct G; #[async_trait] impl GroupDirectory for G {
+//! #   async fn is_member(&self, _: i32, _: i32) -> Result<bool, BoxError> { Ok(false) }
+//! #   async fn members(&self, _: i32) -> Result<Members, BoxError> { Ok(Arc::from(vec![])) } }
+//!
+//! let comet = comet_core::Comet::builder()
+//!     .authenticator(Arc::new(Users))
+//!     .store(Arc::new(S)) // e.g. comet_plugins::memory::MemoryStore
+//!     .groups(Arc::new(G)) // e.g. comet_plugins::memory::MemoryGroups
+//!     .build()
+//!     .expect("all plug-ins given");
+//! assert_eq!(comet.session_count(), 0);
+//! ```
+
+pub mod auth;
+pub mod codec;
+pub mod comet;
+pub mod config;
+pub mod error;
+pub mod frame;
+pub mod groups;
+pub mod message;
+pub mod middleware;
+pub mod payload;
+pub mod registry;
+pub mod session;
+pub mod stats;
+pub mod store;
+
+/// A user id (signed 32-bit on the wire).
+pub type Mid = i32;
+/// A group id (signed 32-bit on the wire).
+pub type GroupId = i32;
+
+#[doc(no_inline)]
+pub use async_trait::async_trait;
+
+#[doc(inline)]
+pub use crate::auth::{AuthOutcome, AuthRequest, Authenticator, ConnId, ConnInfo, Identity};
+#[doc(inline)]
+pub use crate::comet::{BuildError, Comet, CometBuilder, Event};
+#[doc(inline)]
+pub use crate::config::Config;
+#[doc(inline)]
+pub use crate::error::{BoxError, FrameError, PayloadError, SendError};
+#[doc(inline)]
+pub use crate::frame::{op, Frame, Transport, WireMode};
+#[doc(inline)]
+pub use crate::groups::{GroupDirectory, Members};
+#[doc(inline)]
+pub use crate::message::{Conversation, Message};
+#[doc(inline)]
+pub use crate::middleware::{BoxService, ConnContext, Request, Response};
+#[doc(inline)]
+pub use crate::registry::{Delivery, Registry, SessionHandle};
+#[doc(inline)]
+pub use crate::session::{Outgoing, SessionEnd};
+#[doc(inline)]
+pub use crate::stats::StatsSnapshot;
+#[doc(inline)]
+pub use crate::store::{Draft, MessageStore};

@@ -1,0 +1,71 @@
+//! The tower middleware stack over decoded frames.
+//!
+//! Every frame a client sends after op 7 becomes a [`Request`] that runs
+//! through the application's layers (outermost first, in the order they were
+//! added to the builder) down to the innermost service, which handles the
+//! protocol's own ops (2, 18, 20) and routes any other op to the
+//! application's handler for it. A handler or layer answers `Ok(Some(frame))`
+//! to reply, `Ok(None)` to stay silent, and `Err(_)` to close the connection
+//! (logged with the peer address).
+
+mod router;
+
+pub(crate) use router::Router;
+
+use std::sync::Arc;
+
+use tower::util::BoxCloneSyncService;
+
+use crate::auth::{ConnInfo, Identity};
+use crate::comet::Comet;
+use crate::error::BoxError;
+use crate::frame::Frame;
+use crate::registry::SessionHandle;
+use crate::Mid;
+
+/// One decoded frame from an authenticated connection, with its context.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// The frame; its body is in the connection's wire mode.
+    pub frame: Frame,
+    /// Who sent it, and over what.
+    pub ctx: Arc<ConnContext>,
+}
+
+/// What a service answers: a frame to write back on the connection (in its
+/// wire mode, usually made with [`Frame::reply`]), or nothing.
+pub type Response = Option<Frame>;
+
+/// A finished, type-erased middleware stack.
+pub type BoxService = BoxCloneSyncService<Request, Response, BoxError>;
+
+/// The context of an authenticated connection.
+#[derive(Debug)]
+pub struct ConnContext {
+    /// Transport, wire mode, peer address and connection id.
+    pub conn: ConnInfo,
+    /// Who the connection authenticated as.
+    pub identity: Identity,
+    pub(crate) comet: Comet,
+    pub(crate) handle: SessionHandle,
+}
+
+impl ConnContext {
+    /// The authenticated mid.
+    pub fn mid(&self) -> Mid {
+        self.identity.mid
+    }
+
+    /// The comet this connection belongs to (to send messages, look up who is
+    /// online, ...).
+    pub fn comet(&self) -> &Comet {
+        &self.comet
+    }
+
+    /// Queues an extra frame for this connection (body in its wire mode),
+    /// after everything already queued. Returns `false` if the connection is
+    /// closing or over its outbound bound.
+    pub fn push(&self, frame: Frame) -> bool {
+        self.handle.push_frame(frame)
+    }
+}

@@ -1,0 +1,77 @@
+//! The innermost service: the protocol's own ops, then application handlers.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+
+use tower::{Service, ServiceExt};
+
+use super::{BoxService, Request, Response};
+use crate::comet::Engine;
+use crate::error::BoxError;
+use crate::frame::op;
+use crate::payload::{SendReply, SendRequest};
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
+
+/// Handles ops 2, 18 and 20, routes application ops to their handlers, and
+/// ignores (and counts) any other op.
+#[derive(Clone)]
+pub(crate) struct Router {
+    pub(crate) engine: Weak<Engine>,
+    pub(crate) handlers: Arc<HashMap<u32, BoxService>>,
+}
+
+impl Service<Request> for Router {
+    type Response = Response;
+    type Error = BoxError;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> BoxFuture {
+        let engine = self.engine.clone();
+        let handler = self.handlers.get(&req.frame.op).cloned();
+        Box::pin(async move {
+            let Some(engine) = engine.upgrade() else {
+                return Err("comet is shutting down".into());
+            };
+            match req.frame.op {
+                op::HEARTBEAT => Ok(Some(req.frame.reply(op::HEARTBEAT_REPLY, ""))),
+                op @ (op::SEND_TO_USER | op::SEND_TO_GROUP) => {
+                    let mode = req.ctx.conn.mode;
+                    let reply_op = op + 1;
+                    let result = match SendRequest::decode(mode, &req.frame.body) {
+                        Ok(send) => {
+                            engine
+                                .send(op, &send, Some(req.ctx.mid()), Some(req.ctx.conn.conn_id))
+                                .await
+                        }
+                        Err(e) => Err(e.into()),
+                    };
+                    let reply = match result {
+                        Ok(chat_id) => SendReply::ok(chat_id),
+                        Err(e) => {
+                            engine.stats.send_failure();
+                            tracing::debug!(peer = %req.ctx.conn.peer, mid = req.ctx.mid(), op, cause = %e, "send refused");
+                            SendReply::failed(e.to_string())
+                        }
+                    };
+                    Ok(Some(req.frame.reply(reply_op, reply.encode(mode))))
+                }
+                _ => match handler {
+                    Some(handler) => handler.oneshot(req).await,
+                    None => {
+                        engine.stats.unknown_op();
+                        tracing::debug!(peer = %req.ctx.conn.peer, op = req.frame.op, "ignoring op with no handler");
+                        Ok(None)
+                    }
+                },
+            }
+        })
+    }
+}

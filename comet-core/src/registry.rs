@@ -1,0 +1,405 @@
+//! Live sessions by mid, and the [`Delivery`] seam that hands messages to them.
+//!
+//! The registry is sharded by mid: delivering to one user takes a read lock on
+//! one shard out of [`SHARDS`], never a global lock. Pushing to a session
+//! never waits: its queue is bounded in bytes, and a session over its bound
+//! is closed (slow consumer) instead of slowing the sender.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use async_trait::async_trait;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::ConnId;
+use crate::error::BoxError;
+use crate::frame::{Frame, WireMode, HEADER_LEN};
+use crate::message::Message;
+use crate::stats::Stats;
+use crate::store::MessageStore;
+use crate::Mid;
+
+/// Number of registry shards.
+pub const SHARDS: usize = 64;
+
+/// What a session's writer has to send.
+#[derive(Debug)]
+pub(crate) enum Outbound {
+    /// A reply or other frame, already in the session's mode.
+    Frame(Frame),
+    /// A delivered message, batched into op 9 by the writer.
+    Message(Arc<Message>),
+}
+
+/// Why a session was told to close from outside its own task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Kick {
+    None = 0,
+    SlowConsumer = 1,
+    Disconnected = 2,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pending: AtomicUsize,
+    kick: AtomicU8,
+    pub(crate) close: CancellationToken,
+}
+
+impl Shared {
+    pub(crate) fn kick_reason(&self) -> Kick {
+        match self.kick.load(Ordering::Acquire) {
+            1 => Kick::SlowConsumer,
+            2 => Kick::Disconnected,
+            _ => Kick::None,
+        }
+    }
+
+    fn kick(&self, why: Kick) {
+        let _ = self
+            .kick
+            .compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire);
+        self.close.cancel();
+    }
+
+    /// Marks `bytes` as written.
+    pub(crate) fn written(&self, bytes: usize) {
+        self.pending.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+/// A cheap handle to one live session: pushing never blocks.
+#[derive(Clone, Debug)]
+pub struct SessionHandle {
+    conn_id: ConnId,
+    mid: Mid,
+    mode: WireMode,
+    limit: usize,
+    tx: mpsc::UnboundedSender<Outbound>,
+    shared: Arc<Shared>,
+}
+
+impl SessionHandle {
+    pub(crate) fn new(
+        conn_id: ConnId,
+        mid: Mid,
+        mode: WireMode,
+        limit: usize,
+    ) -> (Self, mpsc::UnboundedReceiver<Outbound>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            pending: AtomicUsize::new(0),
+            kick: AtomicU8::new(0),
+            close: CancellationToken::new(),
+        });
+        (
+            SessionHandle {
+                conn_id,
+                mid,
+                mode,
+                limit,
+                tx,
+                shared,
+            },
+            rx,
+        )
+    }
+
+    /// The connection's id.
+    pub fn conn_id(&self) -> ConnId {
+        self.conn_id
+    }
+
+    /// The authenticated mid.
+    pub fn mid(&self) -> Mid {
+        self.mid
+    }
+
+    /// The connection's wire mode.
+    pub fn mode(&self) -> WireMode {
+        self.mode
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Queues `item` of `size` bytes; past the byte bound the session is
+    /// closed as a slow consumer and `false` returned.
+    fn push(&self, item: Outbound, size: usize) -> bool {
+        let before = self.shared.pending.fetch_add(size, Ordering::AcqRel);
+        if before + size > self.limit {
+            self.shared.pending.fetch_sub(size, Ordering::AcqRel);
+            self.shared.kick(Kick::SlowConsumer);
+            return false;
+        }
+        if self.tx.send(item).is_err() {
+            self.shared.pending.fetch_sub(size, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Queues a delivered message (sent inside op 9).
+    pub fn push_message(&self, msg: &Arc<Message>) -> bool {
+        let size = msg.wire(self.mode).len();
+        self.push(Outbound::Message(msg.clone()), size)
+    }
+
+    /// Queues a frame whose body is in this session's mode.
+    pub fn push_frame(&self, frame: Frame) -> bool {
+        let size = HEADER_LEN + frame.body.len();
+        self.push(Outbound::Frame(frame), size)
+    }
+
+    /// Closes the session (its writer stops, the connection is closed).
+    pub fn disconnect(&self) {
+        self.shared.kick(Kick::Disconnected);
+    }
+
+    /// Whether the session has been told to close.
+    pub fn is_closed(&self) -> bool {
+        self.shared.close.is_cancelled()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    sessions: Vec<SessionHandle>,
+    /// Offline-inbox pushes under way for this mid; a new session waits for
+    /// them before draining the inbox, so none is stranded there.
+    offline_inflight: u32,
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    map: RwLock<HashMap<Mid, Entry>>,
+    settled: Notify,
+}
+
+impl Shard {
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<Mid, Entry>> {
+        // A poisoned lock only means a panic elsewhere; the map is still sound.
+        self.map.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<Mid, Entry>> {
+        self.map.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Where delivered messages go: the one seam between the engine and the
+/// sessions. [`Registry`] delivers to this process's sessions; a multi-node
+/// backend wraps it and forwards to other nodes, without touching the engine.
+#[async_trait]
+pub trait Delivery: Send + Sync + 'static {
+    /// Hands `msg` to every session of every mid in `recipients`, and to the
+    /// live sessions of `echo` (the sender's other devices: live copies only,
+    /// never its inbox, even when it is also in `recipients`), skipping the
+    /// connection `except` (the sending one). Recipients with no session get
+    /// the message in their offline inbox. Never waits on a slow session.
+    async fn deliver(
+        &self,
+        recipients: &[Mid],
+        echo: Option<Mid>,
+        msg: &Arc<Message>,
+        except: Option<ConnId>,
+    ) -> Result<(), BoxError>;
+}
+
+/// The sharded map mid → live sessions of this process.
+pub struct Registry {
+    shards: Box<[Shard]>,
+    hasher: std::collections::hash_map::RandomState,
+    store: Arc<dyn MessageStore>,
+    stats: Arc<Stats>,
+    sessions: AtomicUsize,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("sessions", &self.sessions.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    /// An empty registry that keeps offline messages in `store`.
+    pub fn new(store: Arc<dyn MessageStore>, stats: Arc<Stats>) -> Self {
+        Registry {
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            hasher: Default::default(),
+            store,
+            stats,
+            sessions: AtomicUsize::new(0),
+        }
+    }
+
+    fn shard(&self, mid: Mid) -> &Shard {
+        &self.shards[(self.hasher.hash_one(mid) as usize) % SHARDS]
+    }
+
+    /// Adds a session, then waits until no offline push for its mid is under
+    /// way, so the caller can drain the inbox knowing every message meant for
+    /// this mid is either in the inbox or in the session's queue.
+    pub async fn register(&self, handle: SessionHandle) {
+        let shard = self.shard(handle.mid);
+        let mid = handle.mid;
+        shard.write().entry(mid).or_default().sessions.push(handle);
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+        loop {
+            let settled = shard.settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            let busy = shard
+                .read()
+                .get(&mid)
+                .is_some_and(|e| e.offline_inflight > 0);
+            if !busy {
+                return;
+            }
+            settled.await;
+        }
+    }
+
+    /// Removes connection `conn_id` of `mid`.
+    pub fn unregister(&self, mid: Mid, conn_id: ConnId) {
+        let mut map = self.shard(mid).write();
+        if let Some(entry) = map.get_mut(&mid) {
+            let before = entry.sessions.len();
+            entry.sessions.retain(|s| s.conn_id != conn_id);
+            if entry.sessions.len() < before {
+                self.sessions.fetch_sub(1, Ordering::Relaxed);
+            }
+            if entry.sessions.is_empty() && entry.offline_inflight == 0 {
+                map.remove(&mid);
+            }
+        }
+    }
+
+    /// Number of live sessions of `mid`.
+    pub fn sessions_of(&self, mid: Mid) -> usize {
+        self.shard(mid)
+            .read()
+            .get(&mid)
+            .map_or(0, |e| e.sessions.len())
+    }
+
+    /// Number of live sessions in all.
+    pub fn session_count(&self) -> usize {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
+    /// Mids with at least one live session.
+    pub fn online_mids(&self) -> Vec<Mid> {
+        let mut mids = Vec::new();
+        for shard in self.shards.iter() {
+            mids.extend(
+                shard
+                    .read()
+                    .iter()
+                    .filter(|(_, e)| !e.sessions.is_empty())
+                    .map(|(m, _)| *m),
+            );
+        }
+        mids
+    }
+
+    /// Closes every session of `mid`; returns how many.
+    pub fn disconnect(&self, mid: Mid) -> usize {
+        let map = self.shard(mid).read();
+        let Some(entry) = map.get(&mid) else { return 0 };
+        for s in &entry.sessions {
+            s.disconnect();
+        }
+        entry.sessions.len()
+    }
+
+    /// Closes every session.
+    pub fn disconnect_all(&self) {
+        for shard in self.shards.iter() {
+            for entry in shard.read().values() {
+                for s in &entry.sessions {
+                    s.disconnect();
+                }
+            }
+        }
+    }
+
+    /// Pushes to the live sessions of `mid`; returns `false` when it has none
+    /// (the caller then keeps the message offline).
+    fn push_live(&self, mid: Mid, msg: &Arc<Message>, except: Option<ConnId>) -> bool {
+        let map = self.shard(mid).read();
+        match map.get(&mid) {
+            Some(entry) if !entry.sessions.is_empty() => {
+                for s in &entry.sessions {
+                    if Some(s.conn_id) != except && !s.push_message(msg) {
+                        self.stats.slow_consumer();
+                    }
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    async fn push_offline(&self, mid: Mid, msg: &Arc<Message>, except: Option<ConnId>) {
+        let shard = self.shard(mid);
+        {
+            let mut map = shard.write();
+            let entry = map.entry(mid).or_default();
+            if !entry.sessions.is_empty() {
+                // A session arrived since push_live looked.
+                for s in &entry.sessions {
+                    if Some(s.conn_id) != except && !s.push_message(msg) {
+                        self.stats.slow_consumer();
+                    }
+                }
+                return;
+            }
+            entry.offline_inflight += 1;
+        }
+        if let Err(e) = self.store.push_offline(mid, msg.clone()).await {
+            self.stats.store_error();
+            tracing::error!(mid, chat_id = msg.chat_id(), cause = %e, "could not keep message in offline inbox");
+        }
+        let mut map = shard.write();
+        if let Some(entry) = map.get_mut(&mid) {
+            entry.offline_inflight -= 1;
+            if entry.offline_inflight == 0 && entry.sessions.is_empty() {
+                map.remove(&mid);
+            }
+        }
+        drop(map);
+        shard.settled.notify_waiters();
+    }
+}
+
+#[async_trait]
+impl Delivery for Registry {
+    async fn deliver(
+        &self,
+        recipients: &[Mid],
+        echo: Option<Mid>,
+        msg: &Arc<Message>,
+        except: Option<ConnId>,
+    ) -> Result<(), BoxError> {
+        if let Some(mid) = echo {
+            self.push_live(mid, msg, except);
+        }
+        for &mid in recipients {
+            if Some(mid) == echo {
+                continue;
+            }
+            if !self.push_live(mid, msg, except) {
+                self.push_offline(mid, msg, except).await;
+            }
+        }
+        Ok(())
+    }
+}

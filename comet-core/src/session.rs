@@ -1,0 +1,468 @@
+//! The transport-agnostic session engine: one connection from handshake to
+//! close.
+
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tokio::sync::mpsc;
+use tower::{Service, ServiceExt};
+use tracing::Instrument;
+
+use crate::auth::{AuthOutcome, AuthRequest, ConnInfo, Identity};
+use crate::codec::BatchWriter;
+use crate::comet::{Comet, Engine, Event};
+use crate::error::FrameError;
+use crate::frame::{op, Frame, WireMode, HEADER_LEN};
+use crate::middleware::{ConnContext, Request};
+use crate::payload::AuthReply;
+use crate::registry::{Kick, Outbound, SessionHandle, Shared};
+use crate::Mid;
+
+/// Most queue items a writer takes in one go (one write on the socket).
+const WRITE_BATCH: usize = 256;
+
+/// One unit for the transport to write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outgoing {
+    /// Encoded bytes: in binary mode one or more whole frames (one write, or
+    /// one binary WebSocket message); in JSON mode exactly one frame object
+    /// (one text WebSocket message).
+    Data(Bytes),
+    /// Close the connection; WebSocket transports send this close code and
+    /// reason, TCP just closes.
+    Close {
+        /// WebSocket close code (1000 normal, 1001 going away, 1002 protocol
+        /// error, 1007 invalid payload, 1008 policy violation).
+        code: u16,
+        /// A reason a person can read.
+        reason: String,
+    },
+}
+
+/// How a session ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionEnd {
+    /// The peer closed the connection.
+    PeerClosed,
+    /// No op 7 within the handshake timeout.
+    HandshakeTimeout,
+    /// Nothing received within the heartbeat timeout.
+    HeartbeatTimeout,
+    /// The peer broke the protocol (bad frame, op before op 7, op 7 twice).
+    Protocol(String),
+    /// The login was refused or could not be checked.
+    AuthFailed(String),
+    /// Its outbound queue hit its bound.
+    SlowConsumer,
+    /// The application disconnected it.
+    Disconnected,
+    /// The comet is shutting down.
+    Shutdown,
+    /// A layer or handler returned an error.
+    Handler(String),
+    /// Writing to the transport failed.
+    Transport(String),
+}
+
+impl SessionEnd {
+    fn close_frame(&self) -> Option<(u16, String)> {
+        Some(match self {
+            SessionEnd::PeerClosed | SessionEnd::Transport(_) => return None,
+            SessionEnd::HandshakeTimeout => (1008, "no op 7 within the handshake timeout".into()),
+            SessionEnd::HeartbeatTimeout => (1001, "heartbeat timeout".into()),
+            SessionEnd::Protocol(r) => (1002, r.clone()),
+            SessionEnd::AuthFailed(r) => (1008, r.clone()),
+            SessionEnd::SlowConsumer => (1008, "outbound queue limit reached".into()),
+            SessionEnd::Disconnected => (1000, "disconnected by the server".into()),
+            SessionEnd::Shutdown => (1001, "server shutting down".into()),
+            SessionEnd::Handler(r) => (1011, r.clone()),
+        })
+    }
+}
+
+/// Counts a served connection for [`Comet::idle`].
+struct Active<'a>(&'a Engine);
+
+impl<'a> Active<'a> {
+    fn new(engine: &'a Engine) -> Self {
+        engine.active.fetch_add(1, Ordering::AcqRel);
+        Active(engine)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Removes the session from the registry however the task ends (panics too).
+struct Registered<'a> {
+    engine: &'a Engine,
+    mid: Mid,
+    conn_id: u64,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.engine.registry.unregister(self.mid, self.conn_id);
+    }
+}
+
+/// Encodes queue items into wire units.
+struct Writer {
+    mode: WireMode,
+    batch: BatchWriter,
+    units: Vec<Bytes>,
+    bytes: usize,
+}
+
+impl Writer {
+    fn new(mode: WireMode, max_body: usize) -> Self {
+        Writer {
+            mode,
+            batch: BatchWriter::new(mode, max_body),
+            units: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    fn take_unit(&mut self) {
+        if let Some(unit) = self.batch.take() {
+            self.units.push(unit);
+        }
+    }
+
+    fn frame(&mut self, frame: &Frame) {
+        self.bytes += HEADER_LEN + frame.body.len();
+        if self.mode == WireMode::Json {
+            self.take_unit();
+        }
+        self.batch.push_frame(frame);
+        if self.mode == WireMode::Json {
+            self.take_unit();
+        }
+    }
+
+    fn message(&mut self, msg: &crate::message::Message) {
+        let wire = msg.wire(self.mode);
+        self.bytes += wire.len();
+        if !self.batch.push(wire) {
+            match self.mode {
+                WireMode::Json => self.take_unit(),
+                WireMode::Binary => self.batch.finish(),
+            }
+            self.batch.push(wire);
+        }
+    }
+
+    fn item(&mut self, item: &Outbound) {
+        match item {
+            Outbound::Frame(f) => self.frame(f),
+            Outbound::Message(m) => self.message(m),
+        }
+    }
+
+    /// Writes everything encoded so far; returns the queue bytes it covered.
+    async fn flush<Si>(&mut self, sink: &mut Si) -> Result<usize, String>
+    where
+        Si: Sink<Outgoing> + Unpin,
+        Si::Error: fmt::Display,
+    {
+        self.take_unit();
+        for unit in self.units.drain(..) {
+            sink.feed(Outgoing::Data(unit))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        sink.flush().await.map_err(|e| e.to_string())?;
+        Ok(std::mem::take(&mut self.bytes))
+    }
+}
+
+pub(crate) async fn run<St, Si>(
+    engine: Arc<Engine>,
+    comet: Comet,
+    conn: ConnInfo,
+    mut inbound: St,
+    mut outbound: Si,
+) -> SessionEnd
+where
+    St: Stream<Item = Result<Frame, FrameError>> + Unpin + Send,
+    Si: Sink<Outgoing> + Unpin + Send,
+    Si::Error: fmt::Display,
+{
+    let span = tracing::debug_span!("session", conn_id = conn.conn_id, peer = %conn.peer, mid = tracing::field::Empty);
+    let engine_ref = &engine;
+    async move {
+        let _active = Active::new(engine_ref);
+        engine_ref.stats.connection();
+        let (end, mid) = match handshake(engine_ref, &conn, &mut inbound, &mut outbound).await {
+            Ok((identity, auth_frame)) => {
+                tracing::Span::current().record("mid", identity.mid);
+                let mid = identity.mid;
+                let end = established(
+                    engine_ref,
+                    comet,
+                    &conn,
+                    identity,
+                    auth_frame,
+                    &mut inbound,
+                    &mut outbound,
+                )
+                .await;
+                (end, Some(mid))
+            }
+            Err(end) => (end, None),
+        };
+        match &end {
+            SessionEnd::Protocol(cause) => {
+                engine_ref.stats.protocol_error();
+                tracing::warn!(peer = %conn.peer, cause = %cause, "closing connection: protocol error");
+            }
+            SessionEnd::HandshakeTimeout | SessionEnd::HeartbeatTimeout => {
+                engine_ref.stats.timeout();
+                tracing::info!(peer = %conn.peer, reason = ?end, "closing silent connection");
+            }
+            SessionEnd::SlowConsumer => {
+                tracing::warn!(peer = %conn.peer, mid, "closing slow consumer: outbound queue limit reached");
+            }
+            SessionEnd::Handler(cause) => {
+                engine_ref.stats.handler_error();
+                tracing::warn!(peer = %conn.peer, cause = %cause, "closing connection: handler error");
+            }
+            other => tracing::debug!(reason = ?other, "session ended"),
+        }
+        if let Some((code, reason)) = end.close_frame() {
+            // Best effort: the peer may be gone already.
+            let _ = outbound.send(Outgoing::Close { code, reason }).await;
+        }
+        engine_ref.emit(Event::Disconnected {
+            conn,
+            mid,
+            reason: end.clone(),
+        });
+        end
+    }
+    .instrument(span)
+    .await
+}
+
+/// Waits for op 7 and authenticates. On failure the op 8 reply (if any) has
+/// been written and the returned end says why.
+async fn handshake<St, Si>(
+    engine: &Engine,
+    conn: &ConnInfo,
+    inbound: &mut St,
+    outbound: &mut Si,
+) -> Result<(Identity, Frame), SessionEnd>
+where
+    St: Stream<Item = Result<Frame, FrameError>> + Unpin + Send,
+    Si: Sink<Outgoing> + Unpin + Send,
+    Si::Error: fmt::Display,
+{
+    let cfg = &engine.config;
+    let first = tokio::select! {
+        first = tokio::time::timeout(cfg.handshake_timeout, inbound.next()) => first,
+        _ = engine.shutdown.cancelled() => return Err(SessionEnd::Shutdown),
+    };
+    let frame = match first {
+        Err(_) => return Err(SessionEnd::HandshakeTimeout),
+        Ok(None) => return Err(SessionEnd::PeerClosed),
+        Ok(Some(Err(FrameError::Io(e)))) => return Err(SessionEnd::Transport(e.to_string())),
+        Ok(Some(Err(e))) => return Err(SessionEnd::Protocol(e.to_string())),
+        Ok(Some(Ok(frame))) if frame.op != op::AUTH => {
+            return Err(SessionEnd::Protocol(format!(
+                "op {} before op 7",
+                frame.op
+            )))
+        }
+        Ok(Some(Ok(frame))) => frame,
+    };
+    let outcome = match AuthRequest::parse(&frame.body) {
+        Err(e) => Err(e.to_string()),
+        Ok(req) => match engine
+            .bounded("authenticator", engine.auth.authenticate(&req, conn))
+            .await
+        {
+            Ok(AuthOutcome::Accepted(identity)) => Ok(identity),
+            Ok(AuthOutcome::Denied(reason)) => Err(reason),
+            Err(_) => Err("authentication backend unavailable".to_string()),
+        },
+    };
+    match outcome {
+        Ok(identity) => Ok((identity, frame)),
+        Err(reason) => {
+            engine.stats.auth_fail();
+            tracing::info!(peer = %conn.peer, reason = %reason, "login refused");
+            let reply = frame.reply(
+                op::AUTH_REPLY,
+                AuthReply::Failed {
+                    error: reason.clone(),
+                }
+                .encode(),
+            );
+            let mut writer = Writer::new(conn.mode, cfg.max_body);
+            writer.frame(&reply);
+            let _ = writer.flush(outbound).await;
+            Err(SessionEnd::AuthFailed(reason))
+        }
+    }
+}
+
+async fn established<St, Si>(
+    engine: &Engine,
+    comet: Comet,
+    conn: &ConnInfo,
+    identity: Identity,
+    auth_frame: Frame,
+    inbound: &mut St,
+    outbound: &mut Si,
+) -> SessionEnd
+where
+    St: Stream<Item = Result<Frame, FrameError>> + Unpin + Send,
+    Si: Sink<Outgoing> + Unpin + Send,
+    Si::Error: fmt::Display,
+{
+    let cfg = &engine.config;
+    let mid = identity.mid;
+    engine.stats.auth_ok();
+    let (handle, mut rx) =
+        SessionHandle::new(conn.conn_id, mid, conn.mode, cfg.max_outbound_bytes);
+    engine.registry.register(handle.clone()).await;
+    let registered = Registered {
+        engine,
+        mid,
+        conn_id: conn.conn_id,
+    };
+    let inbox = engine
+        .bounded("message store", engine.store.take_offline(mid))
+        .await
+        .unwrap_or_default();
+
+    // op 8, then the inbox, before anything queued since registration.
+    let mut writer = Writer::new(conn.mode, cfg.max_body);
+    writer.frame(&auth_frame.reply(op::AUTH_REPLY, AuthReply::Ok { mid }.encode()));
+    for msg in &inbox {
+        writer.message(msg);
+    }
+    writer.bytes = 0; // not counted in the queue
+    if let Err(e) = writer.flush(outbound).await {
+        return SessionEnd::Transport(e);
+    }
+    drop(inbox);
+    engine.emit(Event::Authenticated {
+        conn: conn.clone(),
+        mid,
+    });
+
+    let ctx = Arc::new(ConnContext {
+        conn: conn.clone(),
+        identity,
+        comet,
+        handle: handle.clone(),
+    });
+    let shared = handle.shared().clone();
+    let end = {
+        let reader = read_loop(engine, &ctx, &handle, inbound);
+        let writing = write_loop(&mut writer, &mut rx, outbound, &shared);
+        tokio::select! {
+            end = reader => end,
+            end = writing => end,
+            _ = shared.close.cancelled() => match shared.kick_reason() {
+                Kick::SlowConsumer => SessionEnd::SlowConsumer,
+                _ => SessionEnd::Disconnected,
+            },
+            _ = engine.shutdown.cancelled() => SessionEnd::Shutdown,
+        }
+    };
+    // No new deliveries from here on.
+    drop(registered);
+    drop(ctx);
+    if matches!(
+        end,
+        SessionEnd::Shutdown | SessionEnd::Disconnected | SessionEnd::PeerClosed
+    ) {
+        // Write what is already queued (acknowledged messages included).
+        rx.close();
+        while let Ok(item) = rx.try_recv() {
+            writer.item(&item);
+        }
+        let _ = tokio::time::timeout(cfg.shutdown_timeout, writer.flush(outbound)).await;
+    }
+    end
+}
+
+async fn read_loop<St>(
+    engine: &Engine,
+    ctx: &Arc<ConnContext>,
+    handle: &SessionHandle,
+    inbound: &mut St,
+) -> SessionEnd
+where
+    St: Stream<Item = Result<Frame, FrameError>> + Unpin + Send,
+{
+    let mut service = engine.service.clone();
+    loop {
+        let frame = match tokio::time::timeout(engine.config.heartbeat_timeout, inbound.next()).await {
+            Err(_) => return SessionEnd::HeartbeatTimeout,
+            Ok(None) => return SessionEnd::PeerClosed,
+            Ok(Some(Err(FrameError::Io(e)))) => return SessionEnd::Transport(e.to_string()),
+            Ok(Some(Err(e))) => return SessionEnd::Protocol(e.to_string()),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        tracing::trace!(op = frame.op, seq = frame.seq, len = frame.body.len(), "frame");
+        if frame.op == op::AUTH {
+            return SessionEnd::Protocol("op 7 on an authenticated connection".into());
+        }
+        let request = Request {
+            frame,
+            ctx: ctx.clone(),
+        };
+        let result = match service.ready().await {
+            Ok(svc) => svc.call(request).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(Some(reply)) => {
+                if !handle.push_frame(reply) {
+                    // Over its bound: the writer side ends the session.
+                    engine.stats.slow_consumer();
+                }
+            }
+            Ok(None) => {}
+            Err(e) => return SessionEnd::Handler(e.to_string()),
+        }
+    }
+}
+
+async fn write_loop<Si>(
+    writer: &mut Writer,
+    rx: &mut mpsc::UnboundedReceiver<Outbound>,
+    outbound: &mut Si,
+    shared: &Shared,
+) -> SessionEnd
+where
+    Si: Sink<Outgoing> + Unpin + Send,
+    Si::Error: fmt::Display,
+{
+    let mut items = Vec::with_capacity(WRITE_BATCH);
+    loop {
+        if rx.recv_many(&mut items, WRITE_BATCH).await == 0 {
+            return SessionEnd::Disconnected;
+        }
+        for item in items.drain(..) {
+            writer.item(&item);
+        }
+        match writer.flush(outbound).await {
+            Ok(bytes) => shared.written(bytes),
+            Err(e) => return SessionEnd::Transport(e),
+        }
+    }
+}

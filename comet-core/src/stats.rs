@@ -1,0 +1,61 @@
+//! Counters of what the engine did, readable at any time.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident => $inc:ident;)*) => {
+        /// Live counters, shared by every session of a [`crate::Comet`].
+        #[derive(Debug, Default)]
+        pub struct Stats {
+            $($name: AtomicU64,)*
+        }
+
+        /// A snapshot of [`Stats`].
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub struct StatsSnapshot {
+            $($(#[$doc])* pub $name: u64,)*
+        }
+
+        impl Stats {
+            $(
+                $(#[$doc])*
+                pub fn $inc(&self) {
+                    self.$name.fetch_add(1, Ordering::Relaxed);
+                }
+            )*
+
+            /// Reads every counter.
+            pub fn snapshot(&self) -> StatsSnapshot {
+                StatsSnapshot {
+                    $($name: self.$name.load(Ordering::Relaxed),)*
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Connections that reached the engine.
+    connections => connection;
+    /// Successful authentications.
+    authenticated => auth_ok;
+    /// Refused logins (bad key, bad body).
+    auth_denied => auth_fail;
+    /// Frames that broke the protocol and closed their connection.
+    protocol_errors => protocol_error;
+    /// Connections closed for silence (handshake or heartbeat timeout).
+    timeouts => timeout;
+    /// Sessions closed because their outbound queue hit its bound.
+    slow_consumers => slow_consumer;
+    /// Frames with an op no handler claims, ignored.
+    unknown_ops => unknown_op;
+    /// Messages stored and acknowledged.
+    messages => message;
+    /// Sends answered with ret -1.
+    send_failures => send_failure;
+    /// Plug-in calls that failed or timed out.
+    plugin_errors => store_error;
+    /// Errors from the application's middleware or handlers.
+    handler_errors => handler_error;
+}

@@ -1,0 +1,28 @@
+//! # comet-plugins
+//!
+//! Default implementations of comet's plug-in traits, each replaceable by the
+//! application's own:
+//!
+//! - [`memory::MemoryAuth`]: a mid → mkey table, keys compared in constant time;
+//! - [`memory::MemoryStore`]: chatId sequencing per conversation, bounded
+//!   history, bounded offline inboxes;
+//! - [`memory::MemoryGroups`]: group membership with join and leave.
+//!
+//! ```
+//! use comet_plugins::memory::{MemoryAuth, MemoryGroups, MemoryStore};
+//! use std::sync::Arc;
+//!
+//! let auth = MemoryAuth::default();
+//! auth.insert(1, "k1");
+//! let groups = MemoryGroups::default();
+//! groups.set_members(100, [1, 2, 3]);
+//! let comet = comet_core::Comet::builder()
+//!     .authenticator(Arc::new(auth))
+//!     .store(Arc::new(MemoryStore::default()))
+//!     .groups(Arc::new(groups))
+//!     .build()
+//!     .unwrap();
+//! # let _ = comet;
+//! ```
+
+pub mod memory;

@@ -1,0 +1,1 @@
+//! Transports for comet (TCP, WebSocket, axum).
