@@ -43,7 +43,9 @@ impl AuthRequest {
                 raw: body.clone(),
             }),
             Ok(_) => Err(PayloadError::new("auth body must be a JSON object")),
-            Err(e) => Err(PayloadError::new(format!("auth body is not valid JSON: {e}"))),
+            Err(e) => Err(PayloadError::new(format!(
+                "auth body is not valid JSON: {e}"
+            ))),
         }
     }
 
@@ -115,6 +117,9 @@ pub enum AuthOutcome {
 #[async_trait]
 pub trait Authenticator: Send + Sync + 'static {
     /// Checks one op 7 request from the connection `conn`.
-    async fn authenticate(&self, req: &AuthRequest, conn: &ConnInfo)
-        -> Result<AuthOutcome, BoxError>;
+    async fn authenticate(
+        &self,
+        req: &AuthRequest,
+        conn: &ConnInfo,
+    ) -> Result<AuthOutcome, BoxError>;
 }

@@ -436,7 +436,12 @@ impl Comet {
 
     /// Sends `msg` from member `from` to `group` exactly as if `from` had
     /// sent op 20 (so `from` must be a member).
-    pub async fn send_to_group(&self, from: Mid, group: GroupId, msg: Bytes) -> Result<i64, SendError> {
+    pub async fn send_to_group(
+        &self,
+        from: Mid,
+        group: GroupId,
+        msg: Bytes,
+    ) -> Result<i64, SendError> {
         let req = SendRequest {
             from,
             to: group,

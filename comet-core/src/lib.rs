@@ -54,6 +54,8 @@
 //! assert_eq!(comet.session_count(), 0);
 //! ```
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod auth;
 pub mod codec;
 pub mod comet;

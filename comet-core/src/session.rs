@@ -24,6 +24,10 @@ use crate::Mid;
 /// Most queue items a writer takes in one go (one write on the socket).
 const WRITE_BATCH: usize = 256;
 
+/// How long a session waits to hand its close frame to a transport that is
+/// not accepting writes (a peer that stopped reading).
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// One unit for the transport to write.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outgoing {
@@ -240,8 +244,9 @@ where
             other => tracing::debug!(reason = ?other, "session ended"),
         }
         if let Some((code, reason)) = end.close_frame() {
-            // Best effort: the peer may be gone already.
-            let _ = outbound.send(Outgoing::Close { code, reason }).await;
+            // Best effort, and bounded: the peer may be gone or not reading.
+            let close = outbound.send(Outgoing::Close { code, reason });
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
         }
         engine_ref.emit(Event::Disconnected {
             conn,
@@ -278,10 +283,7 @@ where
         Ok(Some(Err(FrameError::Io(e)))) => return Err(SessionEnd::Transport(e.to_string())),
         Ok(Some(Err(e))) => return Err(SessionEnd::Protocol(e.to_string())),
         Ok(Some(Ok(frame))) if frame.op != op::AUTH => {
-            return Err(SessionEnd::Protocol(format!(
-                "op {} before op 7",
-                frame.op
-            )))
+            return Err(SessionEnd::Protocol(format!("op {} before op 7", frame.op)))
         }
         Ok(Some(Ok(frame))) => frame,
     };
@@ -333,8 +335,7 @@ where
     let cfg = &engine.config;
     let mid = identity.mid;
     engine.stats.auth_ok();
-    let (handle, mut rx) =
-        SessionHandle::new(conn.conn_id, mid, conn.mode, cfg.max_outbound_bytes);
+    let (handle, mut rx) = SessionHandle::new(conn.conn_id, mid, conn.mode, cfg.max_outbound_bytes);
     engine.registry.register(handle.clone()).await;
     let registered = Registered {
         engine,
@@ -410,14 +411,20 @@ where
 {
     let mut service = engine.service.clone();
     loop {
-        let frame = match tokio::time::timeout(engine.config.heartbeat_timeout, inbound.next()).await {
-            Err(_) => return SessionEnd::HeartbeatTimeout,
-            Ok(None) => return SessionEnd::PeerClosed,
-            Ok(Some(Err(FrameError::Io(e)))) => return SessionEnd::Transport(e.to_string()),
-            Ok(Some(Err(e))) => return SessionEnd::Protocol(e.to_string()),
-            Ok(Some(Ok(frame))) => frame,
-        };
-        tracing::trace!(op = frame.op, seq = frame.seq, len = frame.body.len(), "frame");
+        let frame =
+            match tokio::time::timeout(engine.config.heartbeat_timeout, inbound.next()).await {
+                Err(_) => return SessionEnd::HeartbeatTimeout,
+                Ok(None) => return SessionEnd::PeerClosed,
+                Ok(Some(Err(FrameError::Io(e)))) => return SessionEnd::Transport(e.to_string()),
+                Ok(Some(Err(e))) => return SessionEnd::Protocol(e.to_string()),
+                Ok(Some(Ok(frame))) => frame,
+            };
+        tracing::trace!(
+            op = frame.op,
+            seq = frame.seq,
+            len = frame.body.len(),
+            "frame"
+        );
         if frame.op == op::AUTH {
             return SessionEnd::Protocol("op 7 on an authenticated connection".into());
         }

@@ -66,7 +66,10 @@ fn json_eq(a: &[u8], b: &[u8]) {
 fn copy_matches_the_shared_protocol_vectors() {
     // The normative file lives outside the repository; when it is there, the
     // copy the tests embed must not have drifted from it.
-    let shared = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/protocol/vectors.json");
+    let shared = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/protocol/vectors.json"
+    );
     if let Ok(original) = std::fs::read_to_string(shared) {
         assert_eq!(original, include_str!("vectors.json"));
     }
@@ -78,7 +81,12 @@ fn every_vector_decodes_to_the_same_frame_in_both_modes_and_reencodes_exactly() 
     for v in vectors() {
         let bin = decode_tcp(&v.tcp);
         let txt = json::decode_frame(Bytes::from(v.json.clone())).unwrap();
-        assert_eq!((bin.ver, bin.op, bin.seq), (txt.ver, txt.op, txt.seq), "{}", v.name);
+        assert_eq!(
+            (bin.ver, bin.op, bin.seq),
+            (txt.ver, txt.op, txt.seq),
+            "{}",
+            v.name
+        );
         assert_eq!(codec::frame_to_bytes(&bin).to_vec(), v.tcp, "{}", v.name);
         json_eq(&json::frame_to_bytes(&txt), v.json.as_bytes());
     }
@@ -98,7 +106,10 @@ fn auth_vectors() {
     let reply = frame.reply(op::AUTH_REPLY, AuthReply::Ok { mid: 123 }.encode());
     assert_eq!(codec::to_bytes(WireMode::Binary, &reply).to_vec(), ok.tcp);
     json_eq(&codec::to_bytes(WireMode::Json, &reply), ok.json.as_bytes());
-    assert_eq!(AuthReply::decode(&reply.body).unwrap(), AuthReply::Ok { mid: 123 });
+    assert_eq!(
+        AuthReply::decode(&reply.body).unwrap(),
+        AuthReply::Ok { mid: 123 }
+    );
 }
 
 #[test]
@@ -106,19 +117,35 @@ fn heartbeat_vectors() {
     let hb = decode_tcp(&vector("heartbeat").tcp);
     let reply = hb.reply(op::HEARTBEAT_REPLY, "");
     let expected = vector("heartbeat_reply");
-    assert_eq!(codec::to_bytes(WireMode::Binary, &reply).to_vec(), expected.tcp);
-    assert_eq!(codec::to_bytes(WireMode::Json, &reply), expected.json.as_bytes());
+    assert_eq!(
+        codec::to_bytes(WireMode::Binary, &reply).to_vec(),
+        expected.tcp
+    );
+    assert_eq!(
+        codec::to_bytes(WireMode::Json, &reply),
+        expected.json.as_bytes()
+    );
 }
 
 #[test]
 fn send_vectors() {
     for (name, to, msg) in [("send_to_user", 2, "hi"), ("send_to_group", 100, "yo")] {
         let v = vector(name);
-        let want = SendRequest { from: 1, to, msg: Bytes::from(msg) };
+        let want = SendRequest {
+            from: 1,
+            to,
+            msg: Bytes::from(msg),
+        };
         let bin = decode_tcp(&v.tcp);
-        assert_eq!(SendRequest::decode(WireMode::Binary, &bin.body).unwrap(), want);
+        assert_eq!(
+            SendRequest::decode(WireMode::Binary, &bin.body).unwrap(),
+            want
+        );
         let txt = json::decode_frame(v.json.clone().into()).unwrap();
-        assert_eq!(SendRequest::decode(WireMode::Json, &txt.body).unwrap(), want);
+        assert_eq!(
+            SendRequest::decode(WireMode::Json, &txt.body).unwrap(),
+            want
+        );
         // A client encoding the request produces the vector's bytes.
         let frame = Frame::new(1, bin.op, bin.seq, want.encode(WireMode::Binary));
         assert_eq!(codec::frame_to_bytes(&frame).to_vec(), v.tcp);
@@ -142,9 +169,15 @@ fn send_reply_vectors() {
     let failed = vector("send_to_user_failed");
     let req = Frame::new(1, op::SEND_TO_USER, 8, "");
     let reason = "from does not match the authenticated mid";
-    let bin = req.reply(op::SEND_TO_USER_REPLY, SendReply::failed(reason).encode(WireMode::Binary));
+    let bin = req.reply(
+        op::SEND_TO_USER_REPLY,
+        SendReply::failed(reason).encode(WireMode::Binary),
+    );
     assert_eq!(codec::frame_to_bytes(&bin).to_vec(), failed.tcp);
-    let txt = req.reply(op::SEND_TO_USER_REPLY, SendReply::failed(reason).encode(WireMode::Json));
+    let txt = req.reply(
+        op::SEND_TO_USER_REPLY,
+        SendReply::failed(reason).encode(WireMode::Json),
+    );
     json_eq(&json::frame_to_bytes(&txt), failed.json.as_bytes());
     assert_eq!(comet_core::SendError::Spoofed.to_string(), reason);
 }
@@ -153,8 +186,20 @@ fn send_reply_vectors() {
 fn batch_vector() {
     let v = vector("batch");
     let items = [
-        Delivered { op: op::SEND_TO_USER, chat_id: 1, from: 1, to: 2, msg: Bytes::from_static(b"hi") },
-        Delivered { op: op::SEND_TO_GROUP, chat_id: 4, from: 1, to: 100, msg: Bytes::from_static(&[0xff, 0x00]) },
+        Delivered {
+            op: op::SEND_TO_USER,
+            chat_id: 1,
+            from: 1,
+            to: 2,
+            msg: Bytes::from_static(b"hi"),
+        },
+        Delivered {
+            op: op::SEND_TO_GROUP,
+            chat_id: 4,
+            from: 1,
+            to: 100,
+            msg: Bytes::from_static(&[0xff, 0x00]),
+        },
     ];
     for mode in [WireMode::Binary, WireMode::Json] {
         let mut batch = BatchWriter::new(mode, 64 * 1024);
@@ -174,7 +219,10 @@ fn batch_vector() {
         };
         assert_eq!((frame.ver, frame.op, frame.seq), (1, op::BATCH, 0));
         let inner = read_batch(mode, &frame.body, 64 * 1024).unwrap();
-        let decoded: Vec<Delivered> = inner.iter().map(|f| Delivered::decode(mode, f).unwrap()).collect();
+        let decoded: Vec<Delivered> = inner
+            .iter()
+            .map(|f| Delivered::decode(mode, f).unwrap())
+            .collect();
         assert_eq!(decoded, items);
     }
 }

@@ -25,4 +25,6 @@
 //! # let _ = comet;
 //! ```
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod memory;

@@ -63,7 +63,10 @@ pub fn frame_to_bytes(frame: &Frame) -> Bytes {
 pub(crate) fn write_head(dst: &mut BytesMut, ver: u16, op: u32, seq: u32) {
     use std::fmt::Write;
     // Writing to a BytesMut cannot fail.
-    let _ = write!(Writer(dst), r#"{{"ver":{ver},"op":{op},"seq":{seq},"body":"#);
+    let _ = write!(
+        Writer(dst),
+        r#"{{"ver":{ver},"op":{op},"seq":{seq},"body":"#
+    );
 }
 
 struct Writer<'a>(&'a mut BytesMut);

@@ -80,9 +80,7 @@ impl Authenticator for MemoryAuth {
         _conn: &ConnInfo,
     ) -> Result<AuthOutcome, BoxError> {
         let Some(mid) = req.mid() else {
-            return Ok(AuthOutcome::Denied(
-                "auth body needs an integer mid".into(),
-            ));
+            return Ok(AuthOutcome::Denied("auth body needs an integer mid".into()));
         };
         let Some(mkey) = req.mkey() else {
             return Ok(AuthOutcome::Denied("auth body needs a string mkey".into()));
@@ -118,7 +116,11 @@ mod tests {
     async fn accepts_right_key_and_ignores_extra_fields() {
         let auth = MemoryAuth::from_iter([(7, "seven")]);
         assert_eq!(
-            login(&auth, r#"{"mid":7,"mkey":"seven","platform":"ios","room_id":"x"}"#).await,
+            login(
+                &auth,
+                r#"{"mid":7,"mkey":"seven","platform":"ios","room_id":"x"}"#
+            )
+            .await,
             AuthOutcome::Accepted(Identity::new(7))
         );
     }

@@ -95,7 +95,10 @@ impl MemoryGroups {
 #[async_trait]
 impl GroupDirectory for MemoryGroups {
     async fn is_member(&self, group: GroupId, mid: Mid) -> Result<bool, BoxError> {
-        Ok(self.read().get(&group).is_some_and(|g| g.set.contains(&mid)))
+        Ok(self
+            .read()
+            .get(&group)
+            .is_some_and(|g| g.set.contains(&mid)))
     }
 
     async fn members(&self, group: GroupId) -> Result<Members, BoxError> {

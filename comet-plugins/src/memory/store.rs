@@ -8,6 +8,8 @@ use comet_core::{async_trait, BoxError, Conversation, Draft, Message, MessageSto
 
 const SHARDS: usize = 64;
 
+type Inboxes = HashMap<Mid, VecDeque<Arc<Message>>>;
+
 #[derive(Debug, Default)]
 struct Conv {
     last: i64,
@@ -33,7 +35,7 @@ pub struct MemoryStore {
     history_limit: usize,
     inbox_limit: usize,
     conversations: Box<[Mutex<HashMap<Conversation, Conv>>]>,
-    inboxes: Box<[Mutex<HashMap<Mid, VecDeque<Arc<Message>>>>]>,
+    inboxes: Box<[Mutex<Inboxes>]>,
     hasher: std::collections::hash_map::RandomState,
     dropped: AtomicU64,
 }
@@ -164,7 +166,13 @@ mod tests {
         assert_eq!(ab, ba);
         assert_eq!(store.append(&draft(ab, 1, 2)).await.unwrap(), 1);
         assert_eq!(store.append(&draft(ba, 2, 1)).await.unwrap(), 2);
-        assert_eq!(store.append(&draft(Conversation::Group(9), 1, 9)).await.unwrap(), 1);
+        assert_eq!(
+            store
+                .append(&draft(Conversation::Group(9), 1, 9))
+                .await
+                .unwrap(),
+            1
+        );
         assert_eq!(store.append(&draft(ab, 1, 2)).await.unwrap(), 3);
         // History is bounded to the newest two.
         let ids: Vec<i64> = store.history(ab).iter().map(|m| m.chat_id()).collect();
@@ -210,7 +218,13 @@ mod tests {
             store.push_offline(2, msg).await.unwrap();
         }
         assert_eq!(store.dropped_offline(), 2);
-        let ids: Vec<i64> = store.take_offline(2).await.unwrap().iter().map(|m| m.chat_id()).collect();
+        let ids: Vec<i64> = store
+            .take_offline(2)
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.chat_id())
+            .collect();
         assert_eq!(ids, vec![3, 4, 5]);
         assert!(store.take_offline(2).await.unwrap().is_empty());
     }
