@@ -31,6 +31,17 @@ pub enum FrameError {
     /// A data frame of the other mode than the one the connection uses.
     #[error("{0} frame on a {1} connection")]
     WrongMode(&'static str, &'static str),
+    /// The transport's own framing was broken (e.g. a bad WebSocket frame).
+    #[error("{0}")]
+    Transport(String),
+    /// A message too large for the transport's limit.
+    #[error("message of {len} bytes exceeds the limit of {max} bytes")]
+    MessageTooLarge {
+        /// Size of the message (as far as known).
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The transport failed.
     #[error("transport error: {0}")]
     Io(#[from] std::io::Error),
@@ -38,10 +49,12 @@ pub enum FrameError {
 
 impl FrameError {
     /// The WebSocket close code for this error: 1007 (invalid payload) for a
-    /// body that cannot be read, 1002 (protocol error) for everything else.
+    /// body that cannot be read, 1009 (too big) for an oversized message,
+    /// 1002 (protocol error) for everything else.
     pub fn ws_close_code(&self) -> u16 {
         match self {
             FrameError::Json(_) => 1007,
+            FrameError::MessageTooLarge { .. } => 1009,
             _ => 1002,
         }
     }

@@ -56,8 +56,9 @@ pub enum SessionEnd {
     HandshakeTimeout,
     /// Nothing received within the heartbeat timeout.
     HeartbeatTimeout,
-    /// The peer broke the protocol (bad frame, op before op 7, op 7 twice).
-    Protocol(String),
+    /// The peer broke the protocol (bad frame, op before op 7, op 7 twice),
+    /// with the WebSocket close code that says so.
+    Protocol(u16, String),
     /// The login was refused or could not be checked.
     AuthFailed(String),
     /// Its outbound queue hit its bound.
@@ -73,12 +74,16 @@ pub enum SessionEnd {
 }
 
 impl SessionEnd {
+    fn protocol(e: &FrameError) -> Self {
+        SessionEnd::Protocol(e.ws_close_code(), e.to_string())
+    }
+
     fn close_frame(&self) -> Option<(u16, String)> {
         Some(match self {
             SessionEnd::PeerClosed | SessionEnd::Transport(_) => return None,
             SessionEnd::HandshakeTimeout => (1008, "no op 7 within the handshake timeout".into()),
             SessionEnd::HeartbeatTimeout => (1001, "heartbeat timeout".into()),
-            SessionEnd::Protocol(r) => (1002, r.clone()),
+            SessionEnd::Protocol(code, r) => (*code, r.clone()),
             SessionEnd::AuthFailed(r) => (1008, r.clone()),
             SessionEnd::SlowConsumer => (1008, "outbound queue limit reached".into()),
             SessionEnd::Disconnected => (1000, "disconnected by the server".into()),
@@ -226,7 +231,7 @@ where
             Err(end) => (end, None),
         };
         match &end {
-            SessionEnd::Protocol(cause) => {
+            SessionEnd::Protocol(_, cause) => {
                 engine_ref.stats.protocol_error();
                 tracing::warn!(peer = %conn.peer, cause = %cause, "closing connection: protocol error");
             }
@@ -281,9 +286,12 @@ where
         Err(_) => return Err(SessionEnd::HandshakeTimeout),
         Ok(None) => return Err(SessionEnd::PeerClosed),
         Ok(Some(Err(FrameError::Io(e)))) => return Err(SessionEnd::Transport(e.to_string())),
-        Ok(Some(Err(e))) => return Err(SessionEnd::Protocol(e.to_string())),
+        Ok(Some(Err(e))) => return Err(SessionEnd::protocol(&e)),
         Ok(Some(Ok(frame))) if frame.op != op::AUTH => {
-            return Err(SessionEnd::Protocol(format!("op {} before op 7", frame.op)))
+            return Err(SessionEnd::Protocol(
+                1002,
+                format!("op {} before op 7", frame.op),
+            ))
         }
         Ok(Some(Ok(frame))) => frame,
     };
@@ -416,7 +424,7 @@ where
                 Err(_) => return SessionEnd::HeartbeatTimeout,
                 Ok(None) => return SessionEnd::PeerClosed,
                 Ok(Some(Err(FrameError::Io(e)))) => return SessionEnd::Transport(e.to_string()),
-                Ok(Some(Err(e))) => return SessionEnd::Protocol(e.to_string()),
+                Ok(Some(Err(e))) => return SessionEnd::protocol(&e),
                 Ok(Some(Ok(frame))) => frame,
             };
         tracing::trace!(
@@ -426,7 +434,7 @@ where
             "frame"
         );
         if frame.op == op::AUTH {
-            return SessionEnd::Protocol("op 7 on an authenticated connection".into());
+            return SessionEnd::Protocol(1002, "op 7 on an authenticated connection".into());
         }
         let request = Request {
             frame,

@@ -1,3 +1,37 @@
-//! Transports for comet (TCP, WebSocket, axum).
+//! # comet-transports
+//!
+//! Puts a [`Comet`](comet_core::Comet) on the network:
+//!
+//! - [`tcp`]: a TCP listener speaking binary frames;
+//! - [`ws`]: a WebSocket listener on a path (default `/sub`), text (JSON) and
+//!   binary (goim v2) modes fixed by the first data frame;
+//! - [`axum`] (feature `axum`, on by default): a tower service that upgrades a
+//!   request on an existing axum `Router` route into a comet session;
+//! - [`Limits`]: the connection limit shared by the listeners.
+//!
+//! Every listener stops accepting when the comet shuts down
+//! ([`Comet::shutdown`](comet_core::Comet::shutdown)); the sessions then
+//! flush their queues and close.
+//!
+//! ```no_run
+//! # async fn run(comet: comet_core::Comet) -> std::io::Result<()> {
+//! use comet_transports::{tcp, ws, Limits};
+//!
+//! let limits = Limits::new(100_000);
+//! let tcp = tokio::net::TcpListener::bind("127.0.0.1:3101").await?;
+//! let web = tokio::net::TcpListener::bind("127.0.0.1:3102").await?;
+//! tokio::try_join!(
+//!     tcp::serve(comet.clone(), tcp, limits.clone()),
+//!     ws::serve(comet.clone(), web, ws::WsOptions::default(), limits),
+//! )?;
+//! # Ok(()) }
+//! ```
 
-#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+#[cfg(feature = "axum")]
+pub mod axum;
+mod io;
+mod limits;
+pub mod tcp;
+pub mod ws;
+
+pub use limits::Limits;

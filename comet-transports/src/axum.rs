@@ -1,0 +1,166 @@
+//! Mounting comet's WebSocket endpoint inside an existing axum application.
+//!
+//! [`CometWs`] is a tower `Service` for `Router::route_service`: it checks
+//! the upgrade request, answers `101 Switching Protocols`, and runs the
+//! upgraded connection as a comet session on its own task — beside the
+//! application's own routes, in one process.
+//!
+//! ```no_run
+//! # async fn run(comet: comet_core::Comet) -> std::io::Result<()> {
+//! use axum::{routing::get, Router};
+//! use comet_transports::axum::CometWs;
+//! use std::net::SocketAddr;
+//!
+//! let app = Router::new()
+//!     .route("/health", get(|| async { "ok" }))
+//!     .route_service("/sub", CometWs::new(comet));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! // With connect info, sessions log their peer address.
+//! axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await
+//! # }
+//! ```
+
+use std::convert::Infallible;
+use std::future::{ready, Ready};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use comet_core::Comet;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+use tower::Service;
+
+use crate::ws::{serve_websocket, ws_config};
+use crate::Limits;
+
+/// A tower service that turns WebSocket upgrade requests into comet
+/// sessions. Mount it with `Router::route_service(path, CometWs::new(comet))`.
+#[derive(Clone, Debug)]
+pub struct CometWs {
+    comet: Comet,
+    limits: Option<Limits>,
+}
+
+impl CometWs {
+    /// A service serving sessions of `comet`.
+    pub fn new(comet: Comet) -> Self {
+        CometWs {
+            comet,
+            limits: None,
+        }
+    }
+
+    /// Shares a connection limit with other listeners; requests past it are
+    /// answered `503 Service Unavailable`.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = Some(limits);
+        self
+    }
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut resp = Response::new(Body::from(text));
+    *resp.status_mut() = status;
+    resp
+}
+
+fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+impl<B> Service<Request<B>> for CometWs
+where
+    B: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Ready<Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        ready(Ok(self.upgrade(&mut req)))
+    }
+}
+
+impl CometWs {
+    fn upgrade<B>(&self, req: &mut Request<B>) -> Response<Body> {
+        let peer = req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0)
+            .unwrap_or_else(|| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+        let headers = req.headers();
+        if req.method() != Method::GET
+            || !header_has(headers, header::UPGRADE, "websocket")
+            || !header_has(headers, header::CONNECTION, "upgrade")
+        {
+            tracing::debug!(%peer, "not a websocket upgrade request");
+            return plain(
+                StatusCode::UPGRADE_REQUIRED,
+                "this endpoint speaks WebSocket only",
+            );
+        }
+        if headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .map(HeaderValue::as_bytes)
+            != Some(b"13")
+        {
+            return plain(StatusCode::BAD_REQUEST, "Sec-WebSocket-Version must be 13");
+        }
+        let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+            return plain(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
+        };
+        let accept = derive_accept_key(key.as_bytes());
+        if self.comet.is_shutting_down() {
+            return plain(StatusCode::SERVICE_UNAVAILABLE, "server shutting down");
+        }
+        let permit = match &self.limits {
+            Some(limits) => match limits.admit(peer, "axum") {
+                Some(permit) => Some(permit),
+                None => return plain(StatusCode::SERVICE_UNAVAILABLE, "connection limit reached"),
+            },
+            None => None,
+        };
+        let on_upgrade = hyper::upgrade::on(req);
+        let comet = self.comet.clone();
+        tokio::spawn(async move {
+            let timeout = comet.config().handshake_timeout;
+            match tokio::time::timeout(timeout, on_upgrade).await {
+                Ok(Ok(upgraded)) => {
+                    let config = ws_config(comet.config().max_body);
+                    let ws = WebSocketStream::from_raw_socket(
+                        TokioIo::new(upgraded),
+                        Role::Server,
+                        Some(config),
+                    )
+                    .await;
+                    serve_websocket(&comet, ws, peer).await;
+                }
+                Ok(Err(e)) => tracing::warn!(%peer, cause = %e, "websocket upgrade failed"),
+                Err(_) => tracing::info!(%peer, "websocket upgrade not completed in time"),
+            }
+            drop(permit);
+        });
+        let mut resp = Response::new(Body::empty());
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = resp.headers_mut();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Ok(v) = HeaderValue::from_str(&accept) {
+            h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+        }
+        resp
+    }
+}

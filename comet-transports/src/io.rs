@@ -1,0 +1,93 @@
+//! A zero-copy sink of [`Outgoing`] units over any `AsyncWrite`.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use comet_core::Outgoing;
+use futures_util::Sink;
+use tokio::io::AsyncWrite;
+
+/// Most buffers handed to one vectored write.
+const MAX_IOV: usize = 32;
+
+/// Writes each unit's shared bytes straight to the socket, several per
+/// `writev`, without copying them into a buffer of its own (and without
+/// keeping one per idle connection). `Close` shuts the write side down.
+#[derive(Debug)]
+pub(crate) struct WriteSink<W> {
+    io: W,
+    queue: VecDeque<Bytes>,
+}
+
+impl<W: AsyncWrite + Unpin> WriteSink<W> {
+    pub(crate) fn new(io: W) -> Self {
+        WriteSink {
+            io,
+            queue: VecDeque::new(),
+        }
+    }
+
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.queue.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let mut n = 0;
+            for (slot, buf) in slices.iter_mut().zip(self.queue.iter()) {
+                *slot = IoSlice::new(buf);
+                n += 1;
+            }
+            let mut written = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..n]))?;
+            if written == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            while written > 0 {
+                let Some(front) = self.queue.front_mut() else {
+                    break;
+                };
+                if written >= front.len() {
+                    written -= front.len();
+                    self.queue.pop_front();
+                } else {
+                    front.advance(written);
+                    written = 0;
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<W: AsyncWrite + Unpin> Sink<Outgoing> for WriteSink<W> {
+    type Error = io::Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.queue.len() >= MAX_IOV {
+            ready!(this.poll_drain(cx))?;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn start_send(self: Pin<&mut Self>, item: Outgoing) -> io::Result<()> {
+        if let Outgoing::Data(bytes) = item {
+            if !bytes.is_empty() {
+                self.get_mut().queue.push_back(bytes);
+            }
+        }
+        Ok(())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,329 @@
+//! The WebSocket transport (PROTOCOL.md 1.2): text (JSON) and binary (goim
+//! v2) modes, fixed by the first data frame.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use comet_core::codec::{json, split_frames};
+use comet_core::{Comet, Frame, FrameError, Outgoing, SessionEnd, Transport, WireMode};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::Limits;
+
+/// Options of the WebSocket listener.
+#[derive(Clone, Debug)]
+pub struct WsOptions {
+    /// The path clients connect to (default `/sub`); other paths get 404.
+    pub path: String,
+}
+
+impl Default for WsOptions {
+    fn default() -> Self {
+        WsOptions {
+            path: "/sub".into(),
+        }
+    }
+}
+
+/// The tungstenite settings comet uses: a small eagerly-allocated read
+/// buffer (memory per idle connection matters more than read throughput
+/// here), writes buffered until the session flushes a batch, and message
+/// limits derived from `max_body` so no peer makes us allocate more.
+pub fn ws_config(max_body: usize) -> WebSocketConfig {
+    // A JSON body may be longer than the bytes it carries (escapes, base64).
+    let max_message = 2 * max_body + 1024;
+    WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(16 * 1024)
+        .max_write_buffer_size(usize::MAX)
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message))
+}
+
+/// Accepts WebSocket connections on `options.path` until the comet shuts
+/// down. The upgrade must complete within the handshake timeout; requests
+/// for other paths are answered 404.
+pub async fn serve(
+    comet: Comet,
+    listener: TcpListener,
+    options: WsOptions,
+    limits: Limits,
+) -> io::Result<()> {
+    let local = listener.local_addr()?;
+    tracing::info!(%local, path = %options.path, "websocket listener started");
+    let path: std::sync::Arc<str> = options.path.into();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = comet.shutdown_requested() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::error!(%local, cause = %e, "websocket accept failed; pausing");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(permit) = limits.admit(peer, "websocket") else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let comet = comet.clone();
+        let path = path.clone();
+        tokio::spawn(async move {
+            accept_stream(&comet, stream, peer, &path).await;
+            drop(permit);
+        });
+    }
+    tracing::info!(%local, "websocket listener stopped");
+    Ok(())
+}
+
+/// Performs the WebSocket upgrade on `stream` (plain TCP or TLS) and serves
+/// the session. The upgrade is bounded by the handshake timeout.
+pub async fn accept_stream<S>(
+    comet: &Comet,
+    stream: S,
+    peer: SocketAddr,
+    path: &str,
+) -> Option<SessionEnd>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    // tungstenite's callback signature fixes the error type.
+    #[allow(clippy::result_large_err)]
+    let check_path = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        if req.uri().path() == path {
+            Ok(resp)
+        } else {
+            let mut not_found =
+                ErrorResponse::new(Some(format!("no comet endpoint at {}", req.uri().path())));
+            *not_found.status_mut() = http::StatusCode::NOT_FOUND;
+            Err(not_found)
+        }
+    };
+    let config = ws_config(comet.config().max_body);
+    let handshake =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, check_path, Some(config));
+    match tokio::time::timeout(comet.config().handshake_timeout, handshake).await {
+        Ok(Ok(ws)) => Some(serve_websocket(comet, ws, peer).await),
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, cause = %e, "websocket upgrade failed");
+            None
+        }
+        Err(_) => {
+            tracing::info!(%peer, "websocket upgrade not completed within the handshake timeout");
+            None
+        }
+    }
+}
+
+/// Serves one upgraded WebSocket connection to its end: waits (within the
+/// handshake timeout) for the first data frame, which fixes the mode, then
+/// runs the session.
+pub async fn serve_websocket<S>(
+    comet: &Comet,
+    ws: WebSocketStream<S>,
+    peer: SocketAddr,
+) -> SessionEnd
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    let (sink, mut stream) = ws.split();
+    let mut sink = WsSink {
+        inner: sink,
+        mode: WireMode::Binary,
+    };
+    let max_body = comet.config().max_body;
+    let first = tokio::time::timeout(comet.config().handshake_timeout, async {
+        loop {
+            match stream.next().await {
+                Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => return Some(Ok(msg)),
+                Some(Ok(Message::Close(_))) | None => return None,
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Some(Err(e)),
+            }
+        }
+    })
+    .await;
+    let first = match first {
+        Ok(Some(Ok(msg))) => msg,
+        Ok(Some(Err(e))) => {
+            let err = map_error(e);
+            tracing::warn!(%peer, cause = %err, "closing websocket before its first frame");
+            let _ = sink.send(close_for(&err)).await;
+            return SessionEnd::Protocol(err.ws_close_code(), err.to_string());
+        }
+        Ok(None) => return SessionEnd::PeerClosed,
+        Err(_) => {
+            tracing::info!(%peer, "no data frame within the handshake timeout");
+            let _ = sink
+                .send(Outgoing::Close {
+                    code: 1008,
+                    reason: "no op 7 within the handshake timeout".into(),
+                })
+                .await;
+            return SessionEnd::HandshakeTimeout;
+        }
+    };
+    let mode = match first {
+        Message::Text(_) => WireMode::Json,
+        _ => WireMode::Binary,
+    };
+    sink.mode = mode;
+    let mut frames = WsFrames {
+        inner: stream,
+        mode,
+        max_body,
+        pending: VecDeque::new(),
+        failed: false,
+    };
+    frames.accept(first);
+    let info = comet.conn_info(Transport::WebSocket, mode, peer);
+    let end = comet.serve(info, frames, &mut sink).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+    end
+}
+
+fn close_for(err: &FrameError) -> Outgoing {
+    Outgoing::Close {
+        code: err.ws_close_code(),
+        reason: err.to_string(),
+    }
+}
+
+fn map_error(e: tungstenite::Error) -> FrameError {
+    use tungstenite::error::CapacityError;
+    match e {
+        tungstenite::Error::Io(e) => FrameError::Io(e),
+        tungstenite::Error::Utf8(_) => FrameError::Json("text frame is not valid UTF-8".into()),
+        tungstenite::Error::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
+            FrameError::MessageTooLarge {
+                len: size,
+                max: max_size,
+            }
+        }
+        other => FrameError::Transport(other.to_string()),
+    }
+}
+
+/// Decoded frames from a WebSocket: one per text message, one or more per
+/// binary message.
+struct WsFrames<S> {
+    inner: SplitStream<WebSocketStream<S>>,
+    mode: WireMode,
+    max_body: usize,
+    pending: VecDeque<Result<Frame, FrameError>>,
+    failed: bool,
+}
+
+impl<S> WsFrames<S> {
+    /// Queues the frames of one data message (other messages are ignored).
+    fn accept(&mut self, msg: Message) {
+        match (msg, self.mode) {
+            (Message::Text(text), WireMode::Json) => {
+                self.pending
+                    .push_back(json::decode_frame(Bytes::from(text)));
+            }
+            (Message::Binary(data), WireMode::Binary) => match split_frames(data, self.max_body) {
+                Ok(frames) => self.pending.extend(frames.into_iter().map(Ok)),
+                Err(e) => self.pending.push_back(Err(e)),
+            },
+            (Message::Text(_), WireMode::Binary) => self
+                .pending
+                .push_back(Err(FrameError::WrongMode("text", "binary-mode"))),
+            (Message::Binary(_), WireMode::Json) => self
+                .pending
+                .push_back(Err(FrameError::WrongMode("binary", "text-mode"))),
+            _ => {}
+        }
+    }
+}
+
+impl<S> Stream for WsFrames<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    type Item = Result<Frame, FrameError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(item) = this.pending.pop_front() {
+                if item.is_err() {
+                    this.failed = true;
+                }
+                return Poll::Ready(Some(item));
+            }
+            if this.failed {
+                return Poll::Ready(None);
+            }
+            match ready!(this.inner.poll_next_unpin(cx)) {
+                None => return Poll::Ready(None),
+                Some(Ok(Message::Close(_))) => return Poll::Ready(None),
+                Some(Ok(msg)) => this.accept(msg),
+                Some(Err(
+                    tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed,
+                )) => return Poll::Ready(None),
+                Some(Err(e)) => this.pending.push_back(Err(map_error(e))),
+            }
+        }
+    }
+}
+
+/// Wire units to WebSocket messages: binary units as binary messages, JSON
+/// units as text messages, `Close` as a close frame with its code.
+struct WsSink<S> {
+    inner: SplitSink<WebSocketStream<S>, Message>,
+    mode: WireMode,
+}
+
+impl<S> Sink<Outgoing> for WsSink<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    type Error = tungstenite::Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.get_mut().inner.poll_ready_unpin(cx)
+    }
+
+    fn start_send(self: Pin<&mut Self>, item: Outgoing) -> Result<(), Self::Error> {
+        let this = self.get_mut();
+        let msg = match item {
+            Outgoing::Data(bytes) => match this.mode {
+                WireMode::Binary => Message::Binary(bytes),
+                WireMode::Json => Message::Text(Utf8Bytes::try_from(bytes).map_err(|_| {
+                    tungstenite::Error::Utf8("comet produced a non-UTF-8 JSON frame".into())
+                })?),
+            },
+            Outgoing::Close { code, reason } => Message::Close(Some(CloseFrame {
+                code: CloseCode::from(code),
+                reason: reason.into(),
+            })),
+        };
+        this.inner.start_send_unpin(msg)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.get_mut().inner.poll_flush_unpin(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.get_mut().inner.poll_close_unpin(cx)
+    }
+}
