@@ -40,7 +40,8 @@
 //!     .authenticator(Arc::new(MyUsers))
 //!     .store(Arc::new(MemoryStore::default()))
 //!     .groups(Arc::new(MemoryGroups::default()))
-//!     .build();
+//!     .build()
+//!     .expect("every plug-in given");
 //!
 //! // The handle sends as if a client had sent op 18: stored, chatId assigned, delivered.
 //! let chat_id = comet.send_to_user(1, 2, "hello from the backend".into()).await.unwrap();
@@ -48,8 +49,11 @@
 //! # }
 //! ```
 //!
-//! Serve it with [`transports::tcp::serve`] or [`transports::ws::serve`], or mount
-//! it on an axum `Router` with [`transports::axum`].
+//! Serve it with [`transports::tcp::serve`] or [`transports::ws::serve`], mount
+//! it on an axum `Router` with [`transports::axum`], or start a ready server
+//! from a TOML file with [`server`].
+
+pub mod server;
 
 #[doc(inline)]
 pub use comet_core as core;

@@ -271,7 +271,7 @@ async fn ops_before_auth_and_auth_twice_close_the_connection() {
         c.send(Frame::new(1, first, 1, "")).await;
         let (end, close) = c.end().await;
         assert!(
-            matches!(end, SessionEnd::Protocol(ref r) if r.contains("before op 7")),
+            matches!(end, SessionEnd::Protocol(_, ref r) if r.contains("before op 7")),
             "{end:?}"
         );
         assert_eq!(close.unwrap().0, 1002);
@@ -279,7 +279,7 @@ async fn ops_before_auth_and_auth_twice_close_the_connection() {
     let mut c = Conn::login(&s.comet, WireMode::Json, 1).await;
     c.send(Frame::new(1, op::AUTH, 9, r#"{"mid":1,"mkey":"k1"}"#))
         .await;
-    assert!(matches!(c.end().await.0, SessionEnd::Protocol(_)));
+    assert!(matches!(c.end().await.0, SessionEnd::Protocol(..)));
     assert_eq!(
         s.comet.sessions_of(1),
         0,
@@ -330,14 +330,16 @@ async fn frame_errors_close_only_their_connection() {
     b.send_raw(Err(FrameError::BadHeaderLen(12))).await;
     let (end, close) = b.end().await;
     assert!(
-        matches!(end, SessionEnd::Protocol(ref r) if r.contains("headerLen")),
+        matches!(end, SessionEnd::Protocol(_, ref r) if r.contains("headerLen")),
         "{end:?}"
     );
     assert_eq!(close.unwrap().0, 1002);
     let mut c = Conn::login(&s.comet, WireMode::Json, 3).await;
     c.send_raw(Err(FrameError::Json("expected value".into())))
         .await;
-    assert!(matches!(c.end().await.0, SessionEnd::Protocol(_)));
+    let (end, close) = c.end().await;
+    assert!(matches!(end, SessionEnd::Protocol(1007, _)), "{end:?}");
+    assert_eq!(close.unwrap().0, 1007);
     // The others carry on; mid 2 now gets its messages offline.
     assert_eq!(
         a.send_msg(op::SEND_TO_USER, 1, 2, "still here?").await,

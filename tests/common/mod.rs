@@ -2,6 +2,8 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod engine;
+pub mod raw;
+pub mod server;
 
 use std::future::Future;
 use std::time::Duration;

@@ -1,0 +1,70 @@
+//! The example chat server: comet on its in-memory plug-ins, configured by a
+//! TOML file.
+//!
+//! ```text
+//! cargo run --release --example chat_server                 # shipped examples/chat_server.toml
+//! cargo run --release --example chat_server -- --config my.toml
+//! ```
+//!
+//! TCP (binary frames) listens on `server.tcp`, WebSocket (JSON or goim
+//! binary frames) on `server.websocket` at `server.ws_path`. Ctrl-C shuts
+//! down gracefully: listeners stop, sessions flush their queues and close.
+//! Set `RUST_LOG=debug` for per-session logs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+use comet::server::{self, ServerConfig};
+
+#[derive(Parser, Debug)]
+#[command(about = "comet example chat server (in-memory users, groups and messages)")]
+struct Args {
+    /// TOML configuration file; without it the shipped examples/chat_server.toml is used.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let started = Instant::now();
+    let config = match &args.config {
+        Some(path) => ServerConfig::load(path),
+        None => ServerConfig::parse(server::DEFAULT_CONFIG, "examples/chat_server.toml"),
+    };
+    let config = match config {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: bad config: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (users, groups) = (config.users.len(), config.groups.len());
+    let running = match server::start(config).await {
+        Ok(running) => running,
+        Err(e) => {
+            eprintln!("error: could not start listeners: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(
+        tcp = ?running.tcp_addr,
+        websocket = ?running.ws_addr,
+        users,
+        groups,
+        startup_ms = started.elapsed().as_millis() as u64,
+        "comet chat server ready"
+    );
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("shutting down: flushing sessions");
+    let clean = running.shutdown().await;
+    tracing::info!(clean, "stopped");
+    ExitCode::SUCCESS
+}

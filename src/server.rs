@@ -1,0 +1,405 @@
+//! A ready server on the default plug-ins, configured from TOML: the
+//! assembly behind `examples/chat_server.rs`, reusable by applications and
+//! tests.
+//!
+//! ```toml
+//! [server]
+//! tcp = "127.0.0.1:3101"
+//! websocket = "127.0.0.1:3102"
+//! ws_path = "/sub"
+//! handshake_timeout_ms = 10000
+//! heartbeat_timeout_ms = 90000
+//! max_body = 65536
+//!
+//! [[users]]
+//! mid = 1
+//! mkey = "k1"
+//!
+//! [[groups]]
+//! id = 100
+//! members = [1, 2, 3]
+//! ```
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = comet::server::ServerConfig::load("chat.toml")?;
+//! let running = comet::server::start(config).await?;
+//! println!("tcp on {:?}", running.tcp_addr);
+//! running.comet.shutdown_requested().await;
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashSet;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use comet_core::{Comet, Config};
+use comet_plugins::memory::{MemoryAuth, MemoryGroups, MemoryStore};
+use comet_transports::{tcp, ws, Limits};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Listeners and limits.
+    pub server: ServerSection,
+    /// Users and their keys (for the in-memory authenticator).
+    #[serde(default)]
+    pub users: Vec<UserEntry>,
+    /// Groups and their members.
+    #[serde(default)]
+    pub groups: Vec<GroupEntry>,
+}
+
+/// The `[server]` table.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// TCP listen address (binary frames); absent: no TCP listener.
+    #[serde(default)]
+    pub tcp: Option<SocketAddr>,
+    /// WebSocket listen address; absent: no WebSocket listener.
+    #[serde(default)]
+    pub websocket: Option<SocketAddr>,
+    /// WebSocket path (default `/sub`).
+    #[serde(default = "defaults::ws_path")]
+    pub ws_path: String,
+    /// Time to send op 7 (default 10,000 ms).
+    #[serde(default = "defaults::handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// Silence before a session is closed (default 90,000 ms).
+    #[serde(default = "defaults::heartbeat_timeout_ms")]
+    pub heartbeat_timeout_ms: u64,
+    /// Largest frame body (default 65,536 bytes).
+    #[serde(default = "defaults::max_body")]
+    pub max_body: usize,
+    /// Connections at once, all listeners together (default 100,000).
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+    /// Bytes queued for one session before it is closed as a slow consumer
+    /// (default 4 MiB).
+    #[serde(default = "defaults::max_outbound_bytes")]
+    pub max_outbound_bytes: usize,
+    /// Bound of every plug-in call (default 5,000 ms).
+    #[serde(default = "defaults::hook_timeout_ms")]
+    pub hook_timeout_ms: u64,
+    /// Time sessions get to flush at shutdown (default 10,000 ms).
+    #[serde(default = "defaults::shutdown_timeout_ms")]
+    pub shutdown_timeout_ms: u64,
+    /// Offline messages kept per user (default 1,000).
+    #[serde(default = "defaults::inbox_limit")]
+    pub inbox_limit: usize,
+    /// Messages kept per conversation (default 1,000).
+    #[serde(default = "defaults::history_limit")]
+    pub history_limit: usize,
+}
+
+mod defaults {
+    pub(super) fn ws_path() -> String {
+        "/sub".into()
+    }
+    pub(super) fn handshake_timeout_ms() -> u64 {
+        10_000
+    }
+    pub(super) fn heartbeat_timeout_ms() -> u64 {
+        90_000
+    }
+    pub(super) fn max_body() -> usize {
+        65_536
+    }
+    pub(super) fn max_connections() -> usize {
+        100_000
+    }
+    pub(super) fn max_outbound_bytes() -> usize {
+        4 * 1024 * 1024
+    }
+    pub(super) fn hook_timeout_ms() -> u64 {
+        5_000
+    }
+    pub(super) fn shutdown_timeout_ms() -> u64 {
+        10_000
+    }
+    pub(super) fn inbox_limit() -> usize {
+        1_000
+    }
+    pub(super) fn history_limit() -> usize {
+        1_000
+    }
+}
+
+/// One `[[users]]` entry.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserEntry {
+    /// The user's mid (positive).
+    pub mid: i32,
+    /// Its key.
+    pub mkey: String,
+}
+
+/// One `[[groups]]` entry.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupEntry {
+    /// The group id (positive).
+    pub id: i32,
+    /// Member mids (positive).
+    pub members: Vec<i32>,
+}
+
+/// A configuration that was refused: which file, which key, what is wrong.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// The file.
+    pub file: PathBuf,
+    /// The key (`server.max_body`, `users[3].mid`, ...), or the line and
+    /// column for a syntax error.
+    pub key: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.file.display(), self.key, self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The configuration shipped as `examples/chat_server.toml`.
+pub const DEFAULT_CONFIG: &str = include_str!("../examples/chat_server.toml");
+
+impl ServerConfig {
+    /// Reads and checks a configuration file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.into(),
+            key: "(file)".into(),
+            problem: e.to_string(),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and checks configuration text; `file` names it in errors.
+    pub fn parse(text: &str, file: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let file = file.as_ref();
+        let config: ServerConfig = toml::from_str(text).map_err(|e| {
+            let key = match e.span() {
+                Some(span) => {
+                    let before = &text[..span.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                    format!("line {line}, column {col}")
+                }
+                None => "(document)".into(),
+            };
+            ConfigError {
+                file: file.into(),
+                key,
+                problem: e.message().to_owned(),
+            }
+        })?;
+        config.check().map_err(|(key, problem)| ConfigError {
+            file: file.into(),
+            key,
+            problem,
+        })?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), (String, String)> {
+        let s = &self.server;
+        let bad = |key: &str, problem: &str| Err((key.to_owned(), problem.to_owned()));
+        if s.tcp.is_none() && s.websocket.is_none() {
+            return bad("server", "needs at least one of tcp and websocket");
+        }
+        if !s.ws_path.starts_with('/') {
+            return bad("server.ws_path", "must start with '/'");
+        }
+        if s.handshake_timeout_ms == 0 {
+            return bad("server.handshake_timeout_ms", "must be greater than 0");
+        }
+        if s.heartbeat_timeout_ms == 0 {
+            return bad("server.heartbeat_timeout_ms", "must be greater than 0");
+        }
+        if s.hook_timeout_ms == 0 {
+            return bad("server.hook_timeout_ms", "must be greater than 0");
+        }
+        if !(64..=16 * 1024 * 1024).contains(&s.max_body) {
+            return bad("server.max_body", "must be between 64 and 16777216 bytes");
+        }
+        if s.max_connections == 0 {
+            return bad("server.max_connections", "must be greater than 0");
+        }
+        if s.max_outbound_bytes < s.max_body {
+            return bad("server.max_outbound_bytes", "must be at least max_body");
+        }
+        let mut mids = HashSet::with_capacity(self.users.len());
+        for (i, u) in self.users.iter().enumerate() {
+            if u.mid <= 0 {
+                return Err((
+                    format!("users[{i}].mid"),
+                    format!("{} is not a positive mid", u.mid),
+                ));
+            }
+            if !mids.insert(u.mid) {
+                return Err((
+                    format!("users[{i}].mid"),
+                    format!("mid {} is listed twice", u.mid),
+                ));
+            }
+            if u.mkey.is_empty() {
+                return Err((format!("users[{i}].mkey"), "must not be empty".into()));
+            }
+        }
+        let mut ids = HashSet::with_capacity(self.groups.len());
+        for (i, g) in self.groups.iter().enumerate() {
+            if g.id <= 0 {
+                return Err((
+                    format!("groups[{i}].id"),
+                    format!("{} is not a positive group id", g.id),
+                ));
+            }
+            if !ids.insert(g.id) {
+                return Err((
+                    format!("groups[{i}].id"),
+                    format!("group {} is listed twice", g.id),
+                ));
+            }
+            if let Some(j) = g.members.iter().position(|&m| m <= 0) {
+                return Err((
+                    format!("groups[{i}].members[{j}]"),
+                    format!("{} is not a positive mid", g.members[j]),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The engine settings this file asks for.
+    pub fn engine_config(&self) -> Config {
+        let s = &self.server;
+        Config {
+            handshake_timeout: Duration::from_millis(s.handshake_timeout_ms),
+            heartbeat_timeout: Duration::from_millis(s.heartbeat_timeout_ms),
+            max_body: s.max_body,
+            max_outbound_bytes: s.max_outbound_bytes,
+            hook_timeout: Duration::from_millis(s.hook_timeout_ms),
+            shutdown_timeout: Duration::from_millis(s.shutdown_timeout_ms),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    /// The shipped `examples/chat_server.toml`.
+    fn default() -> Self {
+        // The shipped file is checked by a test; a broken one is a build bug.
+        Self::parse(DEFAULT_CONFIG, "examples/chat_server.toml")
+            .unwrap_or_else(|e| panic!("shipped config is invalid: {e}"))
+    }
+}
+
+/// A started server: its comet, its plug-ins and its bound addresses.
+#[derive(Debug)]
+pub struct Running {
+    /// The comet handle.
+    pub comet: Comet,
+    /// The authenticator (add users at run time).
+    pub auth: Arc<MemoryAuth>,
+    /// The message store.
+    pub store: Arc<MemoryStore>,
+    /// The group directory (join and leave at run time).
+    pub groups: Arc<MemoryGroups>,
+    /// Where the TCP listener is bound.
+    pub tcp_addr: Option<SocketAddr>,
+    /// Where the WebSocket listener is bound.
+    pub ws_addr: Option<SocketAddr>,
+    listeners: Vec<JoinHandle<io::Result<()>>>,
+}
+
+impl Running {
+    /// Stops accepting, lets every session flush and close (within the
+    /// shutdown timeout), and waits for the listeners; returns whether every
+    /// session closed in time.
+    pub async fn shutdown(self) -> bool {
+        let clean = self.comet.shutdown_and_wait().await;
+        for listener in self.listeners {
+            let _ = listener.await;
+        }
+        clean
+    }
+}
+
+/// The comet and plug-ins a configuration describes, not yet listening.
+pub fn assemble(
+    config: &ServerConfig,
+) -> (Comet, Arc<MemoryAuth>, Arc<MemoryStore>, Arc<MemoryGroups>) {
+    let auth = Arc::new(MemoryAuth::from_iter(
+        config.users.iter().map(|u| (u.mid, u.mkey.as_bytes())),
+    ));
+    let store = Arc::new(MemoryStore::new(
+        config.server.history_limit,
+        config.server.inbox_limit,
+    ));
+    let groups = Arc::new(MemoryGroups::default());
+    for g in &config.groups {
+        groups.set_members(g.id, g.members.iter().copied());
+    }
+    let comet = Comet::builder()
+        .authenticator(auth.clone())
+        .store(store.clone())
+        .groups(groups.clone())
+        .config(config.engine_config())
+        .build()
+        .unwrap_or_else(|e| panic!("checked config refused by the builder: {e}"));
+    (comet, auth, store, groups)
+}
+
+/// Assembles the server and binds its listeners (port 0 picks a free port).
+pub async fn start(config: ServerConfig) -> io::Result<Running> {
+    let (comet, auth, store, groups) = assemble(&config);
+    let limits = Limits::new(config.server.max_connections);
+    let mut listeners = Vec::new();
+    let mut tcp_addr = None;
+    let mut ws_addr = None;
+    if let Some(addr) = config.server.tcp {
+        let listener = TcpListener::bind(addr).await?;
+        tcp_addr = Some(listener.local_addr()?);
+        listeners.push(tokio::spawn(tcp::serve(
+            comet.clone(),
+            listener,
+            limits.clone(),
+        )));
+    }
+    if let Some(addr) = config.server.websocket {
+        let listener = TcpListener::bind(addr).await?;
+        ws_addr = Some(listener.local_addr()?);
+        let options = ws::WsOptions {
+            path: config.server.ws_path.clone(),
+        };
+        listeners.push(tokio::spawn(ws::serve(
+            comet.clone(),
+            listener,
+            options,
+            limits.clone(),
+        )));
+    }
+    Ok(Running {
+        comet,
+        auth,
+        store,
+        groups,
+        tcp_addr,
+        ws_addr,
+        listeners,
+    })
+}
