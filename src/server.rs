@@ -194,12 +194,7 @@ impl ServerConfig {
         let file = file.as_ref();
         let config: ServerConfig = toml::from_str(text).map_err(|e| {
             let key = match e.span() {
-                Some(span) => {
-                    let before = &text[..span.start.min(text.len())];
-                    let line = before.matches('\n').count() + 1;
-                    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-                    format!("line {line}, column {col}")
-                }
+                Some(span) => key_at(text, span.start),
                 None => "(document)".into(),
             };
             ConfigError {
@@ -297,6 +292,35 @@ impl ServerConfig {
             shutdown_timeout: Duration::from_millis(s.shutdown_timeout_ms),
         }
     }
+}
+
+/// Names the key at byte `offset` of `text` for an error message, as
+/// `table.key (line L, column C)`, from the line's `key =` and the nearest
+/// table header above it.
+fn key_at(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line_no = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let col = offset - line_start + 1;
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"').to_owned())
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    let table = text[..line_start + line.len()]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+    let name = match (table, key) {
+        (Some(t), Some(k)) => format!("{t}.{k} "),
+        (None, Some(k)) => format!("{k} "),
+        (Some(t), None) => format!("{t} "),
+        (None, None) => String::new(),
+    };
+    format!("{name}(line {line_no}, column {col})")
 }
 
 impl Default for ServerConfig {

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use futures_util::{Sink, Stream};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service, ServiceExt as _};
 
 use crate::auth::{Authenticator, ConnId, ConnInfo};
 use crate::config::Config;
@@ -19,7 +19,7 @@ use crate::error::{BoxError, FrameError, SendError};
 use crate::frame::{op, Frame, Transport, WireMode};
 use crate::groups::GroupDirectory;
 use crate::message::{Conversation, Message};
-use crate::middleware::{BoxService, Request, Response, Router};
+use crate::middleware::{BoxService, Handler, Request, Response, Router};
 use crate::payload::{Delivered, SendRequest};
 use crate::registry::{Delivery, Registry};
 use crate::session::{self, Outgoing, SessionEnd};
@@ -54,7 +54,7 @@ pub enum Event {
 }
 
 type EventHook = Arc<dyn Fn(&Event) + Send + Sync>;
-type LayerFn = Box<dyn FnOnce(BoxService) -> BoxService + Send>;
+type LayerFn = Arc<dyn Fn(BoxService) -> BoxService + Send + Sync>;
 
 /// Why [`CometBuilder::build`] refused.
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +105,7 @@ pub struct CometBuilder {
     store: Option<Arc<dyn MessageStore>>,
     groups: Option<Arc<dyn GroupDirectory>>,
     layers: Vec<LayerFn>,
-    handlers: HashMap<u32, BoxService>,
+    handlers: HashMap<u32, Handler>,
     reserved: Option<u32>,
     events: Option<EventHook>,
 }
@@ -146,15 +146,18 @@ impl CometBuilder {
     }
 
     /// Adds a tower layer around the frame service. The first layer added is
-    /// the outermost: it sees each frame first.
+    /// the outermost: it sees each frame first. The stack is built once per
+    /// authenticated connection, so a layer's service state (a rate limit's
+    /// window, say) belongs to that connection; share state across
+    /// connections with an `Arc` inside the layer.
     pub fn layer<L>(mut self, layer: L) -> Self
     where
-        L: Layer<BoxService> + Send + 'static,
-        L::Service: Service<Request, Response = Response> + Clone + Send + Sync + 'static,
+        L: Layer<BoxService> + Send + Sync + 'static,
+        L::Service: Service<Request, Response = Response> + Send + 'static,
         <L::Service as Service<Request>>::Error: Into<BoxError>,
         <L::Service as Service<Request>>::Future: Send + 'static,
     {
-        self.layers.push(Box::new(move |inner: BoxService| {
+        self.layers.push(Arc::new(move |inner: BoxService| {
             BoxService::new(layer.layer(inner).map_err(Into::into))
         }));
         self
@@ -172,7 +175,7 @@ impl CometBuilder {
             self.reserved = Some(op);
         } else {
             self.handlers
-                .insert(op, BoxService::new(service.map_err(Into::into)));
+                .insert(op, Handler::new(service.map_err(Into::into)));
         }
         self
     }
@@ -200,14 +203,13 @@ impl CometBuilder {
         let handlers = Arc::new(self.handlers);
         let layers = self.layers;
         let engine = Arc::new_cyclic(|weak| {
-            let mut service = BoxService::new(Router {
+            let router = Router {
                 engine: weak.clone(),
                 handlers,
-            });
-            for layer in layers.into_iter().rev() {
-                service = layer(service);
-            }
+            };
             Engine {
+                router,
+                layers,
                 config: self.config,
                 auth,
                 store,
@@ -216,7 +218,6 @@ impl CometBuilder {
                 registry,
                 stats,
                 events: self.events,
-                service,
                 stripes: (0..SEND_STRIPES)
                     .map(|_| tokio::sync::Mutex::new(()))
                     .collect(),
@@ -240,7 +241,8 @@ pub(crate) struct Engine {
     pub(crate) delivery: Arc<dyn Delivery>,
     pub(crate) stats: Arc<Stats>,
     pub(crate) events: Option<EventHook>,
-    pub(crate) service: BoxService,
+    router: Router,
+    layers: Vec<LayerFn>,
     stripes: Box<[tokio::sync::Mutex<()>]>,
     hasher: std::collections::hash_map::RandomState,
     next_conn: AtomicU64,
@@ -250,6 +252,15 @@ pub(crate) struct Engine {
 }
 
 impl Engine {
+    /// A fresh middleware stack for one connection.
+    pub(crate) fn stack(&self) -> BoxService {
+        let mut service = BoxService::new(self.router.clone());
+        for layer in self.layers.iter().rev() {
+            service = layer(service);
+        }
+        service
+    }
+
     pub(crate) fn emit(&self, event: Event) {
         if let Some(hook) = &self.events {
             hook(&event);

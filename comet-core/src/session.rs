@@ -417,7 +417,7 @@ async fn read_loop<St>(
 where
     St: Stream<Item = Result<Frame, FrameError>> + Unpin + Send,
 {
-    let mut service = engine.service.clone();
+    let mut service = engine.stack();
     loop {
         let frame =
             match tokio::time::timeout(engine.config.heartbeat_timeout, inbound.next()).await {

@@ -180,6 +180,19 @@ impl Client {
         }
     }
 
+    /// A TCP client over an already connected stream.
+    pub fn from_tcp(tcp: TcpStream) -> Client {
+        Client {
+            kind: Kind::Tcp,
+            tcp: Some(tcp),
+            ws: None,
+            buf: Vec::new(),
+            frames: VecDeque::new(),
+            msgs: VecDeque::new(),
+            seq: 0,
+        }
+    }
+
     pub async fn connect(kind: Kind, addr: SocketAddr) -> Client {
         Client::connect_path(kind, addr, "/sub").await
     }

@@ -14,7 +14,7 @@ pub(crate) use router::Router;
 
 use std::sync::Arc;
 
-use tower::util::BoxCloneSyncService;
+use tower::util::{BoxCloneSyncService, BoxService as TowerBoxService};
 
 use crate::auth::{ConnInfo, Identity};
 use crate::comet::Comet;
@@ -36,8 +36,13 @@ pub struct Request {
 /// wire mode, usually made with [`Frame::reply`]), or nothing.
 pub type Response = Option<Frame>;
 
-/// A finished, type-erased middleware stack.
-pub type BoxService = BoxCloneSyncService<Request, Response, BoxError>;
+/// A type-erased frame service: what each layer wraps. A connection's stack
+/// is built when it authenticates, so layers with per-connection state (a
+/// `tower::limit::RateLimitLayer`, say) limit that connection alone.
+pub type BoxService = TowerBoxService<Request, Response, BoxError>;
+
+/// A type-erased application handler for one op (cloned per call).
+pub(crate) type Handler = BoxCloneSyncService<Request, Response, BoxError>;
 
 /// The context of an authenticated connection.
 #[derive(Debug)]

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 
 use tower::{Service, ServiceExt};
 
-use super::{BoxService, Request, Response};
+use super::{Handler, Request, Response};
 use crate::comet::Engine;
 use crate::error::BoxError;
 use crate::frame::op;
@@ -21,7 +21,7 @@ type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>
 #[derive(Clone)]
 pub(crate) struct Router {
     pub(crate) engine: Weak<Engine>,
-    pub(crate) handlers: Arc<HashMap<u32, BoxService>>,
+    pub(crate) handlers: Arc<HashMap<u32, Handler>>,
 }
 
 impl Service<Request> for Router {

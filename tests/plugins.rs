@@ -1,0 +1,349 @@
+//! Applications replace every default plug-in and extend the frame stack,
+//! without touching comet's code.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use comet::core::frame::{op, Frame, WireMode};
+use comet::core::payload::{AuthReply, SendReply};
+use comet::core::{
+    async_trait, AuthOutcome, AuthRequest, Authenticator, BoxError, Comet, Config, ConnInfo, Draft,
+    GroupDirectory, Identity, Members, Message, MessageStore, Request, Response, SessionEnd,
+};
+use common::engine::Conn;
+use tower::{service_fn, Service};
+
+/// Tokens of the form "token-of-<mid>", like a company SSO might issue, in
+/// a goim-style `key` field.
+struct TokenAuth;
+
+#[async_trait]
+impl Authenticator for TokenAuth {
+    async fn authenticate(
+        &self,
+        req: &AuthRequest,
+        conn: &ConnInfo,
+    ) -> Result<AuthOutcome, BoxError> {
+        assert_eq!(conn.peer.ip().to_string(), "127.0.0.1");
+        let token = req
+            .field("key")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
+        Ok(
+            match token.strip_prefix("token-of-").and_then(|m| m.parse().ok()) {
+                Some(mid) => AuthOutcome::Accepted(Identity::new(mid)),
+                None => AuthOutcome::Denied("bad token".into()),
+            },
+        )
+    }
+}
+
+/// chatIds from a plain map (as a SQL table with a counter row might).
+#[derive(Default)]
+struct LogStore {
+    counters: Mutex<BTreeMap<comet::core::Conversation, i64>>,
+    log: Mutex<Vec<(i64, Bytes)>>,
+    inbox: Mutex<HashMap<i32, Vec<Arc<Message>>>>,
+}
+
+#[async_trait]
+impl MessageStore for LogStore {
+    async fn append(&self, draft: &Draft) -> Result<i64, BoxError> {
+        let mut counters = self.counters.lock().unwrap();
+        let id = counters.entry(draft.conversation).or_insert(0);
+        *id += 1;
+        self.log.lock().unwrap().push((*id, draft.msg.clone()));
+        Ok(*id)
+    }
+    async fn push_offline(&self, mid: i32, msg: Arc<Message>) -> Result<(), BoxError> {
+        self.inbox.lock().unwrap().entry(mid).or_default().push(msg);
+        Ok(())
+    }
+    async fn take_offline(&self, mid: i32) -> Result<Vec<Arc<Message>>, BoxError> {
+        Ok(self.inbox.lock().unwrap().remove(&mid).unwrap_or_default())
+    }
+}
+
+/// Group n holds every mid divisible by n.
+struct Divisors;
+
+#[async_trait]
+impl GroupDirectory for Divisors {
+    async fn is_member(&self, group: i32, mid: i32) -> Result<bool, BoxError> {
+        Ok(mid % group == 0)
+    }
+    async fn members(&self, group: i32) -> Result<Members, BoxError> {
+        Ok((1..=20).filter(|m| m % group == 0).collect())
+    }
+}
+
+async fn token_login(comet: &Comet, mid: i32) -> Conn {
+    let mut c = Conn::connect(comet, WireMode::Binary);
+    let body = format!(r#"{{"key":"token-of-{mid}","platform":"ios"}}"#);
+    assert_eq!(c.auth(&body).await, AuthReply::Ok { mid });
+    c
+}
+
+#[tokio::test]
+async fn an_application_swaps_all_three_plugins() {
+    let store = Arc::new(LogStore::default());
+    let comet = Comet::builder()
+        .authenticator(Arc::new(TokenAuth))
+        .store(store.clone())
+        .groups(Arc::new(Divisors))
+        .build()
+        .unwrap();
+    let mut four = token_login(&comet, 4).await;
+    let mut six = token_login(&comet, 6).await;
+    let mut nine = token_login(&comet, 9).await;
+    let mut bad = Conn::connect(&comet, WireMode::Json);
+    assert!(
+        matches!(bad.auth(r#"{"mid":1,"mkey":"k1"}"#).await, AuthReply::Failed { error } if error == "bad token")
+    );
+
+    assert_eq!(
+        four.send_msg(op::SEND_TO_USER, 4, 6, "hi six").await,
+        SendReply::ok(1)
+    );
+    assert_eq!(&six.delivered().await.msg[..], b"hi six");
+    // Group 2 = even mids: 4 and 6 (and offline 2, 8, ...), not 9.
+    assert_eq!(
+        six.send_msg(op::SEND_TO_GROUP, 6, 2, "evens").await,
+        SendReply::ok(1)
+    );
+    assert_eq!(&four.delivered().await.msg[..], b"evens");
+    nine.assert_no_delivery().await;
+    assert_eq!(nine.send_msg(op::SEND_TO_GROUP, 9, 2, "odd").await.ret, -1);
+    assert_eq!(store.log.lock().unwrap().len(), 2);
+    // Offline even members got it in the application's own inbox.
+    assert_eq!(store.inbox.lock().unwrap().get(&8).map(Vec::len), Some(1));
+    let mut eight = token_login(&comet, 8).await;
+    assert_eq!(&eight.delivered().await.msg[..], b"evens");
+}
+
+fn setup_with(builder: comet::core::CometBuilder) -> Comet {
+    let auth = Arc::new(comet::plugins::memory::MemoryAuth::from_iter(
+        (1..=9).map(|m| (m, format!("k{m}"))),
+    ));
+    let groups = Arc::new(comet::plugins::memory::MemoryGroups::default());
+    groups.set_members(100, [1, 2, 3]);
+    builder
+        .authenticator(auth)
+        .store(Arc::new(comet::plugins::memory::MemoryStore::default()))
+        .groups(groups)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_custom_op_is_handled_by_an_application_service() {
+    // op 1000: "who am I", answered with op 1001 from the connection context;
+    // op 1002: the application pushes an extra frame itself and stays silent.
+    let comet = setup_with(
+        Comet::builder()
+            .handler(
+                1000,
+                service_fn(|req: Request| async move {
+                    let body = format!(
+                        r#"{{"mid":{},"transport":"{}"}}"#,
+                        req.ctx.mid(),
+                        req.ctx.conn.transport
+                    );
+                    Ok::<Response, BoxError>(Some(req.frame.reply(1001, body)))
+                }),
+            )
+            .handler(
+                1002,
+                service_fn(|req: Request| async move {
+                    let online = req.ctx.comet().online_users().len();
+                    req.ctx.push(Frame::new(1, 1003, 0, format!("{online}")));
+                    Ok::<Response, BoxError>(None)
+                }),
+            ),
+    );
+    let mut a = Conn::login(&comet, WireMode::Json, 5).await;
+    a.send(Frame::new(1, 1000, 77, "{}")).await;
+    let reply = a.reply().await.unwrap();
+    assert_eq!((reply.op, reply.seq), (1001, 77));
+    assert_eq!(&reply.body[..], br#"{"mid":5,"transport":"local"}"#);
+    a.send(Frame::new(1, 1002, 78, "")).await;
+    let pushed = a.reply().await.unwrap();
+    assert_eq!((pushed.op, &pushed.body[..]), (1003, &b"1"[..]));
+    assert_eq!(comet.stats().unknown_ops, 0);
+}
+
+#[tokio::test]
+async fn handlers_for_protocol_ops_are_refused() {
+    let err = Comet::builder()
+        .handler(
+            18,
+            service_fn(|_req: Request| async { Ok::<Response, BoxError>(None) }),
+        )
+        .authenticator(Arc::new(TokenAuth))
+        .store(Arc::new(LogStore::default()))
+        .groups(Arc::new(Divisors))
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("op 18"));
+    assert!(Comet::builder().build().is_err());
+}
+
+/// Rejects op 20 with a polite reply, closes the connection on op 666, and
+/// counts everything it sees.
+#[derive(Clone)]
+struct Guard<S> {
+    inner: S,
+    seen: Arc<AtomicUsize>,
+}
+
+impl<S> Service<Request> for Guard<S>
+where
+    S: Service<Request, Response = Response, Error = BoxError> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = BoxError;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, BoxError>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        self.seen.fetch_add(1, Ordering::SeqCst);
+        match req.frame.op {
+            op::SEND_TO_GROUP => {
+                let body =
+                    SendReply::failed("group messages are disabled here").encode(req.ctx.conn.mode);
+                let reply = req.frame.reply(op::SEND_TO_GROUP_REPLY, body);
+                Box::pin(async move { Ok(Some(reply)) })
+            }
+            666 => Box::pin(async { Err("op 666 is forbidden".into()) }),
+            _ => Box::pin(self.inner.call(req)),
+        }
+    }
+}
+
+#[tokio::test]
+async fn layers_see_every_frame_and_can_reject() {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    let comet = setup_with(
+        Comet::builder().layer(tower::layer::layer_fn(move |inner| Guard {
+            inner,
+            seen: counter.clone(),
+        })),
+    );
+    let mut a = Conn::login(&comet, WireMode::Json, 1).await;
+    let mut b = Conn::login(&comet, WireMode::Json, 2).await;
+    a.sync().await;
+    let r = a.send_msg(op::SEND_TO_GROUP, 1, 100, "blocked").await;
+    assert_eq!(r.error.as_deref(), Some("group messages are disabled here"));
+    b.assert_no_delivery().await;
+    assert_eq!(
+        a.send_msg(op::SEND_TO_USER, 1, 2, "fine").await,
+        SendReply::ok(1)
+    );
+    a.send(Frame::new(1, 666, 1, "")).await;
+    let (end, close) = a.end().await;
+    assert_eq!(end, SessionEnd::Handler("op 666 is forbidden".into()));
+    assert_eq!(close.unwrap().0, 1011);
+    // heartbeat, op 20, op 18, op 666 on a; one heartbeat on b.
+    assert_eq!(seen.load(Ordering::SeqCst), 5);
+    b.sync().await;
+    assert_eq!(comet.stats().handler_errors, 1);
+}
+
+#[tokio::test]
+async fn tower_rate_limit_layer_limits_a_connection() {
+    // A stock tower layer: at most 2 frames per second per connection.
+    let comet = setup_with(
+        Comet::builder().layer(tower::limit::RateLimitLayer::new(2, Duration::from_secs(1))),
+    );
+    let mut a = Conn::login(&comet, WireMode::Binary, 1).await;
+    tokio::time::pause();
+    let start = tokio::time::Instant::now();
+    for _ in 0..6 {
+        a.sync().await;
+    }
+    // Six frames at two per second need at least two more windows.
+    assert!(start.elapsed() >= Duration::from_secs(2));
+}
+
+/// A store that fails, and an authenticator that hangs.
+struct Failing;
+
+#[async_trait]
+impl MessageStore for Failing {
+    async fn append(&self, _: &Draft) -> Result<i64, BoxError> {
+        Err("database is down".into())
+    }
+    async fn push_offline(&self, _: i32, _: Arc<Message>) -> Result<(), BoxError> {
+        Err("database is down".into())
+    }
+    async fn take_offline(&self, _: i32) -> Result<Vec<Arc<Message>>, BoxError> {
+        Err("database is down".into())
+    }
+}
+
+struct Hanging;
+
+#[async_trait]
+impl Authenticator for Hanging {
+    async fn authenticate(&self, _: &AuthRequest, _: &ConnInfo) -> Result<AuthOutcome, BoxError> {
+        std::future::pending().await
+    }
+}
+
+#[tokio::test]
+async fn plugin_failures_become_failure_replies() {
+    let auth = Arc::new(comet::plugins::memory::MemoryAuth::from_iter([
+        (1, "k1"),
+        (2, "k2"),
+    ]));
+    let comet = Comet::builder()
+        .authenticator(auth)
+        .store(Arc::new(Failing))
+        .groups(Arc::new(Divisors))
+        .build()
+        .unwrap();
+    // The inbox cannot be read: the login still works.
+    let mut a = Conn::login(&comet, WireMode::Json, 1).await;
+    let r = a.send_msg(op::SEND_TO_USER, 1, 2, "x").await;
+    assert_eq!(r.ret, -1);
+    assert!(r
+        .error
+        .unwrap()
+        .contains("message store unavailable: database is down"));
+    a.sync().await;
+
+    let comet = Comet::builder()
+        .authenticator(Arc::new(Hanging))
+        .store(Arc::new(LogStore::default()))
+        .groups(Arc::new(Divisors))
+        .config(Config {
+            hook_timeout: Duration::from_millis(50),
+            ..Config::default()
+        })
+        .build()
+        .unwrap();
+    let mut c = Conn::connect(&comet, WireMode::Binary);
+    let reply = c.auth(r#"{"mid":1,"mkey":"k1"}"#).await;
+    assert_eq!(
+        reply,
+        AuthReply::Failed {
+            error: "authentication backend unavailable".into()
+        }
+    );
+    assert!(matches!(c.end().await.0, SessionEnd::AuthFailed(_)));
+    assert!(comet.stats().plugin_errors >= 1);
+}
