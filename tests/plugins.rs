@@ -347,3 +347,57 @@ async fn plugin_failures_become_failure_replies() {
     assert!(matches!(c.end().await.0, SessionEnd::AuthFailed(_)));
     assert!(comet.stats().plugin_errors >= 1);
 }
+
+/// A delivery seam that wraps the local registry, as a multi-node backend
+/// would, and records what passes through it.
+struct Recording {
+    local: Arc<comet::core::Registry>,
+    seen: Mutex<Vec<(Vec<i32>, Option<i32>, i64)>>,
+}
+
+#[async_trait]
+impl comet::core::Delivery for Recording {
+    async fn deliver(
+        &self,
+        recipients: &[i32],
+        echo: Option<i32>,
+        msg: &Arc<Message>,
+        except: Option<comet::core::ConnId>,
+    ) -> Result<(), BoxError> {
+        self.seen
+            .lock()
+            .unwrap()
+            .push((recipients.to_vec(), echo, msg.chat_id()));
+        self.local.deliver(recipients, echo, msg, except).await
+    }
+}
+
+#[tokio::test]
+async fn the_delivery_seam_can_be_wrapped() {
+    use comet::core::Delivery as _;
+    let recording: Arc<Mutex<Option<Arc<Recording>>>> = Arc::default();
+    let slot = recording.clone();
+    let comet = setup_with(Comet::builder().delivery(move |local| {
+        let r = Arc::new(Recording {
+            local,
+            seen: Mutex::default(),
+        });
+        *slot.lock().unwrap() = Some(r.clone());
+        r
+    }));
+    let mut a = Conn::login(&comet, WireMode::Binary, 1).await;
+    let mut b = Conn::login(&comet, WireMode::Binary, 2).await;
+    assert_eq!(
+        a.send_msg(op::SEND_TO_USER, 1, 2, "via seam").await,
+        SendReply::ok(1)
+    );
+    assert_eq!(&b.delivered().await.msg[..], b"via seam");
+    a.send_msg(op::SEND_TO_GROUP, 1, 100, "group").await;
+    let r = recording.lock().unwrap().clone().unwrap();
+    let mut seen = r.seen.lock().unwrap().clone();
+    seen[1].0.sort();
+    assert_eq!(
+        seen,
+        vec![(vec![2], Some(1), 1), (vec![1, 2, 3], Some(1), 1)]
+    );
+}

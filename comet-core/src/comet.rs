@@ -54,6 +54,7 @@ pub enum Event {
 }
 
 type EventHook = Arc<dyn Fn(&Event) + Send + Sync>;
+type DeliveryFn = Box<dyn FnOnce(Arc<Registry>) -> Arc<dyn Delivery> + Send>;
 type LayerFn = Arc<dyn Fn(BoxService) -> BoxService + Send + Sync>;
 
 /// Why [`CometBuilder::build`] refused.
@@ -108,6 +109,7 @@ pub struct CometBuilder {
     handlers: HashMap<u32, Handler>,
     reserved: Option<u32>,
     events: Option<EventHook>,
+    delivery: Option<DeliveryFn>,
 }
 
 impl fmt::Debug for CometBuilder {
@@ -180,6 +182,19 @@ impl CometBuilder {
         self
     }
 
+    /// Replaces the delivery seam. `make` receives this node's session
+    /// [`Registry`] (which delivers locally and keeps offline messages in the
+    /// store) and returns the [`Delivery`] the engine hands every stored
+    /// message to — e.g. a multi-node backend that delivers locally through
+    /// the registry and forwards to other nodes.
+    pub fn delivery(
+        mut self,
+        make: impl FnOnce(Arc<Registry>) -> Arc<dyn Delivery> + Send + 'static,
+    ) -> Self {
+        self.delivery = Some(Box::new(make));
+        self
+    }
+
     /// Calls `hook` on every connection event (authenticated, disconnected).
     /// It runs on the session's task: keep it short and non-blocking.
     pub fn on_event(mut self, hook: impl Fn(&Event) + Send + Sync + 'static) -> Self {
@@ -200,6 +215,10 @@ impl CometBuilder {
         }
         let stats = Arc::new(Stats::default());
         let registry = Arc::new(Registry::new(store.clone(), stats.clone()));
+        let delivery: Arc<dyn Delivery> = match self.delivery {
+            Some(make) => make(registry.clone()),
+            None => registry.clone(),
+        };
         let handlers = Arc::new(self.handlers);
         let layers = self.layers;
         let engine = Arc::new_cyclic(|weak| {
@@ -214,7 +233,7 @@ impl CometBuilder {
                 auth,
                 store,
                 groups,
-                delivery: registry.clone(),
+                delivery,
                 registry,
                 stats,
                 events: self.events,
@@ -402,6 +421,7 @@ impl Comet {
             handlers: HashMap::new(),
             reserved: None,
             events: None,
+            delivery: None,
         }
     }
 
