@@ -1,0 +1,282 @@
+//! The application's building blocks: the SQLite-backed [`SqlUsers`]
+//! authenticator, the comet assembly and the axum router.
+//!
+//! `main.rs` serves them; `tests/embed_axum.rs` includes this same file with
+//! `#[path = "../examples/embed_axum/app.rs"] mod app;` and drives them over
+//! real sockets.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use argon2::password_hash::{self, PasswordHasher, PasswordVerifier};
+use argon2::{Algorithm, Argon2, Params, PasswordHash, Version};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use comet::core::{
+    async_trait, AuthOutcome, AuthRequest, Authenticator, BoxError, ConnInfo, Identity, Mid,
+    SendError,
+};
+use comet::plugins::memory::{MemoryGroups, MemoryStore};
+use comet::transports::axum::CometWs;
+use comet::Comet;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::Semaphore;
+
+/// The demo users seeded at startup: (mid, password).
+pub(crate) const DEMO_USERS: [(Mid, &str); 2] = [(1, "pw1"), (2, "pw2")];
+
+/// Argon2id parameters for new hashes: 19 MiB, 2 passes, 1 lane, the OWASP
+/// minimum and the crate's default. Verification always uses the parameters
+/// stored in the hash itself, so they can be raised later without
+/// invalidating existing users.
+fn hasher() -> Argon2<'static> {
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, Params::default())
+}
+
+/// Hashes `password` with a fresh random salt into a PHC string
+/// (`$argon2id$v=19$m=19456,t=2,p=1$<salt>$<hash>`). CPU-heavy: call it off
+/// the async runtime.
+fn hash_password(password: &str) -> Result<String, BoxError> {
+    Ok(hasher().hash_password(password.as_bytes())?.to_string())
+}
+
+/// Whether `password` matches the PHC string `stored`. CPU-heavy.
+fn password_matches(password: &str, stored: &str) -> Result<bool, BoxError> {
+    let parsed = PasswordHash::new(stored)?;
+    match hasher().verify_password(password.as_bytes(), &parsed) {
+        Ok(()) => Ok(true),
+        Err(password_hash::Error::PasswordInvalid) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn lock(db: &Mutex<Connection>) -> Result<MutexGuard<'_, Connection>, BoxError> {
+    db.lock().map_err(|_| "user database lock poisoned".into())
+}
+
+/// The application's user table in SQLite: mid → salted argon2id hash of the
+/// user's key. Plaintext keys are never stored.
+///
+/// SQLite and argon2 both block, so every call runs on tokio's blocking pool;
+/// at most one hash per CPU is computed at a time (argon2 is memory-hard, and
+/// a flood of logins must not spawn hundreds of 19 MiB computations).
+pub(crate) struct SqlUsers {
+    db: Arc<Mutex<Connection>>,
+    /// Verified against when a mid is unknown, so a login takes as long for
+    /// an unknown mid as for a wrong key and timing does not reveal which
+    /// mids exist.
+    dummy: Arc<str>,
+    hashing: Arc<Semaphore>,
+}
+
+impl SqlUsers {
+    /// Opens (creating if needed) the database at `path`; `":memory:"` is a
+    /// private in-memory database that lives as long as this value.
+    pub(crate) async fn open(path: &str) -> Result<Self, BoxError> {
+        let path = path.to_owned();
+        let (conn, dummy) = tokio::task::spawn_blocking(move || -> Result<_, BoxError> {
+            let conn = Connection::open(&path)?;
+            conn.execute_batch(
+                "CREATE TABLE IF NOT EXISTS users (
+                     mid       INTEGER PRIMARY KEY,
+                     mkey_hash TEXT NOT NULL
+                 )",
+            )?;
+            let dummy = hash_password("no user has this key")?;
+            Ok((conn, dummy))
+        })
+        .await??;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Ok(SqlUsers {
+            db: Arc::new(Mutex::new(conn)),
+            dummy: dummy.into(),
+            hashing: Arc::new(Semaphore::new(cpus)),
+        })
+    }
+
+    /// Adds user `mid` with key `password`; `false` if `mid` already exists
+    /// (its key is left unchanged).
+    pub(crate) async fn add_user(&self, mid: Mid, password: String) -> Result<bool, BoxError> {
+        let _slot = self.hashing.acquire().await?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            // Hash before taking the lock: other queries go on meanwhile.
+            let hash = hash_password(&password)?;
+            let inserted = lock(&db)?.execute(
+                "INSERT OR IGNORE INTO users (mid, mkey_hash) VALUES (?1, ?2)",
+                params![mid, hash],
+            )?;
+            Ok(inserted == 1)
+        })
+        .await?
+    }
+
+    /// Whether `mid` exists and `password` is its key.
+    pub(crate) async fn check(&self, mid: Mid, password: String) -> Result<bool, BoxError> {
+        let _slot = self.hashing.acquire().await?;
+        let db = self.db.clone();
+        let dummy = self.dummy.clone();
+        tokio::task::spawn_blocking(move || {
+            let stored: Option<String> = lock(&db)?
+                .query_row("SELECT mkey_hash FROM users WHERE mid = ?1", [mid], |row| {
+                    row.get(0)
+                })
+                .optional()?;
+            match stored {
+                Some(hash) => password_matches(&password, &hash),
+                None => password_matches(&password, &dummy).map(|_| false),
+            }
+        })
+        .await?
+    }
+
+    /// Runs `f` on the database connection, on the blocking pool: for the
+    /// application's own queries.
+    pub(crate) async fn with_conn<T, F>(&self, f: F) -> Result<T, BoxError>
+    where
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || Ok(f(&*lock(&db)?)?)).await?
+    }
+}
+
+#[async_trait]
+impl Authenticator for SqlUsers {
+    async fn authenticate(
+        &self,
+        req: &AuthRequest,
+        _conn: &ConnInfo,
+    ) -> Result<AuthOutcome, BoxError> {
+        let (Some(mid), Some(mkey)) = (req.mid(), req.mkey()) else {
+            return Ok(AuthOutcome::Denied("mid and mkey are required".into()));
+        };
+        // A database error is an `Err`: comet answers "authentication
+        // backend unavailable" and logs it.
+        if self.check(mid, mkey.to_owned()).await? {
+            Ok(AuthOutcome::Accepted(Identity::new(mid)))
+        } else {
+            Ok(AuthOutcome::Denied("unknown mid or wrong mkey".into()))
+        }
+    }
+}
+
+/// Adds the demo users that do not exist yet; returns the mids added.
+pub(crate) async fn seed_demo_users(users: &SqlUsers) -> Result<Vec<Mid>, BoxError> {
+    let mut added = Vec::new();
+    for (mid, password) in DEMO_USERS {
+        if users.add_user(mid, password.to_owned()).await? {
+            added.push(mid);
+        }
+    }
+    Ok(added)
+}
+
+/// The comet: logins checked against `users`, messages and groups in memory.
+pub(crate) fn comet(users: Arc<SqlUsers>) -> Comet {
+    Comet::builder()
+        .authenticator(users)
+        .store(Arc::new(MemoryStore::default()))
+        .groups(Arc::new(MemoryGroups::default()))
+        .build()
+        .expect("every plug-in is given")
+}
+
+#[derive(Clone)]
+struct AppState {
+    comet: Comet,
+    users: Arc<SqlUsers>,
+}
+
+/// The application: its own REST routes, and comet's WebSocket endpoint
+/// mounted at `/sub`.
+///
+/// The REST routes are unauthenticated to keep the example short; a real
+/// application puts them behind its own authentication.
+pub(crate) fn app(comet: Comet, users: Arc<SqlUsers>) -> Router {
+    Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route("/users", post(register))
+        .route("/users/{mid}/online", get(online))
+        .route("/users/{mid}/notify", post(notify))
+        .with_state(AppState {
+            comet: comet.clone(),
+            users,
+        })
+        .route_service("/sub", CometWs::new(comet))
+}
+
+fn error(status: StatusCode, reason: impl ToString) -> Response {
+    (status, Json(json!({ "error": reason.to_string() }))).into_response()
+}
+
+#[derive(Deserialize)]
+struct NewUser {
+    mid: Mid,
+    password: String,
+}
+
+/// `POST /users {"mid": 5, "password": "..."}` → 201, or 409 if it exists.
+async fn register(State(state): State<AppState>, Json(user): Json<NewUser>) -> Response {
+    if user.mid <= 0 {
+        return error(StatusCode::BAD_REQUEST, "mid must be positive");
+    }
+    if user.password.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "password must not be empty");
+    }
+    match state.users.add_user(user.mid, user.password).await {
+        Ok(true) => (StatusCode::CREATED, Json(json!({ "mid": user.mid }))).into_response(),
+        Ok(false) => error(StatusCode::CONFLICT, format!("mid {} exists", user.mid)),
+        Err(e) => {
+            tracing::error!(cause = %e, "registering a user failed");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "user database unavailable",
+            )
+        }
+    }
+}
+
+/// `GET /users/{mid}/online` → `{"mid": 5, "online": true, "sessions": 1}`.
+async fn online(State(state): State<AppState>, Path(mid): Path<Mid>) -> Response {
+    Json(json!({
+        "mid": mid,
+        "online": state.comet.is_online(mid),
+        "sessions": state.comet.sessions_of(mid),
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct Notice {
+    /// The sender; 0 (the default) stands for the system.
+    #[serde(default)]
+    from: Mid,
+    msg: String,
+}
+
+/// `POST /users/{mid}/notify {"from": 0, "msg": "..."}` → `{"chatId": n}`:
+/// sent exactly as if `from` had sent op 18 (stored, chatId assigned,
+/// delivered to `mid`'s sessions or kept in its offline inbox).
+async fn notify(
+    State(state): State<AppState>,
+    Path(to): Path<Mid>,
+    Json(notice): Json<Notice>,
+) -> Response {
+    match state
+        .comet
+        .send_to_user(notice.from, to, notice.msg.into())
+        .await
+    {
+        Ok(chat_id) => Json(json!({ "chatId": chat_id })).into_response(),
+        Err(e @ (SendError::Store(_) | SendError::Groups(_))) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, e)
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
