@@ -37,9 +37,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use comet_core::middleware::FrameRateLimitLayer;
 use comet_core::{Comet, Config};
 use comet_plugins::memory::{MemoryAuth, MemoryGroups, MemoryStore};
-use comet_transports::{tcp, ws, Limits};
+use comet_transports::{tcp, tls, ws, Limits};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -93,6 +94,33 @@ pub struct ServerSection {
     /// Time sessions get to flush at shutdown (default 10,000 ms).
     #[serde(default = "defaults::shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
+    /// TCP+TLS listen address (needs `tls_cert` and `tls_key`).
+    #[serde(default)]
+    pub tcp_tls: Option<SocketAddr>,
+    /// WSS listen address (needs `tls_cert` and `tls_key`).
+    #[serde(default)]
+    pub websocket_tls: Option<SocketAddr>,
+    /// PEM certificate chain for the TLS listeners.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for the TLS listeners.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Connections at once from one source IP address (default 10,000:
+    /// carrier-grade NAT puts many users behind one address).
+    #[serde(default = "defaults::max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    /// Sessions one mid may hold; a login past it closes the oldest
+    /// (default 16).
+    #[serde(default = "defaults::max_sessions_per_mid")]
+    pub max_sessions_per_mid: usize,
+    /// Frames per second a connection may send on average before it is
+    /// closed (default 1,000; 0 turns the limit off).
+    #[serde(default = "defaults::max_frames_per_sec")]
+    pub max_frames_per_sec: u32,
+    /// Frames a connection may send in one burst (default 2,000).
+    #[serde(default = "defaults::frame_burst")]
+    pub frame_burst: u32,
     /// Offline messages kept per user (default 1,000).
     #[serde(default = "defaults::inbox_limit")]
     pub inbox_limit: usize,
@@ -125,6 +153,18 @@ mod defaults {
     }
     pub(super) fn shutdown_timeout_ms() -> u64 {
         10_000
+    }
+    pub(super) fn max_connections_per_ip() -> usize {
+        10_000
+    }
+    pub(super) fn max_sessions_per_mid() -> usize {
+        16
+    }
+    pub(super) fn max_frames_per_sec() -> u32 {
+        1_000
+    }
+    pub(super) fn frame_burst() -> u32 {
+        2_000
     }
     pub(super) fn inbox_limit() -> usize {
         1_000
@@ -214,8 +254,32 @@ impl ServerConfig {
     fn check(&self) -> Result<(), (String, String)> {
         let s = &self.server;
         let bad = |key: &str, problem: &str| Err((key.to_owned(), problem.to_owned()));
-        if s.tcp.is_none() && s.websocket.is_none() {
-            return bad("server", "needs at least one of tcp and websocket");
+        if s.tcp.is_none()
+            && s.websocket.is_none()
+            && s.tcp_tls.is_none()
+            && s.websocket_tls.is_none()
+        {
+            return bad(
+                "server",
+                "needs at least one of tcp, websocket, tcp_tls and websocket_tls",
+            );
+        }
+        if s.tcp_tls.is_some() || s.websocket_tls.is_some() {
+            if s.tls_cert.is_none() {
+                return bad("server.tls_cert", "is needed by tcp_tls and websocket_tls");
+            }
+            if s.tls_key.is_none() {
+                return bad("server.tls_key", "is needed by tcp_tls and websocket_tls");
+            }
+        }
+        if s.max_connections_per_ip == 0 {
+            return bad("server.max_connections_per_ip", "must be greater than 0");
+        }
+        if s.max_sessions_per_mid == 0 {
+            return bad("server.max_sessions_per_mid", "must be greater than 0");
+        }
+        if s.max_frames_per_sec > 0 && s.frame_burst == 0 {
+            return bad("server.frame_burst", "must be greater than 0");
         }
         if !s.ws_path.starts_with('/') {
             return bad("server.ws_path", "must start with '/'");
@@ -290,6 +354,7 @@ impl ServerConfig {
             max_outbound_bytes: s.max_outbound_bytes,
             hook_timeout: Duration::from_millis(s.hook_timeout_ms),
             shutdown_timeout: Duration::from_millis(s.shutdown_timeout_ms),
+            max_sessions_per_mid: s.max_sessions_per_mid,
         }
     }
 }
@@ -347,6 +412,12 @@ pub struct Running {
     pub tcp_addr: Option<SocketAddr>,
     /// Where the WebSocket listener is bound.
     pub ws_addr: Option<SocketAddr>,
+    /// Where the TCP+TLS listener is bound.
+    pub tcp_tls_addr: Option<SocketAddr>,
+    /// Where the WSS listener is bound.
+    pub ws_tls_addr: Option<SocketAddr>,
+    /// The connection limits (read [`Limits::refused`] for refusals).
+    pub limits: Limits,
     listeners: Vec<JoinHandle<io::Result<()>>>,
 }
 
@@ -378,11 +449,18 @@ pub fn assemble(
     for g in &config.groups {
         groups.set_members(g.id, g.members.iter().copied());
     }
-    let comet = Comet::builder()
+    let mut builder = Comet::builder()
         .authenticator(auth.clone())
         .store(store.clone())
         .groups(groups.clone())
-        .config(config.engine_config())
+        .config(config.engine_config());
+    if config.server.max_frames_per_sec > 0 {
+        builder = builder.layer(FrameRateLimitLayer::new(
+            config.server.max_frames_per_sec,
+            config.server.frame_burst,
+        ));
+    }
+    let comet = builder
         .build()
         .unwrap_or_else(|e| panic!("checked config refused by the builder: {e}"));
     (comet, auth, store, groups)
@@ -391,10 +469,23 @@ pub fn assemble(
 /// Assembles the server and binds its listeners (port 0 picks a free port).
 pub async fn start(config: ServerConfig) -> io::Result<Running> {
     let (comet, auth, store, groups) = assemble(&config);
-    let limits = Limits::new(config.server.max_connections);
+    let limits = Limits::new(config.server.max_connections)
+        .with_per_ip(config.server.max_connections_per_ip);
+    let s = &config.server;
+    let acceptor = match (&s.tls_cert, &s.tls_key) {
+        (Some(cert), Some(key)) if s.tcp_tls.is_some() || s.websocket_tls.is_some() => {
+            Some(tls::acceptor_from_pem_files(cert, key)?)
+        }
+        _ => None,
+    };
     let mut listeners = Vec::new();
     let mut tcp_addr = None;
     let mut ws_addr = None;
+    let mut tcp_tls_addr = None;
+    let mut ws_tls_addr = None;
+    let options = ws::WsOptions {
+        path: config.server.ws_path.clone(),
+    };
     if let Some(addr) = config.server.tcp {
         let listener = TcpListener::bind(addr).await?;
         tcp_addr = Some(listener.local_addr()?);
@@ -407,14 +498,32 @@ pub async fn start(config: ServerConfig) -> io::Result<Running> {
     if let Some(addr) = config.server.websocket {
         let listener = TcpListener::bind(addr).await?;
         ws_addr = Some(listener.local_addr()?);
-        let options = ws::WsOptions {
-            path: config.server.ws_path.clone(),
-        };
         listeners.push(tokio::spawn(ws::serve(
             comet.clone(),
             listener,
-            options,
+            options.clone(),
             limits.clone(),
+        )));
+    }
+    if let (Some(addr), Some(acceptor)) = (s.tcp_tls, &acceptor) {
+        let listener = TcpListener::bind(addr).await?;
+        tcp_tls_addr = Some(listener.local_addr()?);
+        listeners.push(tokio::spawn(tcp::serve_tls(
+            comet.clone(),
+            listener,
+            limits.clone(),
+            acceptor.clone(),
+        )));
+    }
+    if let (Some(addr), Some(acceptor)) = (s.websocket_tls, &acceptor) {
+        let listener = TcpListener::bind(addr).await?;
+        ws_tls_addr = Some(listener.local_addr()?);
+        listeners.push(tokio::spawn(ws::serve_tls(
+            comet.clone(),
+            listener,
+            options.clone(),
+            limits.clone(),
+            acceptor.clone(),
         )));
     }
     Ok(Running {
@@ -424,6 +533,9 @@ pub async fn start(config: ServerConfig) -> io::Result<Running> {
         groups,
         tcp_addr,
         ws_addr,
+        tcp_tls_addr,
+        ws_tls_addr,
+        limits,
         listeners,
     })
 }

@@ -225,7 +225,8 @@ async fn websocket_frames_that_break_the_text_or_binary_rules() {
     w.still_fine().await;
 
     // Another path is not an endpoint.
-    let err = tokio_tungstenite::connect_async(format!("ws://{ws}/other"))
+    let tcp = tokio::net::TcpStream::connect(ws).await.unwrap();
+    let err = tokio_tungstenite::client_async(format!("ws://{ws}/other"), tcp)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("404"), "{err}");
@@ -234,7 +235,11 @@ async fn websocket_frames_that_break_the_text_or_binary_rules() {
 
 #[tokio::test]
 async fn a_client_that_reads_nothing_is_closed_and_blocks_nobody() {
-    let srv = start_with(|s| s.max_outbound_bytes = 64 * 1024).await;
+    let srv = start_with(|s| {
+        s.max_outbound_bytes = 64 * 1024;
+        s.max_frames_per_sec = 0; // the sender floods on purpose
+    })
+    .await;
     let mut w = Witness::new(&srv).await;
     let tcp = srv.tcp_addr.unwrap();
     // Mid 3 is in group 100 and never reads again after its login. A small

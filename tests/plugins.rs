@@ -352,8 +352,11 @@ async fn plugin_failures_become_failure_replies() {
 /// would, and records what passes through it.
 struct Recording {
     local: Arc<comet::core::Registry>,
-    seen: Mutex<Vec<(Vec<i32>, Option<i32>, i64)>>,
+    seen: Mutex<Vec<Seen>>,
 }
+
+/// Recipients, echo and chatId of one delivery.
+type Seen = (Vec<i32>, Option<i32>, i64);
 
 #[async_trait]
 impl comet::core::Delivery for Recording {
@@ -374,7 +377,6 @@ impl comet::core::Delivery for Recording {
 
 #[tokio::test]
 async fn the_delivery_seam_can_be_wrapped() {
-    use comet::core::Delivery as _;
     let recording: Arc<Mutex<Option<Arc<Recording>>>> = Arc::default();
     let slot = recording.clone();
     let comet = setup_with(Comet::builder().delivery(move |local| {

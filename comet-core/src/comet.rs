@@ -550,6 +550,10 @@ impl Comet {
         }
     }
 
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
     /// Shuts down and waits for every session to flush and close, at most
     /// [`Config::shutdown_timeout`]; returns whether all closed in time.
     pub async fn shutdown_and_wait(&self) -> bool {

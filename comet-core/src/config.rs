@@ -23,6 +23,10 @@ pub struct Config {
     pub hook_timeout: Duration,
     /// How long a graceful shutdown waits for sessions to flush (default 10 s).
     pub shutdown_timeout: Duration,
+    /// Sessions one mid may hold at once (default 16). A login past it
+    /// closes that mid's oldest session: the newest device wins, so a user
+    /// who lost track of old connections is never locked out.
+    pub max_sessions_per_mid: usize,
 }
 
 impl Default for Config {
@@ -34,6 +38,7 @@ impl Default for Config {
             max_outbound_bytes: 4 * 1024 * 1024,
             hook_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
+            max_sessions_per_mid: 16,
         }
     }
 }

@@ -41,6 +41,7 @@ pub(crate) enum Kick {
     None = 0,
     SlowConsumer = 1,
     Disconnected = 2,
+    Replaced = 3,
 }
 
 #[derive(Debug)]
@@ -55,6 +56,7 @@ impl Shared {
         match self.kick.load(Ordering::Acquire) {
             1 => Kick::SlowConsumer,
             2 => Kick::Disconnected,
+            3 => Kick::Replaced,
             _ => Kick::None,
         }
     }
@@ -247,10 +249,28 @@ impl Registry {
     /// Adds a session, then waits until no offline push for its mid is under
     /// way, so the caller can drain the inbox knowing every message meant for
     /// this mid is either in the inbox or in the session's queue.
-    pub async fn register(&self, handle: SessionHandle) {
+    ///
+    /// With `max_per_mid` sessions already there, the oldest is closed and
+    /// removed first (the newest device wins).
+    pub async fn register(&self, handle: SessionHandle, max_per_mid: usize) {
         let shard = self.shard(handle.mid);
         let mid = handle.mid;
-        shard.write().entry(mid).or_default().sessions.push(handle);
+        {
+            let mut map = shard.write();
+            let entry = map.entry(mid).or_default();
+            while !entry.sessions.is_empty() && entry.sessions.len() >= max_per_mid.max(1) {
+                let oldest = entry.sessions.remove(0);
+                oldest.shared.kick(Kick::Replaced);
+                self.sessions.fetch_sub(1, Ordering::Relaxed);
+                self.stats.session_replaced();
+                tracing::info!(
+                    mid,
+                    conn_id = oldest.conn_id,
+                    "closing oldest session: sessions per mid limit reached"
+                );
+            }
+            entry.sessions.push(handle);
+        }
         self.sessions.fetch_add(1, Ordering::Relaxed);
         loop {
             let settled = shard.settled.notified();

@@ -6,7 +6,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use futures_util::{FutureExt as _, Sink, SinkExt, Stream, StreamExt};
+use std::panic::AssertUnwindSafe;
 use tokio::sync::mpsc;
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
@@ -65,6 +66,10 @@ pub enum SessionEnd {
     SlowConsumer,
     /// The application disconnected it.
     Disconnected,
+    /// Its mid logged in on more sessions than allowed; this was the oldest.
+    Replaced,
+    /// A plug-in, layer or handler panicked while serving it.
+    Panic(String),
     /// The comet is shutting down.
     Shutdown,
     /// A layer or handler returned an error.
@@ -74,7 +79,13 @@ pub enum SessionEnd {
 }
 
 impl SessionEnd {
-    fn protocol(e: &FrameError) -> Self {
+    fn protocol(engine: &Engine, e: &FrameError) -> Self {
+        if matches!(
+            e,
+            FrameError::BodyTooLarge { .. } | FrameError::MessageTooLarge { .. }
+        ) {
+            engine.stats.oversized_frame();
+        }
         SessionEnd::Protocol(e.ws_close_code(), e.to_string())
     }
 
@@ -87,6 +98,8 @@ impl SessionEnd {
             SessionEnd::AuthFailed(r) => (1008, r.clone()),
             SessionEnd::SlowConsumer => (1008, "outbound queue limit reached".into()),
             SessionEnd::Disconnected => (1000, "disconnected by the server".into()),
+            SessionEnd::Replaced => (1008, "replaced by a newer session of the same mid".into()),
+            SessionEnd::Panic(_) => (1011, "internal error".into()),
             SessionEnd::Shutdown => (1001, "server shutting down".into()),
             SessionEnd::Handler(r) => (1011, r.clone()),
         })
@@ -195,6 +208,17 @@ impl Writer {
     }
 }
 
+/// The message of a caught panic.
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic".to_owned()
+    }
+}
+
 pub(crate) async fn run<St, Si>(
     engine: Arc<Engine>,
     comet: Comet,
@@ -246,6 +270,10 @@ where
                 engine_ref.stats.handler_error();
                 tracing::warn!(peer = %conn.peer, cause = %cause, "closing connection: handler error");
             }
+            SessionEnd::Panic(cause) => {
+                engine_ref.stats.panic();
+                tracing::error!(peer = %conn.peer, mid, cause = %cause, "closing connection: panic while serving it");
+            }
             other => tracing::debug!(reason = ?other, "session ended"),
         }
         if let Some((code, reason)) = end.close_frame() {
@@ -286,7 +314,7 @@ where
         Err(_) => return Err(SessionEnd::HandshakeTimeout),
         Ok(None) => return Err(SessionEnd::PeerClosed),
         Ok(Some(Err(FrameError::Io(e)))) => return Err(SessionEnd::Transport(e.to_string())),
-        Ok(Some(Err(e))) => return Err(SessionEnd::protocol(&e)),
+        Ok(Some(Err(e))) => return Err(SessionEnd::protocol(engine, &e)),
         Ok(Some(Ok(frame))) if frame.op != op::AUTH => {
             return Err(SessionEnd::Protocol(
                 1002,
@@ -297,14 +325,19 @@ where
     };
     let outcome = match AuthRequest::parse(&frame.body) {
         Err(e) => Err(e.to_string()),
-        Ok(req) => match engine
-            .bounded("authenticator", engine.auth.authenticate(&req, conn))
-            .await
-        {
-            Ok(AuthOutcome::Accepted(identity)) => Ok(identity),
-            Ok(AuthOutcome::Denied(reason)) => Err(reason),
-            Err(_) => Err("authentication backend unavailable".to_string()),
-        },
+        Ok(req) => {
+            let call = engine.bounded("authenticator", engine.auth.authenticate(&req, conn));
+            match AssertUnwindSafe(call).catch_unwind().await {
+                Ok(Ok(AuthOutcome::Accepted(identity))) => Ok(identity),
+                Ok(Ok(AuthOutcome::Denied(reason))) => Err(reason),
+                Ok(Err(_)) => Err("authentication backend unavailable".to_string()),
+                Err(panic) => {
+                    engine.stats.panic();
+                    tracing::error!(peer = %conn.peer, cause = %panic_text(&panic), "authenticator panicked");
+                    Err("authentication backend unavailable".to_string())
+                }
+            }
+        }
     };
     match outcome {
         Ok(identity) => Ok((identity, frame)),
@@ -344,7 +377,10 @@ where
     let mid = identity.mid;
     engine.stats.auth_ok();
     let (handle, mut rx) = SessionHandle::new(conn.conn_id, mid, conn.mode, cfg.max_outbound_bytes);
-    engine.registry.register(handle.clone()).await;
+    engine
+        .registry
+        .register(handle.clone(), cfg.max_sessions_per_mid)
+        .await;
     let registered = Registered {
         engine,
         mid,
@@ -386,6 +422,7 @@ where
             end = writing => end,
             _ = shared.close.cancelled() => match shared.kick_reason() {
                 Kick::SlowConsumer => SessionEnd::SlowConsumer,
+                Kick::Replaced => SessionEnd::Replaced,
                 _ => SessionEnd::Disconnected,
             },
             _ = engine.shutdown.cancelled() => SessionEnd::Shutdown,
@@ -424,7 +461,7 @@ where
                 Err(_) => return SessionEnd::HeartbeatTimeout,
                 Ok(None) => return SessionEnd::PeerClosed,
                 Ok(Some(Err(FrameError::Io(e)))) => return SessionEnd::Transport(e.to_string()),
-                Ok(Some(Err(e))) => return SessionEnd::protocol(&e),
+                Ok(Some(Err(e))) => return SessionEnd::protocol(engine, &e),
                 Ok(Some(Ok(frame))) => frame,
             };
         tracing::trace!(
@@ -440,9 +477,15 @@ where
             frame,
             ctx: ctx.clone(),
         };
-        let result = match service.ready().await {
-            Ok(svc) => svc.call(request).await,
-            Err(e) => Err(e),
+        let call = async {
+            match service.ready().await {
+                Ok(svc) => svc.call(request).await,
+                Err(e) => Err(e),
+            }
+        };
+        let result = match AssertUnwindSafe(call).catch_unwind().await {
+            Ok(result) => result,
+            Err(panic) => return SessionEnd::Panic(panic_text(&panic)),
         };
         match result {
             Ok(Some(reply)) => {

@@ -58,4 +58,12 @@ counters! {
     plugin_errors => store_error;
     /// Errors from the application's middleware or handlers.
     handler_errors => handler_error;
+    /// Panics caught in plug-ins, layers or handlers (each closed one connection).
+    panics => panic;
+    /// Frames refused for exceeding the body limit.
+    oversized_frames => oversized_frame;
+    /// Connections closed by the frame-rate limit.
+    rate_limited => rate_limit;
+    /// Sessions closed because their mid logged in once too often.
+    sessions_replaced => session_replaced;
 }

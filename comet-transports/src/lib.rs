@@ -7,7 +7,10 @@
 //!   binary (goim v2) modes fixed by the first data frame;
 //! - [`axum`] (feature `axum`, on by default): a tower service that upgrades a
 //!   request on an existing axum `Router` route into a comet session;
-//! - [`Limits`]: the connection limit shared by the listeners.
+//! - [`tls`]: rustls acceptors for TCP+TLS and WSS ([`tcp::serve_tls`],
+//!   [`ws::serve_tls`]);
+//! - [`Limits`]: the connection limits (global, per source address) shared
+//!   by the listeners.
 //!
 //! Every listener stops accepting when the comet shuts down
 //! ([`Comet::shutdown`](comet_core::Comet::shutdown)); the sessions then
@@ -31,7 +34,9 @@
 pub mod axum;
 mod io;
 mod limits;
+mod listener;
 pub mod tcp;
+pub mod tls;
 pub mod ws;
 
-pub use limits::Limits;
+pub use limits::{Admission, Limits};

@@ -12,6 +12,8 @@ use tokio::net::TcpListener;
 use tokio_util::codec::FramedRead;
 
 use crate::io::WriteSink;
+use crate::listener::{accept_loop, tls_handshake};
+use crate::tls::TlsAcceptor;
 use crate::Limits;
 
 /// Initial read buffer of a connection; it grows on demand up to one frame.
@@ -22,35 +24,41 @@ const READ_BUFFER: usize = 256;
 /// at once with a log line naming the peer. Accept errors (out of file
 /// descriptors, ...) are logged and retried after a pause.
 pub async fn serve(comet: Comet, listener: TcpListener, limits: Limits) -> io::Result<()> {
-    let local = listener.local_addr()?;
-    tracing::info!(%local, "tcp listener started");
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = comet.shutdown_requested() => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(conn) => conn,
-            Err(e) => {
-                tracing::error!(%local, cause = %e, "tcp accept failed; pausing");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Some(permit) = limits.admit(peer, "tcp") else {
-            continue;
-        };
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(%peer, cause = %e, "could not set TCP_NODELAY");
-        }
-        let comet = comet.clone();
-        tokio::spawn(async move {
+    accept_loop(
+        comet,
+        listener,
+        limits,
+        "tcp",
+        |comet, stream, peer| async move {
             serve_stream(&comet, stream, peer).await;
-            drop(permit);
-        });
-    }
-    tracing::info!(%local, "tcp listener stopped");
-    Ok(())
+        },
+    )
+    .await
+}
+
+/// Like [`serve`], over TLS: the handshake must complete within the
+/// handshake timeout.
+pub async fn serve_tls(
+    comet: Comet,
+    listener: TcpListener,
+    limits: Limits,
+    acceptor: TlsAcceptor,
+) -> io::Result<()> {
+    accept_loop(
+        comet,
+        listener,
+        limits,
+        "tcp+tls",
+        move |comet, stream, peer| {
+            let acceptor = acceptor.clone();
+            async move {
+                if let Some(tls) = tls_handshake(&comet, &acceptor, stream, peer).await {
+                    serve_stream(&comet, tls, peer).await;
+                }
+            }
+        },
+    )
+    .await
 }
 
 /// Serves one connection that speaks binary frames (plain TCP, or TLS on

@@ -21,6 +21,8 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
+use crate::listener::{accept_loop, tls_handshake};
+use crate::tls::TlsAcceptor;
 use crate::Limits;
 
 /// Options of the WebSocket listener.
@@ -62,35 +64,48 @@ pub async fn serve(
     options: WsOptions,
     limits: Limits,
 ) -> io::Result<()> {
-    let local = listener.local_addr()?;
-    tracing::info!(%local, path = %options.path, "websocket listener started");
     let path: std::sync::Arc<str> = options.path.into();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = comet.shutdown_requested() => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(conn) => conn,
-            Err(e) => {
-                tracing::error!(%local, cause = %e, "websocket accept failed; pausing");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+    accept_loop(
+        comet,
+        listener,
+        limits,
+        "websocket",
+        move |comet, stream, peer| {
+            let path = path.clone();
+            async move {
+                accept_stream(&comet, stream, peer, &path).await;
             }
-        };
-        let Some(permit) = limits.admit(peer, "websocket") else {
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let comet = comet.clone();
-        let path = path.clone();
-        tokio::spawn(async move {
-            accept_stream(&comet, stream, peer, &path).await;
-            drop(permit);
-        });
-    }
-    tracing::info!(%local, "websocket listener stopped");
-    Ok(())
+        },
+    )
+    .await
+}
+
+/// Like [`serve`], over TLS (WSS): the TLS handshake and the upgrade must
+/// both complete within the handshake timeout.
+pub async fn serve_tls(
+    comet: Comet,
+    listener: TcpListener,
+    options: WsOptions,
+    limits: Limits,
+    acceptor: TlsAcceptor,
+) -> io::Result<()> {
+    let path: std::sync::Arc<str> = options.path.into();
+    accept_loop(
+        comet,
+        listener,
+        limits,
+        "websocket+tls",
+        move |comet, stream, peer| {
+            let path = path.clone();
+            let acceptor = acceptor.clone();
+            async move {
+                if let Some(tls) = tls_handshake(&comet, &acceptor, stream, peer).await {
+                    accept_stream(&comet, tls, peer, &path).await;
+                }
+            }
+        },
+    )
+    .await
 }
 
 /// Performs the WebSocket upgrade on `stream` (plain TCP or TLS) and serves
@@ -161,13 +176,7 @@ where
     })
     .await;
     let first = match first {
-        Ok(Some(Ok(msg))) => msg,
-        Ok(Some(Err(e))) => {
-            let err = map_error(e);
-            tracing::warn!(%peer, cause = %err, "closing websocket before its first frame");
-            let _ = sink.send(close_for(&err)).await;
-            return SessionEnd::Protocol(err.ws_close_code(), err.to_string());
-        }
+        Ok(Some(first)) => first,
         Ok(None) => return SessionEnd::PeerClosed,
         Err(_) => {
             tracing::info!(%peer, "no data frame within the handshake timeout");
@@ -181,7 +190,7 @@ where
         }
     };
     let mode = match first {
-        Message::Text(_) => WireMode::Json,
+        Ok(Message::Text(_)) => WireMode::Json,
         _ => WireMode::Binary,
     };
     sink.mode = mode;
@@ -192,18 +201,16 @@ where
         pending: VecDeque::new(),
         failed: false,
     };
-    frames.accept(first);
+    // A broken first message reaches the engine as an error like any other,
+    // which logs, counts and closes with the right code.
+    match first {
+        Ok(msg) => frames.accept(msg),
+        Err(e) => frames.pending.push_back(Err(map_error(e))),
+    }
     let info = comet.conn_info(Transport::WebSocket, mode, peer);
     let end = comet.serve(info, frames, &mut sink).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
     end
-}
-
-fn close_for(err: &FrameError) -> Outgoing {
-    Outgoing::Close {
-        code: err.ws_close_code(),
-        reason: err.to_string(),
-    }
 }
 
 fn map_error(e: tungstenite::Error) -> FrameError {

@@ -12,10 +12,10 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::WebSocketStream;
 
 use super::within;
 
@@ -68,11 +68,16 @@ pub enum Closed {
     Ws(u16, String),
 }
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// Any byte stream: plain TCP or TLS.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+pub type Stream = Box<dyn Io>;
+
+type Ws = WebSocketStream<Stream>;
 
 pub struct Client {
     pub kind: Kind,
-    tcp: Option<TcpStream>,
+    tcp: Option<Stream>,
     ws: Option<Ws>,
     buf: Vec<u8>,
     frames: VecDeque<Got>,
@@ -152,20 +157,21 @@ fn json_msg(v: &Value) -> Vec<u8> {
 impl Client {
     /// Connects (WebSocket at `path`).
     pub async fn connect_path(kind: Kind, addr: SocketAddr, path: &str) -> Client {
+        let tcp = within("tcp connect", TcpStream::connect(addr))
+            .await
+            .expect("connect");
+        Client::over(kind, Box::new(tcp), &format!("ws://{addr}{path}")).await
+    }
+
+    /// A client over an established stream (e.g. TLS); `url` is used for
+    /// the WebSocket upgrade.
+    pub async fn over(kind: Kind, stream: Stream, url: &str) -> Client {
         let (tcp, ws) = match kind {
-            Kind::Tcp => (
-                Some(
-                    within("tcp connect", TcpStream::connect(addr))
-                        .await
-                        .expect("connect"),
-                ),
-                None,
-            ),
+            Kind::Tcp => (Some(stream), None),
             _ => {
-                let url = format!("ws://{addr}{path}");
-                let (ws, _) = within("ws connect", tokio_tungstenite::connect_async(url))
+                let (ws, _) = within("ws upgrade", tokio_tungstenite::client_async(url, stream))
                     .await
-                    .expect("ws connect");
+                    .expect("ws upgrade");
                 (None, Some(ws))
             }
         };
@@ -184,7 +190,7 @@ impl Client {
     pub fn from_tcp(tcp: TcpStream) -> Client {
         Client {
             kind: Kind::Tcp,
-            tcp: Some(tcp),
+            tcp: Some(Box::new(tcp)),
             ws: None,
             buf: Vec::new(),
             frames: VecDeque::new(),

@@ -8,8 +8,10 @@
 //! to reply, `Ok(None)` to stay silent, and `Err(_)` to close the connection
 //! (logged with the peer address).
 
+mod rate;
 mod router;
 
+pub use rate::{FrameRateLimit, FrameRateLimitLayer, RateLimited};
 pub(crate) use router::Router;
 
 use std::sync::Arc;

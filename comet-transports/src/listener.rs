@@ -1,0 +1,77 @@
+//! The accept loop every listener shares.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use comet_core::Comet;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::Limits;
+
+/// Accepts until the comet shuts down; each admitted connection (with
+/// `TCP_NODELAY`) runs `serve` on its own task and keeps its place in
+/// `limits` until that ends. Accept errors (out of file descriptors, ...)
+/// are logged and retried after a pause.
+pub(crate) async fn accept_loop<F, Fut>(
+    comet: Comet,
+    listener: TcpListener,
+    limits: Limits,
+    name: &'static str,
+    serve: F,
+) -> io::Result<()>
+where
+    F: Fn(Comet, TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let local = listener.local_addr()?;
+    tracing::info!(%local, listener = name, "listener started");
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = comet.shutdown_requested() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::error!(%local, listener = name, cause = %e, "accept failed; pausing");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(admission) = limits.admit(peer, name) else {
+            continue;
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, cause = %e, "could not set TCP_NODELAY");
+        }
+        let task = serve(comet.clone(), stream, peer);
+        tokio::spawn(async move {
+            task.await;
+            drop(admission);
+        });
+    }
+    tracing::info!(%local, listener = name, "listener stopped");
+    Ok(())
+}
+
+/// Completes a TLS handshake within the handshake timeout, logging failures.
+pub(crate) async fn tls_handshake(
+    comet: &Comet,
+    acceptor: &tokio_rustls::TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(comet.config().handshake_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, cause = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::info!(%peer, "TLS handshake not completed within the handshake timeout");
+            None
+        }
+    }
+}
