@@ -315,6 +315,22 @@ impl Registry {
         self.sessions.load(Ordering::Relaxed)
     }
 
+    /// Bytes queued for writing, summed over every session, and the
+    /// largest single session's share: the outbound queue depths.
+    pub fn pending_bytes(&self) -> (usize, usize) {
+        let (mut total, mut max) = (0, 0);
+        for shard in self.shards.iter() {
+            for entry in shard.read().values() {
+                for s in &entry.sessions {
+                    let n = s.shared.pending.load(Ordering::Relaxed);
+                    total += n;
+                    max = max.max(n);
+                }
+            }
+        }
+        (total, max)
+    }
+
     /// Mids with at least one live session.
     pub fn online_mids(&self) -> Vec<Mid> {
         let mut mids = Vec::new();

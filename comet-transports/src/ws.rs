@@ -283,8 +283,14 @@ where
                 None => return Poll::Ready(None),
                 Some(Ok(Message::Close(_))) => return Poll::Ready(None),
                 Some(Ok(msg)) => this.accept(msg),
+                // A peer that vanishes without a close frame has hung up; it
+                // broke no protocol rule worth a warning.
                 Some(Err(
-                    tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed,
+                    tungstenite::Error::ConnectionClosed
+                    | tungstenite::Error::AlreadyClosed
+                    | tungstenite::Error::Protocol(
+                        tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+                    ),
                 )) => return Poll::Ready(None),
                 Some(Err(e)) => this.pending.push_back(Err(map_error(e))),
             }

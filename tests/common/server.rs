@@ -20,3 +20,12 @@ pub async fn start_with(tweak: impl FnOnce(&mut comet::server::ServerSection)) -
 pub async fn start() -> Running {
     start_with(|_| {}).await
 }
+
+/// A server from the shipped defaults, on port 0, with no users or groups
+/// except those `edit` adds.
+pub async fn start_config(edit: impl FnOnce(&mut ServerConfig)) -> Running {
+    let text = "[server]\ntcp = \"127.0.0.1:0\"\nwebsocket = \"127.0.0.1:0\"\n";
+    let mut config = ServerConfig::parse(text, "test.toml").expect("test config");
+    edit(&mut config);
+    server::start(config).await.expect("server starts")
+}

@@ -1,0 +1,68 @@
+//! Every committed fuzz input — the seed corpus and each crash a fuzzer
+//! ever found (`comet-core/fuzz/regressions/<target>/`) — runs through the
+//! same checks as the fuzz targets, in the normal test suite.
+
+#[path = "../comet-core/fuzz/checks.rs"]
+mod checks;
+#[path = "../comet-core/fuzz/session_check.rs"]
+mod session_check;
+
+use std::path::Path;
+
+fn inputs(target: &str) -> Vec<(String, Vec<u8>)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("comet-core/fuzz");
+    let mut all = Vec::new();
+    for dir in ["corpus", "regressions"] {
+        let Ok(entries) = std::fs::read_dir(root.join(dir).join(target)) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            all.push((
+                format!("{dir}/{target}/{name}"),
+                std::fs::read(&path).unwrap(),
+            ));
+        }
+    }
+    all
+}
+
+fn run(target: &str, check: fn(&[u8])) {
+    let inputs = inputs(target);
+    for (name, data) in &inputs {
+        let outcome = std::panic::catch_unwind(|| check(data));
+        assert!(outcome.is_ok(), "fuzz input {name} fails its check");
+    }
+    if target != "batch_reader" {
+        assert!(inputs.len() >= 5, "{target}: seeds missing");
+    }
+}
+
+#[test]
+fn tcp_decoder_inputs() {
+    run("tcp_decoder", checks::tcp_decoder);
+}
+
+#[test]
+fn json_frame_inputs() {
+    run("json_frame", checks::json_frame);
+}
+
+#[test]
+fn payload_inputs() {
+    run("payloads", checks::payloads);
+}
+
+#[test]
+fn batch_reader_inputs() {
+    run("batch_reader", checks::batch_reader);
+}
+
+#[test]
+fn session_inputs() {
+    run("session", session_check::session);
+}

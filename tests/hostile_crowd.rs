@@ -1,0 +1,287 @@
+//! A hostile crowd, at a CI-friendly scale (set COMET_CROWD_SCALE for a
+//! larger run, see examples/scripts/hostile_crowd.sh): well-behaved clients
+//! chat 1:1 and in groups over every transport while others send garbage,
+//! hold half-written frames, authenticate and never read, reconnect in a
+//! storm, spoof `from` and send to groups they are not in.
+//!
+//! Asserted: every acknowledged message reaches every intended session
+//! exactly once and in chatId order; no good client is disconnected; every
+//! bad client gets its outcome from PROTOCOL.md's table; memory stays within
+//! a stated bound.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use comet::server::{GroupEntry, UserEntry};
+use common::raw::{pack, Client, Closed, Kind};
+use serde_json::json;
+
+/// (conversation key, chatId): the conversation is ("d", low, high) or ("g", id, 0).
+type Key = (char, i32, i32, i64);
+
+struct Plan {
+    good: i32,
+    per_client: i32,
+    bad: i32,
+}
+
+fn plan() -> Plan {
+    let scale: i32 = std::env::var("COMET_CROWD_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    Plan {
+        good: 100 * scale,
+        per_client: 10,
+        bad: 10 * scale,
+    }
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+const NEVER_READ: i32 = 10_000;
+const STORM: i32 = 20_000;
+const SPOOF: i32 = 30_000;
+const OUTSIDER: i32 = 40_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_crowd_harms_nobody() {
+    let p = plan();
+    let half = p.good / 2;
+    let srv = common::server::start_config(|c| {
+        c.server.handshake_timeout_ms = 2_000;
+        let mut mids: Vec<i32> = (1..=p.good).collect();
+        for base in [NEVER_READ, STORM, SPOOF, OUTSIDER] {
+            mids.extend((1..=p.bad).map(|i| base + i));
+        }
+        c.users = mids
+            .iter()
+            .map(|&mid| UserEntry {
+                mid,
+                mkey: format!("k{mid}"),
+            })
+            .collect();
+        let mut g1: Vec<i32> = (1..=half).collect();
+        g1.extend((1..=p.bad).map(|i| NEVER_READ + i));
+        c.groups = vec![
+            GroupEntry { id: 1, members: g1 },
+            GroupEntry {
+                id: 2,
+                members: (half + 1..=p.good).collect(),
+            },
+        ];
+    })
+    .await;
+    let (tcp, ws) = (srv.tcp_addr.unwrap(), srv.ws_addr.unwrap());
+    let addr = move |kind: Kind| if kind == Kind::Tcp { tcp } else { ws };
+    let kind_of = |mid: i32| [Kind::Tcp, Kind::WsJson, Kind::WsBinary][(mid % 3) as usize];
+    let rss_before = rss_kib();
+
+    // Log in every good client first.
+    let mut good = Vec::new();
+    for mid in 1..=p.good {
+        good.push(Client::login(kind_of(mid), addr(kind_of(mid)), mid, &format!("k{mid}")).await);
+    }
+
+    // The bad crowd, all at once, while the good clients talk.
+    let mut bad = tokio::task::JoinSet::new();
+    for i in 1..=p.bad {
+        bad.spawn(garbage(tcp, ws, i));
+        bad.spawn(slowloris(tcp, i));
+        bad.spawn(never_read(tcp, NEVER_READ + i));
+        bad.spawn(storm(addr(kind_of(i)), kind_of(i), STORM + i));
+        bad.spawn(spoofer(addr(kind_of(i)), kind_of(i), SPOOF + i));
+        bad.spawn(outsider(addr(kind_of(i)), kind_of(i), OUTSIDER + i));
+    }
+
+    let mut senders = tokio::task::JoinSet::new();
+    for (i, mut client) in good.into_iter().enumerate() {
+        let mid = i as i32 + 1;
+        let (good_n, per) = (p.good, p.per_client);
+        senders.spawn(async move {
+            let group = if mid <= good_n / 2 { 1 } else { 2 };
+            let mut acked: Vec<(Key, i32, Vec<i32>)> = Vec::new();
+            for n in 0..per {
+                let to = (mid * 7 + n * 13) % good_n + 1;
+                if to != mid {
+                    let ack = client
+                        .send_msg(18, mid, to, format!("dm {mid}->{to} #{n}").as_bytes())
+                        .await;
+                    assert_eq!(ack.ret, 0, "good send refused: {ack:?}");
+                    acked.push((('d', mid.min(to), mid.max(to), ack.chat_id), mid, vec![to]));
+                }
+                let ack = client
+                    .send_msg(
+                        20,
+                        mid,
+                        group,
+                        format!("group {group} from {mid} #{n}").as_bytes(),
+                    )
+                    .await;
+                assert_eq!(ack.ret, 0, "good group send refused: {ack:?}");
+                acked.push((('g', group, 0, ack.chat_id), mid, vec![-group]));
+            }
+            (mid, client, acked)
+        });
+    }
+    let mut clients = BTreeMap::new();
+    let mut expected: HashMap<i32, HashSet<Key>> = HashMap::new();
+    let members = |group: i32| {
+        if group == 1 {
+            1..=half
+        } else {
+            half + 1..=p.good
+        }
+    };
+    while let Some(done) = senders.join_next().await {
+        let (mid, client, acked) = done.unwrap();
+        for (key, from, to) in acked {
+            let recipients: Vec<i32> = match to[0] {
+                g if g < 0 => members(-g).filter(|&m| m != from).collect(),
+                to => vec![to],
+            };
+            for r in recipients {
+                assert!(
+                    expected.entry(r).or_default().insert(key),
+                    "duplicate chatId {key:?}"
+                );
+            }
+        }
+        clients.insert(mid, client);
+    }
+
+    // Every good client gets exactly what it should, in chatId order.
+    let mut checks = tokio::task::JoinSet::new();
+    for (mid, mut client) in clients {
+        let want = expected.remove(&mid).unwrap_or_default();
+        checks.spawn(async move {
+            let mut got = HashSet::new();
+            let mut last: HashMap<(char, i32, i32), i64> = HashMap::new();
+            while got.len() < want.len() {
+                let m = client.msg().await;
+                let key: Key = if m.op == 20 {
+                    ('g', m.to, 0, m.chat_id)
+                } else {
+                    ('d', m.from.min(m.to), m.from.max(m.to), m.chat_id)
+                };
+                let conv = (key.0, key.1, key.2);
+                assert!(
+                    last.get(&conv).is_none_or(|&prev| prev < m.chat_id),
+                    "{mid}: {key:?} out of order"
+                );
+                last.insert(conv, m.chat_id);
+                assert!(want.contains(&key), "{mid}: unexpected {key:?}");
+                assert!(got.insert(key), "{mid}: {key:?} twice");
+            }
+            // Nothing more, and still connected.
+            client.no_msg().await;
+            client
+        });
+    }
+    let mut still = Vec::new();
+    while let Some(done) = checks.join_next().await {
+        still.push(done.unwrap());
+    }
+    while let Some(done) = bad.join_next().await {
+        done.unwrap();
+    }
+    for mid in 1..=p.good {
+        assert!(
+            srv.comet.is_online(mid),
+            "good client {mid} was disconnected"
+        );
+    }
+    let stats = srv.comet.stats();
+    // Garbage on TCP and on WebSocket; slowloris at the handshake timeout;
+    // three refused sends from each spoofer and each outsider.
+    assert_eq!(stats.protocol_errors, 2 * p.bad as u64, "{stats:?}");
+    assert_eq!(stats.timeouts, p.bad as u64, "{stats:?}");
+    assert_eq!(stats.send_failures, 6 * p.bad as u64, "{stats:?}");
+    assert_eq!(stats.panics, 0);
+    let grown_mib = rss_kib().saturating_sub(rss_before) / 1024;
+    // Stated bound: the whole test process (server and all clients) grows
+    // by less than 256 MiB.
+    assert!(grown_mib < 256, "RSS grew by {grown_mib} MiB");
+    eprintln!(
+        "hostile crowd: {} good clients, {} bad of each kind, RSS +{grown_mib} MiB, {stats:?}",
+        p.good, p.bad
+    );
+    drop(still);
+    assert!(srv.shutdown().await);
+}
+
+/// Garbage bytes: closed (TCP) or closed with 1007 (WebSocket JSON).
+async fn garbage(tcp: SocketAddr, ws: SocketAddr, i: i32) {
+    let mut c = Client::connect(Kind::Tcp, tcp).await;
+    let noise: Vec<u8> = (0..64).map(|b| (b * 31 + i) as u8).collect();
+    c.write_raw(&noise).await;
+    assert_eq!(c.closed().await, Closed::Eof);
+    let mut c = Client::connect(Kind::WsJson, ws).await;
+    c.write_text("{\"ver\":1,\"op\":").await;
+    assert!(matches!(c.closed().await, Closed::Ws(1007, _)));
+}
+
+/// Half a frame, then silence: closed at the handshake timeout.
+async fn slowloris(tcp: SocketAddr, _i: i32) {
+    let mut c = Client::connect(Kind::Tcp, tcp).await;
+    let frame = pack(1, 7, 1, br#"{"mid":1,"mkey":"k1"}"#);
+    c.write_raw(&frame[..10]).await;
+    assert_eq!(c.closed().await, Closed::Eof);
+}
+
+/// Logs in, then never reads: it must not slow anyone down.
+async fn never_read(tcp: SocketAddr, mid: i32) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut c = Client::from_tcp(socket.connect(tcp).await.unwrap());
+    assert_eq!(
+        c.auth(json!({"mid": mid, "mkey": format!("k{mid}")}))
+            .await
+            .0,
+        0
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(c);
+}
+
+/// Connects, logs in and drops, over and over.
+async fn storm(addr: SocketAddr, kind: Kind, mid: i32) {
+    for _ in 0..10 {
+        let mut c = Client::connect(kind, addr).await;
+        assert_eq!(
+            c.auth(json!({"mid": mid, "mkey": format!("k{mid}")}))
+                .await
+                .0,
+            0
+        );
+        drop(c);
+    }
+}
+
+/// Claims to be mid 1: refused, connection stays.
+async fn spoofer(addr: SocketAddr, kind: Kind, mid: i32) {
+    let mut c = Client::login(kind, addr, mid, &format!("k{mid}")).await;
+    for _ in 0..3 {
+        assert_eq!(c.send_msg(18, 1, 2, b"i am mid 1").await.ret, -1);
+    }
+    c.heartbeat().await;
+}
+
+/// Sends to a group it is not in: refused, connection stays.
+async fn outsider(addr: SocketAddr, kind: Kind, mid: i32) {
+    let mut c = Client::login(kind, addr, mid, &format!("k{mid}")).await;
+    for group in [1, 2, 999] {
+        assert_eq!(c.send_msg(20, mid, group, b"let me in").await.ret, -1);
+    }
+    c.heartbeat().await;
+}
