@@ -722,3 +722,28 @@ async fn batches_coalesce_pending_messages_within_max_body() {
     // 132-byte inner frames, at most 3 per 512-byte body.
     assert_eq!(batches, 14);
 }
+
+#[tokio::test]
+async fn an_inbox_that_could_not_be_written_is_kept_for_the_next_login() {
+    let s = setup(Config::default());
+    let mut a = Conn::login(&s.comet, WireMode::Binary, 1).await;
+    for i in 1..=2 {
+        assert_eq!(
+            a.send_msg(op::SEND_TO_USER, 1, 3, format!("m{i}"))
+                .await
+                .chat_id,
+            i
+        );
+    }
+    // Mid 3 logs in over a transport that fails at the first write.
+    let mut broken = Conn::connect(&s.comet, WireMode::Binary);
+    broken.break_transport();
+    broken
+        .send(Frame::new(1, op::AUTH, 1, r#"{"mid":3,"mkey":"k3"}"#))
+        .await;
+    assert!(matches!(broken.end().await.0, SessionEnd::Transport(_)));
+    assert_eq!(s.store.inbox_len(3), 2);
+    let mut c = Conn::login(&s.comet, WireMode::Json, 3).await;
+    assert_eq!(&c.delivered().await.msg[..], b"m1");
+    assert_eq!(&c.delivered().await.msg[..], b"m2");
+}

@@ -403,3 +403,52 @@ async fn the_delivery_seam_can_be_wrapped() {
         vec![(vec![2], Some(1), 1), (vec![1, 2, 3], Some(1), 1)]
     );
 }
+
+/// A group directory that fails for group 1 and hangs for group 2.
+struct BrokenGroups;
+
+#[async_trait]
+impl GroupDirectory for BrokenGroups {
+    async fn is_member(&self, group: i32, _mid: i32) -> Result<bool, BoxError> {
+        match group {
+            1 => Err("directory is down".into()),
+            2 => std::future::pending().await,
+            _ => Ok(true),
+        }
+    }
+    async fn members(&self, _group: i32) -> Result<Members, BoxError> {
+        Ok(Arc::from(vec![1, 2]))
+    }
+}
+
+#[tokio::test]
+async fn group_directory_failures_and_hangs_become_op21_failures() {
+    let auth = Arc::new(comet::plugins::memory::MemoryAuth::from_iter([
+        (1, "k1"),
+        (2, "k2"),
+    ]));
+    let comet = Comet::builder()
+        .authenticator(auth)
+        .store(Arc::new(comet::plugins::memory::MemoryStore::default()))
+        .groups(Arc::new(BrokenGroups))
+        .config(Config {
+            hook_timeout: Duration::from_millis(50),
+            ..Config::default()
+        })
+        .build()
+        .unwrap();
+    let mut a = Conn::login(&comet, WireMode::Json, 1).await;
+    let r = a.send_msg(op::SEND_TO_GROUP, 1, 1, "x").await;
+    assert!(r
+        .error
+        .unwrap()
+        .contains("group directory unavailable: directory is down"));
+    let r = a.send_msg(op::SEND_TO_GROUP, 1, 2, "x").await;
+    assert!(r.error.unwrap().contains("timed out"));
+    // Neither consumed a chatId; a working group still gets 1.
+    assert_eq!(
+        a.send_msg(op::SEND_TO_GROUP, 1, 3, "x").await,
+        SendReply::ok(1)
+    );
+    assert_eq!(comet.stats().plugin_errors, 2);
+}

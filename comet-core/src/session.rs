@@ -399,6 +399,16 @@ where
     }
     writer.bytes = 0; // not counted in the queue
     if let Err(e) = writer.flush(outbound).await {
+        // Nothing of the inbox reached the client: keep it for next time.
+        drop(registered);
+        for msg in inbox {
+            if let Err(e) = engine
+                .bounded("message store", engine.store.push_offline(mid, msg))
+                .await
+            {
+                tracing::error!(mid, cause = %e, "could not put an unsent inbox back");
+            }
+        }
         return SessionEnd::Transport(e);
     }
     drop(inbox);

@@ -115,6 +115,12 @@ impl Conn {
         self.send_raw(Ok(frame)).await
     }
 
+    /// Makes every write of the server fail from now on (the transport is
+    /// gone).
+    pub fn break_transport(&mut self) {
+        self.rx.close();
+    }
+
     /// Closes the client's sending side (the peer hangs up).
     pub fn hang_up(&mut self) {
         self.tx = None;

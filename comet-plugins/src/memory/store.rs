@@ -128,8 +128,19 @@ impl MessageStore for MemoryStore {
         let inbox = shard.entry(mid).or_default();
         if inbox.len() == self.inbox_limit {
             inbox.pop_front();
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(mid, "offline inbox full: dropped its oldest message");
+            let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            // Warn at the first drop and then at every power of two, so a
+            // user offline for weeks cannot flood the log.
+            if dropped.is_power_of_two() {
+                tracing::warn!(
+                    mid,
+                    limit = self.inbox_limit,
+                    dropped_total = dropped,
+                    "offline inbox full: dropping oldest messages"
+                );
+            } else {
+                tracing::debug!(mid, "offline inbox full: dropped its oldest message");
+            }
         }
         inbox.push_back(msg);
         Ok(())
