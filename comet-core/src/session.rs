@@ -520,13 +520,17 @@ where
     Si: Sink<Outgoing> + Unpin + Send,
     Si::Error: fmt::Display,
 {
-    let mut items = Vec::with_capacity(WRITE_BATCH);
     loop {
-        if rx.recv_many(&mut items, WRITE_BATCH).await == 0 {
+        // No buffer of its own: an idle session holds no batch memory.
+        let Some(first) = rx.recv().await else {
             return SessionEnd::Disconnected;
-        }
-        for item in items.drain(..) {
-            writer.item(&item);
+        };
+        writer.item(&first);
+        for _ in 1..WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(item) => writer.item(&item),
+                Err(_) => break,
+            }
         }
         match writer.flush(outbound).await {
             Ok(bytes) => shared.written(bytes),

@@ -1,0 +1,329 @@
+//! # comet-bench
+//!
+//! The load generator and the reference servers behind `BENCHMARKS.md`.
+//!
+//! ```text
+//! comet-bench serve --server comet   --tcp 127.0.0.1:4101 --ws 127.0.0.1:4102 --users 20000 --groups 1 --group-size 2000
+//! comet-bench serve --server ceiling --tcp 127.0.0.1:4201 --groups 1 --group-size 2000
+//! comet-bench run fanout --addr 127.0.0.1:4101 --server-pid PID --members 2000 --messages 2000
+//! comet-bench run idle   --addr 127.0.0.1:4101 --server-pid PID --connections 15000 --sources 8
+//! ```
+//!
+//! Every `run` prints a human-readable summary on stderr and one JSON line of
+//! results on stdout. `examples/scripts/bench.sh` runs the whole matrix.
+
+mod ceiling;
+mod procfs;
+mod proto;
+mod scenarios;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
+
+use proto::{Sources, Transport};
+
+/// Groups of the benchmark servers: group g (1-based) holds mids
+/// (g-1)*size+1 ..= g*size.
+#[derive(Clone, Copy, Debug, clap::Args)]
+pub(crate) struct Layout {
+    /// Number of groups.
+    #[arg(long, default_value_t = 1)]
+    groups: i32,
+    /// Members per group.
+    #[arg(long, default_value_t = 2000)]
+    group_size: i32,
+}
+
+impl Layout {
+    pub(crate) fn members(&self, group: i32) -> std::ops::RangeInclusive<i32> {
+        (group - 1) * self.group_size + 1..=group * self.group_size
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ServerKind {
+    /// comet with its default plug-ins (the example server's assembly).
+    Comet,
+    /// A bare tokio server with no auth backend, store or middleware.
+    Ceiling,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "comet load generator and reference servers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Runs a server to benchmark (until killed).
+    Serve {
+        #[arg(long, value_enum)]
+        server: ServerKind,
+        #[arg(long, default_value = "127.0.0.1:4101")]
+        tcp: SocketAddr,
+        #[arg(long)]
+        ws: Option<SocketAddr>,
+        /// Users 1..=N with mkey "k{mid}" (comet only).
+        #[arg(long, default_value_t = 20_000)]
+        users: i32,
+        #[command(flatten)]
+        layout: Layout,
+    },
+    /// Runs one scenario against a running server.
+    Run {
+        #[command(subcommand)]
+        scenario: Scenario,
+        #[arg(long, global = true, default_value = "127.0.0.1:4101")]
+        addr: SocketAddr,
+        #[arg(long, global = true, value_enum, default_value_t = Transport::Tcp)]
+        transport: Transport,
+        /// The server's pid, for RSS and CPU from /proc.
+        #[arg(long, global = true)]
+        server_pid: Option<u32>,
+        /// Loopback source addresses to spread connections over.
+        #[arg(long, global = true, default_value_t = 8)]
+        sources: u8,
+        /// Connections being set up at once.
+        #[arg(long, global = true, default_value_t = 256)]
+        connect_concurrency: usize,
+        /// Labels copied into the JSON line (e.g. server=comet).
+        #[arg(long, global = true)]
+        label: Vec<String>,
+        /// No progress display.
+        #[arg(long, global = true)]
+        quiet: bool,
+    },
+}
+
+#[derive(Subcommand, Debug, Clone)]
+enum Scenario {
+    /// N authenticated idle connections: RSS per connection, connect+auth rate.
+    Idle {
+        #[arg(long, default_value_t = 10_000)]
+        connections: i32,
+        #[arg(long, default_value_t = 3)]
+        hold_secs: u64,
+    },
+    /// One sender, a group of N: delivered msgs/s, latency, exactly-once in order.
+    Fanout {
+        #[arg(long, default_value_t = 2000)]
+        members: i32,
+        #[arg(long, default_value_t = 1000)]
+        messages: u64,
+        /// Fixed rate in messages/s (default: as fast as acks come back).
+        #[arg(long)]
+        rate: Option<u64>,
+        #[arg(long, default_value_t = 16)]
+        msg_bytes: usize,
+    },
+    /// P pairs ping-ponging op 18: round trips/s and latency.
+    Pairs {
+        #[arg(long, default_value_t = 100)]
+        pairs: i32,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 16)]
+        msg_bytes: usize,
+    },
+    /// Many users in many groups, 1:1 and group traffic at a fixed load.
+    Mixed {
+        #[arg(long, default_value_t = 50)]
+        groups: i32,
+        #[arg(long, default_value_t = 20)]
+        group_size: i32,
+        /// Messages per second per user.
+        #[arg(long, default_value_t = 1.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 16)]
+        msg_bytes: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve {
+                server,
+                tcp,
+                ws,
+                users,
+                layout,
+            } => serve(server, tcp, ws, users, layout).await,
+            Command::Run {
+                scenario,
+                addr,
+                transport,
+                server_pid,
+                sources,
+                connect_concurrency,
+                label,
+                quiet,
+            } => {
+                let ctx = scenarios::Ctx {
+                    addr,
+                    transport,
+                    server_pid,
+                    sources: Sources(sources),
+                    connect_concurrency,
+                    quiet,
+                };
+                run(&ctx, scenario, label).await
+            }
+        }
+    })
+}
+
+async fn serve(
+    kind: ServerKind,
+    tcp: SocketAddr,
+    ws: Option<SocketAddr>,
+    users: i32,
+    layout: Layout,
+) -> ExitCode {
+    match kind {
+        ServerKind::Ceiling => match ceiling::serve(tcp, layout).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        ServerKind::Comet => {
+            let text = format!("[server]\ntcp = \"{tcp}\"\n");
+            let mut config = match comet::server::ServerConfig::parse(&text, "bench") {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            config.server.tcp = Some(tcp);
+            config.server.websocket = ws;
+            // Benchmarks flood on purpose, from few source addresses.
+            config.server.max_frames_per_sec = 0;
+            config.server.max_connections = 1_000_000;
+            config.server.max_connections_per_ip = 1_000_000;
+            config.server.history_limit = 100;
+            config.users = (1..=users)
+                .map(|mid| comet::server::UserEntry {
+                    mid,
+                    mkey: format!("k{mid}"),
+                })
+                .collect();
+            config.groups = (1..=layout.groups)
+                .map(|g| comet::server::GroupEntry {
+                    id: g,
+                    members: layout.members(g).collect(),
+                })
+                .collect();
+            match comet::server::start(config).await {
+                Ok(running) => {
+                    eprintln!(
+                        "comet listening on tcp {:?} ws {:?}",
+                        running.tcp_addr, running.ws_addr
+                    );
+                    std::future::pending::<()>().await;
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn run(ctx: &scenarios::Ctx, scenario: Scenario, labels: Vec<String>) -> ExitCode {
+    let (name, result) = match scenario.clone() {
+        Scenario::Idle {
+            connections,
+            hold_secs,
+        } => (
+            "idle",
+            scenarios::idle(ctx, connections, Duration::from_secs(hold_secs)).await,
+        ),
+        Scenario::Fanout {
+            members,
+            messages,
+            rate,
+            msg_bytes,
+        } => (
+            "fanout",
+            scenarios::fanout(ctx, members, messages, rate, msg_bytes).await,
+        ),
+        Scenario::Pairs {
+            pairs,
+            seconds,
+            msg_bytes,
+        } => (
+            "pairs",
+            scenarios::pairs(ctx, pairs, Duration::from_secs(seconds), msg_bytes).await,
+        ),
+        Scenario::Mixed {
+            groups,
+            group_size,
+            rate,
+            seconds,
+            msg_bytes,
+        } => (
+            "mixed",
+            scenarios::mixed(
+                ctx,
+                groups,
+                group_size,
+                rate,
+                Duration::from_secs(seconds),
+                msg_bytes,
+            )
+            .await,
+        ),
+    };
+    match result {
+        Ok(mut value) => {
+            let ok = value["ok"].as_bool().unwrap_or(false);
+            value["scenario"] = json!(name);
+            value["transport"] = json!(ctx.transport);
+            for label in labels {
+                if let Some((k, v)) = label.split_once('=') {
+                    value[k] = json!(v);
+                }
+            }
+            eprintln!(
+                "{name} ({:?}): {}",
+                ctx.transport,
+                serde_json::to_string_pretty(&value).unwrap_or_default()
+            );
+            println!("{value}");
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("error: {name} found lost, duplicated, reordered or refused messages");
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {name} failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
