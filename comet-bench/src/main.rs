@@ -119,7 +119,7 @@ enum Scenario {
         /// Fixed rate in messages/s (default: as fast as acks come back).
         #[arg(long)]
         rate: Option<u64>,
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = 32)]
         msg_bytes: usize,
     },
     /// P pairs ping-ponging op 18: round trips/s and latency.
@@ -128,7 +128,7 @@ enum Scenario {
         pairs: i32,
         #[arg(long, default_value_t = 5)]
         seconds: u64,
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = 32)]
         msg_bytes: usize,
     },
     /// Many users in many groups, 1:1 and group traffic at a fixed load.
@@ -142,7 +142,7 @@ enum Scenario {
         rate: f64,
         #[arg(long, default_value_t = 5)]
         seconds: u64,
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = 32)]
         msg_bytes: usize,
     },
 }

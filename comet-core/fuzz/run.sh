@@ -21,7 +21,11 @@ for t in "${targets[@]}"; do
   if ! cargo fuzz run "$t" "work/$t" "corpus/$t" -- \
       -max_total_time="$seconds" -max_len=4096 -rss_limit_mb=2048 \
       -artifact_prefix="artifacts/$t/" -print_final_stats=1; then
-    echo "!! $t found a crash: see artifacts/$t/"
+    if [ -n "$(ls -A "artifacts/$t" 2>/dev/null)" ]; then
+      echo "!! $t found a crash: see artifacts/$t/"
+    else
+      echo "!! $t failed to build or run"
+    fi
     status=1
   fi
 done
