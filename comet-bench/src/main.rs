@@ -5,16 +5,20 @@
 //! ```text
 //! comet-bench serve --server comet   --tcp 127.0.0.1:4101 --ws 127.0.0.1:4102 --users 20000 --groups 1 --group-size 2000
 //! comet-bench serve --server ceiling --tcp 127.0.0.1:4201 --groups 1 --group-size 2000
+//! comet-bench serve --server peer    --tcp 127.0.0.1:4301 --groups 1 --group-size 2000
 //! comet-bench run fanout --addr 127.0.0.1:4101 --server-pid PID --members 2000 --messages 2000
 //! comet-bench run idle   --addr 127.0.0.1:4101 --server-pid PID --connections 15000 --sources 8
+//! comet-bench run fanout --addr 127.0.0.1:4301 --transport socket-io --members 2000 --messages 2000
 //! ```
 //!
 //! Every `run` prints a human-readable summary on stderr and one JSON line of
 //! results on stdout. `examples/scripts/bench.sh` runs the whole matrix.
 
 mod ceiling;
+mod peer;
 mod procfs;
 mod proto;
+mod report;
 mod scenarios;
 
 use std::net::SocketAddr;
@@ -50,6 +54,9 @@ enum ServerKind {
     Comet,
     /// A bare tokio server with no auth backend, store or middleware.
     Ceiling,
+    /// The same chat semantics on axum + socketioxide (socket.io on the
+    /// `--tcp` address; run with `--transport socket-io`).
+    Peer,
 }
 
 #[derive(Parser, Debug)]
@@ -69,11 +76,20 @@ enum Command {
         tcp: SocketAddr,
         #[arg(long)]
         ws: Option<SocketAddr>,
-        /// Users 1..=N with mkey "k{mid}" (comet only).
+        /// Users 1..=N with mkey "k{mid}" (comet and peer).
         #[arg(long, default_value_t = 20_000)]
         users: i32,
         #[command(flatten)]
         layout: Layout,
+    },
+    /// Turns a results file (JSON lines) into markdown tables on stdout and
+    /// SVG plots.
+    Report {
+        /// The JSON lines of many runs.
+        results: std::path::PathBuf,
+        /// Where the SVG plots go.
+        #[arg(long, default_value = "docs/bench")]
+        plots: std::path::PathBuf,
     },
     /// Runs one scenario against a running server.
     Run {
@@ -161,6 +177,13 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
+            Command::Report { results, plots } => match report::report(&results, &plots) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            },
             Command::Serve {
                 server,
                 tcp,
@@ -201,6 +224,13 @@ async fn serve(
 ) -> ExitCode {
     match kind {
         ServerKind::Ceiling => match ceiling::serve(tcp, layout).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        ServerKind::Peer => match peer::serve(tcp, layout, users).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");

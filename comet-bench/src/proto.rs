@@ -1,8 +1,10 @@
 //! Client connections of the load generator: comet's protocol over TCP,
-//! WebSocket JSON and WebSocket binary, split into a sending and a receiving
-//! half so a connection can send and read concurrently.
+//! WebSocket JSON and WebSocket binary, and socket.io (for the peer server),
+//! split into a sending and a receiving half so a connection can send and
+//! read concurrently.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -28,6 +30,8 @@ pub(crate) enum Transport {
     WsJson,
     /// Binary frames over WebSocket.
     WsBinary,
+    /// socket.io v5 over Engine.IO v4 on WebSocket (the peer server only).
+    SocketIo,
 }
 
 /// Something the server sent.
@@ -61,16 +65,22 @@ impl Sources {
 
 type Ws = WebSocketStream<TcpStream>;
 
+/// The WebSocket sink of a socket.io connection, shared by both halves: the
+/// receiving half answers Engine.IO pings.
+type SioSink = Arc<tokio::sync::Mutex<SplitSink<Ws, Message>>>;
+
 /// The sending half.
 pub(crate) enum Tx {
     Tcp(OwnedWriteHalf),
     Ws(SplitSink<Ws, Message>, WireMode),
+    SocketIo(SioSink),
 }
 
 /// The receiving half.
 pub(crate) enum Rx {
     Tcp(FramedRead<OwnedReadHalf, TcpCodec>),
     Ws(SplitStream<Ws>, WireMode),
+    SocketIo(SplitStream<Ws>, SioSink),
 }
 
 const MAX: usize = 1 << 20;
@@ -80,6 +90,7 @@ impl Tx {
         match self {
             Tx::Tcp(_) => WireMode::Binary,
             Tx::Ws(_, mode) => *mode,
+            Tx::SocketIo(_) => WireMode::Json,
         }
     }
 
@@ -101,6 +112,7 @@ impl Tx {
                 };
                 sink.send(msg).await.map_err(std::io::Error::other)
             }
+            Tx::SocketIo(_) => Err(std::io::Error::other("no comet frames over socket.io")),
         }
     }
 
@@ -113,12 +125,25 @@ impl Tx {
         to: i32,
         msg: Bytes,
     ) -> std::io::Result<()> {
+        if let Tx::SocketIo(sink) = self {
+            let event = if op == comet::core::op::SEND_TO_GROUP {
+                "send_group"
+            } else {
+                "send_user"
+            };
+            let msg = std::str::from_utf8(&msg).map_err(std::io::Error::other)?;
+            let packet = sio_event(seq, event, &SioSend { from, to, msg })?;
+            return sio_send(sink, packet).await;
+        }
         let body = SendRequest { from, to, msg }.encode(self.mode());
         self.send(&Frame::new(1, op, seq, body)).await
     }
 
-    /// op 2.
+    /// op 2 (nothing for socket.io: the server pings, [`Rx`] answers).
     pub(crate) async fn heartbeat(&mut self, seq: u32) -> std::io::Result<()> {
+        if let Tx::SocketIo(_) = self {
+            return Ok(());
+        }
         self.send(&Frame::new(1, op::HEARTBEAT, seq, "")).await
     }
 }
@@ -128,6 +153,7 @@ impl Rx {
         match self {
             Rx::Tcp(_) => WireMode::Binary,
             Rx::Ws(_, mode) => *mode,
+            Rx::SocketIo(..) => WireMode::Json,
         }
     }
 
@@ -151,11 +177,17 @@ impl Rx {
                     Ok(_) => continue,
                 }
             },
+            Rx::SocketIo(..) => None,
         }
     }
 
     /// The next events, or `None` once the connection closed.
     pub(crate) async fn next(&mut self, events: &mut Vec<Event>) -> Option<()> {
+        if let Rx::SocketIo(stream, sink) = self {
+            let packet = sio_next(stream, sink).await?;
+            events.push(sio_parse(&packet)?);
+            return Some(());
+        }
         let mut frames = Vec::new();
         self.frames(&mut frames).await?;
         let mode = self.mode();
@@ -208,6 +240,11 @@ pub(crate) async fn login(
             let (sink, stream) = ws.split();
             (Tx::Ws(sink, mode), Rx::Ws(stream, mode))
         }
+        Transport::SocketIo => {
+            return tokio::time::timeout(Duration::from_secs(30), sio_login(stream, addr, mid))
+                .await
+                .map_err(|_| std::io::Error::other("no socket.io login within 30 s"))?;
+        }
     };
     let body = format!(r#"{{"mid":{mid},"mkey":"k{mid}"}}"#);
     tx.send(&Frame::new(1, op::AUTH, 1, body)).await?;
@@ -224,5 +261,138 @@ pub(crate) async fn login(
         other => Err(std::io::Error::other(format!(
             "login of {mid} failed: {other:?}"
         ))),
+    }
+}
+
+// ---- socket.io (Engine.IO v4 packets over WebSocket text frames) ----
+//
+// Engine.IO: "0{..}" open, "1" close, "2" ping, "3" pong, "4<socket.io>"
+// message. socket.io (namespace "/"): "0" connect, "1" disconnect,
+// "2[id][event, data]" event, "3<id>[data]" ack, "4" connect error.
+
+#[derive(serde::Serialize)]
+struct SioSend<'a> {
+    from: i32,
+    to: i32,
+    msg: &'a str,
+}
+
+#[derive(serde::Deserialize)]
+struct SioAck {
+    ret: i8,
+}
+
+#[derive(serde::Deserialize)]
+struct SioMsg {
+    op: u32,
+    #[serde(rename = "chatId")]
+    chat_id: i64,
+    from: i32,
+    to: i32,
+    msg: String,
+}
+
+/// `42<ack id>["event",data]`.
+fn sio_event<T: serde::Serialize>(ack_id: u32, event: &str, data: &T) -> std::io::Result<String> {
+    let data = serde_json::to_string(data).map_err(std::io::Error::other)?;
+    Ok(format!("42{ack_id}[\"{event}\",{data}]"))
+}
+
+async fn sio_send(sink: &SioSink, packet: String) -> std::io::Result<()> {
+    sink.lock()
+        .await
+        .send(Message::Text(packet.into()))
+        .await
+        .map_err(std::io::Error::other)
+}
+
+/// The next socket.io packet (the text after Engine.IO's "4"), answering
+/// pings on the way; `None` once the connection closed.
+async fn sio_next(stream: &mut SplitStream<Ws>, sink: &SioSink) -> Option<String> {
+    loop {
+        match stream.next().await? {
+            Ok(Message::Text(text)) => match text.as_bytes().first() {
+                Some(b'4') => return Some(text.as_str()[1..].to_owned()),
+                Some(b'2') => sio_send(sink, "3".to_owned()).await.ok()?,
+                Some(b'1') => return None,
+                _ => continue,
+            },
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => continue,
+        }
+    }
+}
+
+/// Skips the packet type and the ack id: the JSON array that follows.
+fn sio_payload(packet: &str) -> &str {
+    packet
+        .get(1..)
+        .unwrap_or_default()
+        .trim_start_matches(|c: char| c.is_ascii_digit())
+}
+
+/// An event `msg` or an ack; `None` on anything unparsable or a disconnect.
+fn sio_parse(packet: &str) -> Option<Event> {
+    match packet.as_bytes().first()? {
+        b'2' => match serde_json::from_str::<(String, SioMsg)>(sio_payload(packet)) {
+            Ok((event, m)) if event == "msg" => Some(Event::Msgs(vec![Delivered {
+                op: m.op,
+                chat_id: m.chat_id,
+                from: m.from,
+                to: m.to,
+                msg: Bytes::from(m.msg),
+            }])),
+            Ok(_) => Some(Event::Other),
+            Err(_) => None,
+        },
+        b'3' => {
+            let (ack,) = serde_json::from_str::<(SioAck,)>(sio_payload(packet)).ok()?;
+            Some(Event::Ack { ret: ack.ret })
+        }
+        b'1' | b'4' => None,
+        _ => Some(Event::Other),
+    }
+}
+
+/// Engine.IO open, socket.io connect to "/", then `auth` with an ack.
+async fn sio_login(stream: TcpStream, addr: SocketAddr, mid: i32) -> std::io::Result<(Tx, Rx)> {
+    let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket");
+    let (ws, _) = tokio_tungstenite::client_async(url, stream)
+        .await
+        .map_err(std::io::Error::other)?;
+    let (sink, mut stream) = ws.split();
+    let sink: SioSink = Arc::new(tokio::sync::Mutex::new(sink));
+    let closed = || std::io::Error::other("socket.io connection closed during login");
+    match stream.next().await {
+        Some(Ok(Message::Text(open))) if open.as_str().starts_with('0') => {}
+        other => {
+            return Err(std::io::Error::other(format!(
+                "no Engine.IO open packet: {other:?}"
+            )))
+        }
+    }
+    sio_send(&sink, "40".to_owned()).await?;
+    let connect = sio_next(&mut stream, &sink).await.ok_or_else(closed)?;
+    if !connect.starts_with('0') {
+        return Err(std::io::Error::other(format!(
+            "socket.io connect refused: {connect}"
+        )));
+    }
+    let auth = serde_json::json!({"mid": mid, "mkey": format!("k{mid}")});
+    sio_send(&sink, sio_event(1, "auth", &auth)?).await?;
+    loop {
+        let packet = sio_next(&mut stream, &sink).await.ok_or_else(closed)?;
+        if !packet.starts_with('3') {
+            continue;
+        }
+        let (reply,) = serde_json::from_str::<(serde_json::Value,)>(sio_payload(&packet))
+            .map_err(std::io::Error::other)?;
+        return if reply["ret"] == 0 {
+            Ok((Tx::SocketIo(sink.clone()), Rx::SocketIo(stream, sink)))
+        } else {
+            Err(std::io::Error::other(format!(
+                "login of {mid} failed: {reply}"
+            )))
+        };
     }
 }

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Regenerates BENCHMARKS.md's numbers and plots: comet (TCP and WebSocket),
+# the socketioxide peer and the bare tokio ceiling, each scenario several
+# times (the report shows medians).
+#
+#   examples/scripts/bench.sh [RUNS]        (default 3)
+#
+# Output: target/bench/results.jsonl (every run), target/bench/report.md
+# (the tables pasted into BENCHMARKS.md) and docs/bench/*.svg (the plots).
+# Needs a quiet machine: nothing else should run meanwhile.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+runs=${1:-3}
+ulimit -n 20000
+cargo build --release -p comet-bench
+bin=target/release/comet-bench
+out=target/bench
+mkdir -p "$out"
+results="$out/results.jsonl"
+: > "$results"
+
+server_pid=""
+start() { # kind port extra-args...
+  local kind=$1 port=$2; shift 2
+  local ws=()
+  [ "$kind" = comet ] && ws=(--ws "127.0.0.1:$((port + 1))")
+  "$bin" serve --server "$kind" --tcp "127.0.0.1:$port" "${ws[@]}" "$@" > "$out/server-$kind.log" 2>&1 &
+  server_pid=$!
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "server $kind did not start" >&2; exit 1
+}
+stop() { kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; sleep 1; }
+run() { # kind transport port scenario args...
+  local kind=$1 transport=$2 port=$3; shift 3
+  for _ in $(seq "$runs"); do
+    "$bin" run "$@" --addr "127.0.0.1:$port" --transport "$transport" --server-pid "$server_pid" \
+      --label "server=$kind" --quiet >> "$results" || echo "run failed: $kind $transport $*" >&2
+  done
+}
+
+targets=("comet tcp 4101" "comet ws-binary 4102" "comet ws-json 4102" "ceiling tcp 4201" "peer socket-io 4301")
+
+# Fan-out by group size (one server per size: the group layout is fixed at start).
+for size in 100 1000 2000 5000 10000; do
+  msgs=$(( 4000000 / size )); [ "$msgs" -gt 4000 ] && msgs=4000
+  for t in "${targets[@]}"; do
+    set -- $t
+    start "$1" "$3" --users $((size + 10)) --groups 1 --group-size "$size"
+    run "$1" "$2" "$3" fanout --members "$size" --messages "$msgs"
+    if [ "$size" = 2000 ]; then
+      run "$1" "$2" "$3" fanout --members 2000 --messages 500 --rate 50
+    fi
+    stop
+  done
+done
+
+# Idle connections, connect+auth rate; pairs; mixed.
+for t in "${targets[@]}"; do
+  set -- $t
+  start "$1" "$3" --users 20000 --groups 50 --group-size 20
+  for n in 1000 5000 10000 15000; do
+    stop; start "$1" "$3" --users 20000 --groups 50 --group-size 20
+    run "$1" "$2" "$3" idle --connections "$n" --hold-secs 2
+  done
+  stop; start "$1" "$3" --users 20000 --groups 50 --group-size 20
+  run "$1" "$2" "$3" pairs --pairs 100 --seconds 5
+  run "$1" "$2" "$3" mixed --groups 50 --group-size 20 --rate 2 --seconds 10
+  stop
+done
+
+"$bin" report "$results" --plots docs/bench > "$out/report.md"
+echo "tables: $out/report.md; plots: docs/bench/*.svg"
