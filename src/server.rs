@@ -42,7 +42,6 @@ use comet_core::{Comet, Config};
 use comet_plugins::memory::{MemoryAuth, MemoryGroups, MemoryStore};
 use comet_transports::{tcp, tls, ws, Limits};
 use serde::Deserialize;
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 /// The whole configuration file.
@@ -487,7 +486,7 @@ pub async fn start(config: ServerConfig) -> io::Result<Running> {
         path: config.server.ws_path.clone(),
     };
     if let Some(addr) = config.server.tcp {
-        let listener = TcpListener::bind(addr).await?;
+        let listener = comet_transports::bind(addr)?;
         tcp_addr = Some(listener.local_addr()?);
         listeners.push(tokio::spawn(tcp::serve(
             comet.clone(),
@@ -496,7 +495,7 @@ pub async fn start(config: ServerConfig) -> io::Result<Running> {
         )));
     }
     if let Some(addr) = config.server.websocket {
-        let listener = TcpListener::bind(addr).await?;
+        let listener = comet_transports::bind(addr)?;
         ws_addr = Some(listener.local_addr()?);
         listeners.push(tokio::spawn(ws::serve(
             comet.clone(),
@@ -506,7 +505,7 @@ pub async fn start(config: ServerConfig) -> io::Result<Running> {
         )));
     }
     if let (Some(addr), Some(acceptor)) = (s.tcp_tls, &acceptor) {
-        let listener = TcpListener::bind(addr).await?;
+        let listener = comet_transports::bind(addr)?;
         tcp_tls_addr = Some(listener.local_addr()?);
         listeners.push(tokio::spawn(tcp::serve_tls(
             comet.clone(),
@@ -516,7 +515,7 @@ pub async fn start(config: ServerConfig) -> io::Result<Running> {
         )));
     }
     if let (Some(addr), Some(acceptor)) = (s.websocket_tls, &acceptor) {
-        let listener = TcpListener::bind(addr).await?;
+        let listener = comet_transports::bind(addr)?;
         ws_tls_addr = Some(listener.local_addr()?);
         listeners.push(tokio::spawn(ws::serve_tls(
             comet.clone(),

@@ -13,7 +13,6 @@ use comet::core::frame::{op, WireMode};
 use comet::core::payload::{AuthReply, Delivered, SendReply, SendRequest};
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 
@@ -52,7 +51,7 @@ impl State {
 
 /// Serves until the process ends.
 pub(crate) async fn serve(addr: SocketAddr, layout: Layout) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
+    let listener = comet::transports::bind(addr)?;
     eprintln!("ceiling listening on {}", listener.local_addr()?);
     let state = Arc::new(State {
         groups: (0..layout.groups).map(|_| Mutex::new(0)).collect(),

@@ -31,10 +31,12 @@
 //!   algorithm on): small chat packets otherwise wait for the peer's
 //!   delayed ACK (up to 40 ms on Linux). comet and the ceiling set it too.
 //!
-//! The listener is tokio's `TcpListener::bind`, as for comet and the ceiling
-//! (the same listen backlog, 128). Drops that still happen (a queue past
-//! 4096) are counted and logged on stderr; the load generator reports them
-//! as lost messages.
+//! Packet drops that still happen (a socket queue past 4096) are counted and
+//! logged on stderr; the load generator reports them as lost messages.
+//!
+//! The listener is `comet::transports::bind` (listen backlog 4096), as for
+//! comet and the ceiling: tokio's own `bind` uses 128, which drops SYNs
+//! during a connection burst and makes clients wait a second to retry.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -47,7 +49,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use socketioxide::extract::{AckSender, MaybeExtension, SocketRef, State, TryData};
 use socketioxide::{BroadcastError, SendError, SocketError, SocketIo, SocketIoBuilder};
-use tokio::net::TcpListener;
 
 use crate::Layout;
 
@@ -309,7 +310,7 @@ async fn on_send_group(
 /// Serves until the process ends: socket.io on `http://{addr}/socket.io/`
 /// for users 1..=`users` (mkey "k{mid}") in the groups of `layout`.
 pub(crate) async fn serve(addr: SocketAddr, layout: Layout, users: i32) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
+    let listener = comet::transports::bind(addr)?;
     eprintln!(
         "peer (axum + socketioxide) listening on {}",
         listener.local_addr()?

@@ -21,8 +21,8 @@
 //! use comet_transports::{tcp, ws, Limits};
 //!
 //! let limits = Limits::new(100_000);
-//! let tcp = tokio::net::TcpListener::bind("127.0.0.1:3101").await?;
-//! let web = tokio::net::TcpListener::bind("127.0.0.1:3102").await?;
+//! let tcp = comet_transports::bind("127.0.0.1:3101".parse().unwrap())?;
+//! let web = comet_transports::bind("127.0.0.1:3102".parse().unwrap())?;
 //! tokio::try_join!(
 //!     tcp::serve(comet.clone(), tcp, limits.clone()),
 //!     ws::serve(comet.clone(), web, ws::WsOptions::default(), limits),
@@ -40,3 +40,4 @@ pub mod tls;
 pub mod ws;
 
 pub use limits::{Admission, Limits};
+pub use listener::{bind, LISTEN_BACKLOG};

@@ -10,6 +10,26 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::Limits;
 
+/// Backlog of listening sockets made by [`bind`].
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listening socket on `addr` with `SO_REUSEADDR` and a backlog of
+/// [`LISTEN_BACKLOG`] (the kernel caps it at `net.core.somaxconn`).
+///
+/// `tokio::net::TcpListener::bind` uses a backlog of 128: during a
+/// reconnect storm the kernel then drops SYNs past it, and clients retry
+/// only after a second. Bind listeners for comet with this instead.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Accepts until the comet shuts down; each admitted connection (with
 /// `TCP_NODELAY`) runs `serve` on its own task and keeps its place in
 /// `limits` until that ends. Accept errors (out of file descriptors, ...)

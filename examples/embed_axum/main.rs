@@ -73,7 +73,7 @@ async fn main() -> Result<(), BoxError> {
     let comet = app::comet(users.clone());
     let router = app::app(comet.clone(), users);
 
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let listener = comet::transports::bind(args.listen)?;
     tracing::info!(addr = %listener.local_addr()?, db = %args.db, "listening; WebSocket at /sub");
     let stopping = comet.clone();
     axum::serve(
