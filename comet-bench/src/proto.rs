@@ -356,14 +356,22 @@ fn sio_parse(packet: &str) -> Option<Event> {
 
 /// Engine.IO open, socket.io connect to "/", then `auth` with an ack.
 async fn sio_login(stream: TcpStream, addr: SocketAddr, mid: i32) -> std::io::Result<(Tx, Rx)> {
+    let stage = |what: &'static str| {
+        move |_| std::io::Error::other(format!("socket.io login of {mid}: no {what} within 10 s"))
+    };
+    let wait = Duration::from_secs(10);
     let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket");
-    let (ws, _) = tokio_tungstenite::client_async(url, stream)
+    let (ws, _) = tokio::time::timeout(wait, tokio_tungstenite::client_async(url, stream))
         .await
+        .map_err(stage("WebSocket upgrade"))?
         .map_err(std::io::Error::other)?;
     let (sink, mut stream) = ws.split();
     let sink: SioSink = Arc::new(tokio::sync::Mutex::new(sink));
     let closed = || std::io::Error::other("socket.io connection closed during login");
-    match stream.next().await {
+    match tokio::time::timeout(wait, stream.next())
+        .await
+        .map_err(stage("Engine.IO open packet"))?
+    {
         Some(Ok(Message::Text(open))) if open.as_str().starts_with('0') => {}
         other => {
             return Err(std::io::Error::other(format!(
@@ -372,7 +380,10 @@ async fn sio_login(stream: TcpStream, addr: SocketAddr, mid: i32) -> std::io::Re
         }
     }
     sio_send(&sink, "40".to_owned()).await?;
-    let connect = sio_next(&mut stream, &sink).await.ok_or_else(closed)?;
+    let connect = tokio::time::timeout(wait, sio_next(&mut stream, &sink))
+        .await
+        .map_err(stage("socket.io connect reply"))?
+        .ok_or_else(closed)?;
     if !connect.starts_with('0') {
         return Err(std::io::Error::other(format!(
             "socket.io connect refused: {connect}"
