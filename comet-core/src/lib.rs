@@ -66,6 +66,7 @@ pub mod groups;
 pub mod message;
 pub mod middleware;
 pub mod payload;
+mod queue;
 pub mod registry;
 pub mod session;
 pub mod stats;

@@ -11,25 +11,69 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use async_trait::async_trait;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::ConnId;
 use crate::error::BoxError;
 use crate::frame::{Frame, WireMode, HEADER_LEN};
 use crate::message::Message;
+use crate::queue::{Queue, Refused};
 use crate::stats::Stats;
 use crate::store::MessageStore;
 use crate::Mid;
 
-/// Number of registry shards.
+/// Number of registry shards (a power of two).
 pub const SHARDS: usize = 64;
+
+/// Hashes mids with one multiply (Fibonacci hashing of the mid xor a
+/// per-process random seed): a fan-out to thousands of members hashes every
+/// one of them, and SipHash showed in profiles. Mids are authenticated ids,
+/// and the seed keeps their bucket positions unpredictable.
+#[derive(Clone, Debug)]
+pub(crate) struct MidHasher {
+    seed: u64,
+}
+
+impl Default for MidHasher {
+    fn default() -> Self {
+        MidHasher {
+            seed: std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64) | 1,
+        }
+    }
+}
+
+impl BuildHasher for MidHasher {
+    type Hasher = MidHash;
+    fn build_hasher(&self) -> MidHash {
+        MidHash(self.seed)
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct MidHash(u64);
+
+impl std::hash::Hasher for MidHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_i32(&mut self, v: i32) {
+        let x = (self.0 ^ u64::from(v as u32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = x ^ (x >> 29);
+    }
+}
 
 /// What a session's writer has to send.
 #[derive(Debug)]
 pub(crate) enum Outbound {
-    /// A reply or other frame, already in the session's mode.
-    Frame(Frame),
+    /// A reply or other frame, already in the session's mode (boxed: it is
+    /// rarer than messages, and keeps queue slots at two words).
+    Frame(Box<Frame>),
     /// A delivered message, batched into op 9 by the writer.
     Message(Arc<Message>),
 }
@@ -46,7 +90,7 @@ pub(crate) enum Kick {
 
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pending: AtomicUsize,
+    pub(crate) queue: Queue,
     kick: AtomicU8,
     pub(crate) close: CancellationToken,
 }
@@ -67,11 +111,6 @@ impl Shared {
             .compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire);
         self.close.cancel();
     }
-
-    /// Marks `bytes` as written.
-    pub(crate) fn written(&self, bytes: usize) {
-        self.pending.fetch_sub(bytes, Ordering::AcqRel);
-    }
 }
 
 /// A cheap handle to one live session: pushing never blocks.
@@ -80,35 +119,22 @@ pub struct SessionHandle {
     conn_id: ConnId,
     mid: Mid,
     mode: WireMode,
-    limit: usize,
-    tx: mpsc::UnboundedSender<Outbound>,
     shared: Arc<Shared>,
 }
 
 impl SessionHandle {
-    pub(crate) fn new(
-        conn_id: ConnId,
-        mid: Mid,
-        mode: WireMode,
-        limit: usize,
-    ) -> (Self, mpsc::UnboundedReceiver<Outbound>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+    pub(crate) fn new(conn_id: ConnId, mid: Mid, mode: WireMode, limit: usize) -> Self {
         let shared = Arc::new(Shared {
-            pending: AtomicUsize::new(0),
+            queue: Queue::new(limit),
             kick: AtomicU8::new(0),
             close: CancellationToken::new(),
         });
-        (
-            SessionHandle {
-                conn_id,
-                mid,
-                mode,
-                limit,
-                tx,
-                shared,
-            },
-            rx,
-        )
+        SessionHandle {
+            conn_id,
+            mid,
+            mode,
+            shared,
+        }
     }
 
     /// The connection's id.
@@ -133,17 +159,14 @@ impl SessionHandle {
     /// Queues `item` of `size` bytes; past the byte bound the session is
     /// closed as a slow consumer and `false` returned.
     fn push(&self, item: Outbound, size: usize) -> bool {
-        let before = self.shared.pending.fetch_add(size, Ordering::AcqRel);
-        if before + size > self.limit {
-            self.shared.pending.fetch_sub(size, Ordering::AcqRel);
-            self.shared.kick(Kick::SlowConsumer);
-            return false;
+        match self.shared.queue.push(item, size) {
+            Ok(()) => true,
+            Err(Refused::Full) => {
+                self.shared.kick(Kick::SlowConsumer);
+                false
+            }
+            Err(Refused::Closed) => false,
         }
-        if self.tx.send(item).is_err() {
-            self.shared.pending.fetch_sub(size, Ordering::AcqRel);
-            return false;
-        }
-        true
     }
 
     /// Queues a delivered message (sent inside op 9).
@@ -155,7 +178,7 @@ impl SessionHandle {
     /// Queues a frame whose body is in this session's mode.
     pub fn push_frame(&self, frame: Frame) -> bool {
         let size = HEADER_LEN + frame.body.len();
-        self.push(Outbound::Frame(frame), size)
+        self.push(Outbound::Frame(Box::new(frame)), size)
     }
 
     /// Closes the session (its writer stops, the connection is closed).
@@ -177,19 +200,21 @@ struct Entry {
     offline_inflight: u32,
 }
 
-#[derive(Debug, Default)]
+type Map = HashMap<Mid, Entry, MidHasher>;
+
+#[derive(Debug)]
 struct Shard {
-    map: RwLock<HashMap<Mid, Entry>>,
+    map: RwLock<Map>,
     settled: Notify,
 }
 
 impl Shard {
-    fn read(&self) -> RwLockReadGuard<'_, HashMap<Mid, Entry>> {
+    fn read(&self) -> RwLockReadGuard<'_, Map> {
         // A poisoned lock only means a panic elsewhere; the map is still sound.
         self.map.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, HashMap<Mid, Entry>> {
+    fn write(&self) -> RwLockWriteGuard<'_, Map> {
         self.map.write().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -216,7 +241,7 @@ pub trait Delivery: Send + Sync + 'static {
 /// The sharded map mid → live sessions of this process.
 pub struct Registry {
     shards: Box<[Shard]>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: MidHasher,
     store: Arc<dyn MessageStore>,
     stats: Arc<Stats>,
     sessions: AtomicUsize,
@@ -233,9 +258,15 @@ impl std::fmt::Debug for Registry {
 impl Registry {
     /// An empty registry that keeps offline messages in `store`.
     pub fn new(store: Arc<dyn MessageStore>, stats: Arc<Stats>) -> Self {
+        let hasher = MidHasher::default();
         Registry {
-            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
-            hasher: Default::default(),
+            shards: (0..SHARDS)
+                .map(|_| Shard {
+                    map: RwLock::new(HashMap::with_hasher(hasher.clone())),
+                    settled: Notify::new(),
+                })
+                .collect(),
+            hasher,
             store,
             stats,
             sessions: AtomicUsize::new(0),
@@ -243,7 +274,8 @@ impl Registry {
     }
 
     fn shard(&self, mid: Mid) -> &Shard {
-        &self.shards[(self.hasher.hash_one(mid) as usize) % SHARDS]
+        // High bits pick the shard; the map inside uses the low ones.
+        &self.shards[(self.hasher.hash_one(mid) >> 40) as usize & (SHARDS - 1)]
     }
 
     /// Adds a session, then waits until no offline push for its mid is under
@@ -322,7 +354,7 @@ impl Registry {
         for shard in self.shards.iter() {
             for entry in shard.read().values() {
                 for s in &entry.sessions {
-                    let n = s.shared.pending.load(Ordering::Relaxed);
+                    let n = s.shared.queue.bytes();
                     total += n;
                     max = max.max(n);
                 }

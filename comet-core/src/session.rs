@@ -8,7 +8,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::{FutureExt as _, Sink, SinkExt, Stream, StreamExt};
 use std::panic::AssertUnwindSafe;
-use tokio::sync::mpsc;
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
@@ -22,8 +21,8 @@ use crate::payload::AuthReply;
 use crate::registry::{Kick, Outbound, SessionHandle, Shared};
 use crate::Mid;
 
-/// Most queue items a writer takes in one go (one write on the socket).
-const WRITE_BATCH: usize = 256;
+/// Queue slots a writer keeps between bursts.
+const IDLE_CAPACITY: usize = 64;
 
 /// How long a session waits to hand its close frame to a transport that is
 /// not accepting writes (a peer that stopped reading).
@@ -376,7 +375,7 @@ where
     let cfg = &engine.config;
     let mid = identity.mid;
     engine.stats.auth_ok();
-    let (handle, mut rx) = SessionHandle::new(conn.conn_id, mid, conn.mode, cfg.max_outbound_bytes);
+    let handle = SessionHandle::new(conn.conn_id, mid, conn.mode, cfg.max_outbound_bytes);
     engine
         .registry
         .register(handle.clone(), cfg.max_sessions_per_mid)
@@ -426,7 +425,7 @@ where
     let shared = handle.shared().clone();
     let end = {
         let reader = read_loop(engine, &ctx, &handle, inbound);
-        let writing = write_loop(&mut writer, &mut rx, outbound, &shared);
+        let writing = write_loop(&mut writer, outbound, &shared);
         tokio::select! {
             end = reader => end,
             end = writing => end,
@@ -446,8 +445,7 @@ where
         SessionEnd::Shutdown | SessionEnd::Disconnected | SessionEnd::PeerClosed
     ) {
         // Write what is already queued (acknowledged messages included).
-        rx.close();
-        while let Ok(item) = rx.try_recv() {
+        for item in shared.queue.close() {
             writer.item(&item);
         }
         let _ = tokio::time::timeout(cfg.shutdown_timeout, writer.flush(outbound)).await;
@@ -510,31 +508,25 @@ where
     }
 }
 
-async fn write_loop<Si>(
-    writer: &mut Writer,
-    rx: &mut mpsc::UnboundedReceiver<Outbound>,
-    outbound: &mut Si,
-    shared: &Shared,
-) -> SessionEnd
+async fn write_loop<Si>(writer: &mut Writer, outbound: &mut Si, shared: &Shared) -> SessionEnd
 where
     Si: Sink<Outgoing> + Unpin + Send,
     Si::Error: fmt::Display,
 {
+    let mut items = std::collections::VecDeque::new();
     loop {
-        // No buffer of its own: an idle session holds no batch memory.
-        let Some(first) = rx.recv().await else {
+        if !shared.queue.take(&mut items).await {
             return SessionEnd::Disconnected;
-        };
-        writer.item(&first);
-        for _ in 1..WRITE_BATCH {
-            match rx.try_recv() {
-                Ok(item) => writer.item(&item),
-                Err(_) => break,
-            }
         }
-        match writer.flush(outbound).await {
-            Ok(bytes) => shared.written(bytes),
-            Err(e) => return SessionEnd::Transport(e),
+        for item in items.drain(..) {
+            writer.item(&item);
+        }
+        // An idle session keeps no large buffer from a burst.
+        if items.capacity() > IDLE_CAPACITY {
+            items = std::collections::VecDeque::new();
+        }
+        if let Err(e) = writer.flush(outbound).await {
+            return SessionEnd::Transport(e);
         }
     }
 }
