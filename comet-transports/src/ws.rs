@@ -48,7 +48,7 @@ pub fn ws_config(max_body: usize) -> WebSocketConfig {
     // A JSON body may be longer than the bytes it carries (escapes, base64).
     let max_message = 2 * max_body + 1024;
     WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(1024)
         .write_buffer_size(16 * 1024)
         .max_write_buffer_size(usize::MAX)
         .max_message_size(Some(max_message))

@@ -60,12 +60,13 @@ done
 # Idle connections, connect+auth rate; pairs; mixed.
 for t in "${targets[@]}"; do
   set -- $t
-  start "$1" "$3" --users 20000 --groups 50 --group-size 20
+  # A fresh server for every idle count, so RSS starts from the same place.
   for n in 1000 5000 10000 15000; do
-    stop; start "$1" "$3" --users 20000 --groups 50 --group-size 20
+    start "$1" "$3" --users 20000 --groups 50 --group-size 20
     run "$1" "$2" "$3" idle --connections "$n" --hold-secs 2
+    stop
   done
-  stop; start "$1" "$3" --users 20000 --groups 50 --group-size 20
+  start "$1" "$3" --users 20000 --groups 50 --group-size 20
   run "$1" "$2" "$3" pairs --pairs 100 --seconds 5
   run "$1" "$2" "$3" mixed --groups 50 --group-size 20 --rate 2 --seconds 10
   stop
