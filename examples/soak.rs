@@ -30,27 +30,28 @@ use comet::server::{GroupEntry, ServerConfig, UserEntry};
 use futures_util::{SinkExt, StreamExt};
 use tokio_util::codec::Framed;
 
+/// Command-line arguments.
 #[derive(Parser, Debug)]
 #[command(about = "comet soak test: steady mixed load, RSS/fd/queue sampling, growth verdict")]
-struct Args {
+pub struct Args {
     /// Total run time in seconds.
     #[arg(long, default_value_t = 60)]
-    seconds: u64,
+    pub seconds: u64,
     /// Warm-up before the baseline sample, in seconds.
     #[arg(long, default_value_t = 10)]
-    warmup: u64,
+    pub warmup: u64,
     /// Connected clients.
     #[arg(long, default_value_t = 200)]
-    clients: i32,
+    pub clients: i32,
     /// Messages per second, all clients together.
     #[arg(long, default_value_t = 500)]
-    rate: u64,
+    pub rate: u64,
     /// CSV output.
     #[arg(long, default_value = "soak.csv")]
-    csv: PathBuf,
+    pub csv: PathBuf,
     /// Allowed RSS growth after warm-up, in percent (and at least 8 MiB).
     #[arg(long, default_value_t = 20.0)]
-    tolerance_pct: f64,
+    pub tolerance_pct: f64,
 }
 
 fn rss_kib() -> u64 {
@@ -144,11 +145,35 @@ async fn client(
     }
 }
 
+/// What a soak run saw.
+#[derive(Debug)]
+pub struct Verdict {
+    /// Memory and descriptors stayed within bounds after the warm-up.
+    pub steady: bool,
+    /// Messages sent.
+    pub sent: u64,
+    /// Messages received.
+    pub received: u64,
+    /// Sends refused.
+    pub refused: u64,
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
-    let mut config =
-        ServerConfig::parse("[server]\ntcp = \"127.0.0.1:0\"\n", "soak").expect("config");
+    match soak(Args::parse()).await {
+        Ok(v) if v.steady => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the soak and judges it (also run at a small scale by tests/soak.rs).
+pub async fn soak(args: Args) -> std::io::Result<Verdict> {
+    let mut config = ServerConfig::parse("[server]\ntcp = \"127.0.0.1:0\"\n", "soak")
+        .map_err(std::io::Error::other)?;
     config.users = (1..=args.clients)
         .map(|mid| UserEntry {
             mid,
@@ -164,8 +189,10 @@ async fn main() -> ExitCode {
     config.server.max_frames_per_sec = 0;
     // A small history bound so the store reaches its steady size early.
     config.server.history_limit = 50;
-    let running = comet::server::start(config).await.expect("server");
-    let addr = running.tcp_addr.expect("tcp");
+    let running = comet::server::start(config).await?;
+    let addr = running
+        .tcp_addr
+        .ok_or_else(|| std::io::Error::other("no tcp listener"))?;
     let counters = Arc::new(Counters {
         sent: AtomicU64::new(0),
         received: AtomicU64::new(0),
@@ -217,10 +244,7 @@ async fn main() -> ExitCode {
     }
     eprintln!();
     stop.cancel();
-    if let Err(e) = std::fs::write(&args.csv, &csv) {
-        eprintln!("error: cannot write {}: {e}", args.csv.display());
-        return ExitCode::FAILURE;
-    }
+    std::fs::write(&args.csv, &csv)?;
     let _ = running.shutdown().await;
     let elapsed = started.elapsed().as_secs_f64();
     let sent = counters.sent.load(Ordering::Relaxed);
@@ -231,9 +255,15 @@ async fn main() -> ExitCode {
         counters.failed.load(Ordering::Relaxed),
         args.csv.display()
     );
+    let mut verdict = Verdict {
+        steady: true,
+        sent,
+        received: counters.received.load(Ordering::Relaxed),
+        refused: counters.failed.load(Ordering::Relaxed),
+    };
     let Some(base) = samples.get(args.warmup as usize) else {
         println!("verdict: run shorter than the warm-up, nothing to judge");
-        return ExitCode::SUCCESS;
+        return Ok(verdict);
     };
     let tail = &samples[samples.len() - samples.len() / 3..];
     let rss_end = tail.iter().map(|s| s.1).max().unwrap_or(0);
@@ -243,8 +273,9 @@ async fn main() -> ExitCode {
     println!("rss after warm-up {} KiB, in the last third up to {rss_end} KiB (allowed {rss_allowed}); fds {} -> {fds_end} (allowed {fds_allowed})", base.1, base.2);
     if rss_end > rss_allowed || fds_end > fds_allowed {
         println!("verdict: FAIL, memory or descriptors keep growing");
-        return ExitCode::FAILURE;
+        verdict.steady = false;
+    } else {
+        println!("verdict: ok");
     }
-    println!("verdict: ok");
-    ExitCode::SUCCESS
+    Ok(verdict)
 }

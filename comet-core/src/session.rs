@@ -463,15 +463,31 @@ where
     St: Stream<Item = Result<Frame, FrameError>> + Unpin + Send,
 {
     let mut service = engine.stack();
+    // One timer per session, re-armed only when it fires: a frame just moves
+    // the deadline (no timer-wheel work per frame).
+    let silence = engine.config.heartbeat_timeout;
+    let mut deadline = tokio::time::Instant::now() + silence;
+    let timer = tokio::time::sleep_until(deadline);
+    tokio::pin!(timer);
     loop {
-        let frame =
-            match tokio::time::timeout(engine.config.heartbeat_timeout, inbound.next()).await {
-                Err(_) => return SessionEnd::HeartbeatTimeout,
-                Ok(None) => return SessionEnd::PeerClosed,
-                Ok(Some(Err(FrameError::Io(e)))) => return SessionEnd::Transport(e.to_string()),
-                Ok(Some(Err(e))) => return SessionEnd::protocol(engine, &e),
-                Ok(Some(Ok(frame))) => frame,
-            };
+        let next = tokio::select! {
+            biased;
+            next = inbound.next() => next,
+            _ = &mut timer => {
+                if tokio::time::Instant::now() >= deadline {
+                    return SessionEnd::HeartbeatTimeout;
+                }
+                timer.as_mut().reset(deadline);
+                continue;
+            }
+        };
+        let frame = match next {
+            None => return SessionEnd::PeerClosed,
+            Some(Err(FrameError::Io(e))) => return SessionEnd::Transport(e.to_string()),
+            Some(Err(e)) => return SessionEnd::protocol(engine, &e),
+            Some(Ok(frame)) => frame,
+        };
+        deadline = tokio::time::Instant::now() + silence;
         tracing::trace!(
             op = frame.op,
             seq = frame.seq,

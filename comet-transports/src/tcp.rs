@@ -8,7 +8,7 @@ use comet_core::codec::TcpCodec;
 use comet_core::{Comet, SessionEnd, Transport, WireMode};
 use futures_util::SinkExt;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::FramedRead;
 
 use crate::io::WriteSink;
@@ -30,7 +30,7 @@ pub async fn serve(comet: Comet, listener: TcpListener, limits: Limits) -> io::R
         limits,
         "tcp",
         |comet, stream, peer| async move {
-            serve_stream(&comet, stream, peer).await;
+            serve_tcp(&comet, stream, peer).await;
         },
     )
     .await
@@ -68,6 +68,22 @@ where
     S: AsyncRead + AsyncWrite + Send + Unpin,
 {
     let (read, write) = tokio::io::split(stream);
+    serve_halves(comet, read, write, peer).await
+}
+
+/// Serves a plain TCP connection, split without a lock between its halves
+/// (`tokio::io::split` guards both halves with one mutex, which the reader
+/// and the writer of a busy session would take turns on).
+pub async fn serve_tcp(comet: &Comet, stream: TcpStream, peer: SocketAddr) -> SessionEnd {
+    let (read, write) = stream.into_split();
+    serve_halves(comet, read, write, peer).await
+}
+
+async fn serve_halves<R, W>(comet: &Comet, read: R, write: W, peer: SocketAddr) -> SessionEnd
+where
+    R: AsyncRead + Send + Unpin,
+    W: AsyncWrite + Send + Unpin,
+{
     let codec = TcpCodec::new(comet.config().max_body);
     let inbound = FramedRead::with_capacity(read, codec, READ_BUFFER);
     let mut outbound = WriteSink::new(write);

@@ -33,15 +33,17 @@ start() { # kind port extra-args...
   echo "server $kind did not start" >&2; exit 1
 }
 stop() { kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; sleep 1; }
-run() { # kind transport port scenario args...
+run() { # kind transport port scenario args... (port: the server's base port; $runs times)
   local kind=$1 transport=$2 port=$3; shift 3
+  # comet serves WebSocket on the port after its TCP one.
+  case $transport in ws-*) port=$((port + 1)) ;; esac
   for _ in $(seq "$runs"); do
     "$bin" run "$@" --addr "127.0.0.1:$port" --transport "$transport" --server-pid "$server_pid" \
       --label "server=$kind" --quiet >> "$results" || echo "run failed: $kind $transport $*" >&2
   done
 }
 
-targets=("comet tcp 4101" "comet ws-binary 4102" "comet ws-json 4102" "ceiling tcp 4201" "peer socket-io 4301")
+targets=("comet tcp 4101" "comet ws-binary 4101" "comet ws-json 4101" "ceiling tcp 4201" "peer socket-io 4301")
 
 # Fan-out by group size (one server per size: the group layout is fixed at start).
 for size in 100 1000 2000 5000 10000; do
@@ -60,11 +62,14 @@ done
 # Idle connections, connect+auth rate; pairs; mixed.
 for t in "${targets[@]}"; do
   set -- $t
-  # A fresh server for every idle count, so RSS starts from the same place.
+  # A fresh server for every idle run, so RSS starts from the same place
+  # (a second run would reuse the memory the first one freed).
   for n in 1000 5000 10000 15000; do
-    start "$1" "$3" --users 20000 --groups 50 --group-size 20
-    run "$1" "$2" "$3" idle --connections "$n" --hold-secs 2
-    stop
+    for _ in $(seq "$runs"); do
+      start "$1" "$3" --users 20000 --groups 50 --group-size 20
+      runs=1 run "$1" "$2" "$3" idle --connections "$n" --hold-secs 2
+      stop
+    done
   done
   start "$1" "$3" --users 20000 --groups 50 --group-size 20
   run "$1" "$2" "$3" pairs --pairs 100 --seconds 5
