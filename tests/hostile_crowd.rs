@@ -161,6 +161,7 @@ async fn a_hostile_crowd_harms_nobody() {
     }
 
     // Every good client gets exactly what it should, in chatId order.
+    let deliveries: usize = expected.values().map(HashSet::len).sum();
     let mut checks = tokio::task::JoinSet::new();
     for (mid, mut client) in clients {
         let want = expected.remove(&mid).unwrap_or_default();
@@ -209,11 +210,16 @@ async fn a_hostile_crowd_harms_nobody() {
     assert_eq!(stats.send_failures, 6 * p.bad as u64, "{stats:?}");
     assert_eq!(stats.panics, 0);
     let grown_mib = rss_kib().saturating_sub(rss_before) / 1024;
-    // Stated bound: the whole test process (server and all clients) grows
-    // by less than 256 MiB.
-    assert!(grown_mib < 256, "RSS grew by {grown_mib} MiB");
+    // Stated bound, for the whole test process (server and all clients):
+    // 64 MiB plus 256 bytes per delivery, which the test's own clients hold
+    // until they are checked (about 50k deliveries at scale 1: 76 MiB).
+    let bound_mib = 64 + (deliveries as u64 * 256) / (1024 * 1024);
+    assert!(
+        grown_mib < bound_mib,
+        "RSS grew by {grown_mib} MiB, bound {bound_mib} MiB"
+    );
     eprintln!(
-        "hostile crowd: {} good clients, {} bad of each kind, RSS +{grown_mib} MiB, {stats:?}",
+        "hostile crowd: {} good clients, {} bad of each kind, {deliveries} deliveries, RSS +{grown_mib} MiB (bound {bound_mib}), {stats:?}",
         p.good, p.bad
     );
     drop(still);
