@@ -12,7 +12,6 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use async_trait::async_trait;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use crate::auth::ConnId;
 use crate::error::BoxError;
@@ -92,7 +91,9 @@ pub(crate) enum Kick {
 pub(crate) struct Shared {
     pub(crate) queue: Queue,
     kick: AtomicU8,
-    pub(crate) close: CancellationToken,
+    /// Wakes the session when it is kicked (a `Notify` keeps the wake-up
+    /// even if the session is not waiting yet, and costs no allocation).
+    kicked: Notify,
 }
 
 impl Shared {
@@ -109,7 +110,17 @@ impl Shared {
         let _ = self
             .kick
             .compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire);
-        self.close.cancel();
+        self.kicked.notify_one();
+    }
+
+    /// Resolves once the session has been kicked.
+    pub(crate) async fn kicked(&self) -> Kick {
+        loop {
+            match self.kick_reason() {
+                Kick::None => self.kicked.notified().await,
+                why => return why,
+            }
+        }
     }
 }
 
@@ -127,7 +138,7 @@ impl SessionHandle {
         let shared = Arc::new(Shared {
             queue: Queue::new(limit),
             kick: AtomicU8::new(0),
-            close: CancellationToken::new(),
+            kicked: Notify::new(),
         });
         SessionHandle {
             conn_id,
@@ -188,7 +199,7 @@ impl SessionHandle {
 
     /// Whether the session has been told to close.
     pub fn is_closed(&self) -> bool {
-        self.shared.close.is_cancelled()
+        self.shared.kick_reason() != Kick::None
     }
 }
 

@@ -429,7 +429,7 @@ where
         tokio::select! {
             end = reader => end,
             end = writing => end,
-            _ = shared.close.cancelled() => match shared.kick_reason() {
+            why = shared.kicked() => match why {
                 Kick::SlowConsumer => SessionEnd::SlowConsumer,
                 Kick::Replaced => SessionEnd::Replaced,
                 _ => SessionEnd::Disconnected,
