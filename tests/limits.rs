@@ -69,10 +69,10 @@ async fn the_frame_rate_layer_closes_a_flooding_connection_only() {
     }
     let (end, close) = flood.end().await;
     assert!(
-        matches!(end, SessionEnd::Handler(ref r) if r.contains("frame rate limit")),
+        matches!(end, SessionEnd::RateLimited(ref r) if r.contains("frame rate limit")),
         "{end:?}"
     );
-    assert_eq!(close.unwrap().0, 1011);
+    assert_eq!(close.unwrap().0, 1008);
     assert_eq!(comet.stats().rate_limited, 1);
     // Ten frames a second for three seconds is fine.
     for _ in 0..30 {

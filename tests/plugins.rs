@@ -452,3 +452,58 @@ async fn group_directory_failures_and_hangs_become_op21_failures() {
     );
     assert_eq!(comet.stats().plugin_errors, 2);
 }
+
+/// An inbox that never answers: offline pushes hang.
+struct StuckInbox(comet::plugins::memory::MemoryStore);
+
+#[async_trait]
+impl MessageStore for StuckInbox {
+    async fn append(&self, draft: &Draft) -> Result<i64, BoxError> {
+        self.0.append(draft).await
+    }
+    async fn push_offline(&self, _: i32, _: Arc<Message>) -> Result<(), BoxError> {
+        std::future::pending().await
+    }
+    async fn take_offline(&self, mid: i32) -> Result<Vec<Arc<Message>>, BoxError> {
+        self.0.take_offline(mid).await
+    }
+}
+
+#[tokio::test]
+async fn a_hanging_inbox_and_a_vanished_sender_never_lock_the_recipient_out() {
+    let auth = Arc::new(comet::plugins::memory::MemoryAuth::from_iter([
+        (1, "k1"),
+        (2, "k2"),
+    ]));
+    let comet = Comet::builder()
+        .authenticator(auth)
+        .store(Arc::new(StuckInbox(
+            comet::plugins::memory::MemoryStore::default(),
+        )))
+        .groups(Arc::new(Divisors))
+        .config(Config {
+            hook_timeout: Duration::from_millis(200),
+            ..Config::default()
+        })
+        .build()
+        .unwrap();
+    let mut a = Conn::login(&comet, WireMode::Binary, 1).await;
+    // Mid 2 is offline: the send stores, then hangs in the inbox.
+    let seq = a.next_seq();
+    let body = comet::core::payload::SendRequest {
+        from: 1,
+        to: 2,
+        msg: "hi".into(),
+    }
+    .encode(WireMode::Binary);
+    a.send(Frame::new(1, op::SEND_TO_USER, seq, body)).await;
+    // The sender vanishes while its send is under way.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    a.hang_up();
+    let _ = a.end().await;
+    // The recipient can still log in (the push settles at the hook timeout).
+    let b = Conn::login(&comet, WireMode::Binary, 2).await;
+    assert!(comet.is_online(2));
+    drop(b);
+    assert!(comet.stats().plugin_errors >= 1);
+}

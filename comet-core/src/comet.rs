@@ -214,7 +214,9 @@ impl CometBuilder {
             return Err(BuildError::Config("max_body must be larger than 32"));
         }
         let stats = Arc::new(Stats::default());
-        let registry = Arc::new(Registry::new(store.clone(), stats.clone()));
+        let registry = Arc::new(
+            Registry::new(store.clone(), stats.clone()).with_hook_timeout(self.config.hook_timeout),
+        );
         let delivery: Arc<dyn Delivery> = match self.delivery {
             Some(make) => make(registry.clone()),
             None => registry.clone(),

@@ -256,6 +256,7 @@ pub struct Registry {
     store: Arc<dyn MessageStore>,
     stats: Arc<Stats>,
     sessions: AtomicUsize,
+    hook_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for Registry {
@@ -281,7 +282,15 @@ impl Registry {
             store,
             stats,
             sessions: AtomicUsize::new(0),
+            hook_timeout: std::time::Duration::from_secs(5),
         }
+    }
+
+    /// Bounds each offline-inbox push by `timeout` (the builder passes
+    /// [`Config::hook_timeout`](crate::Config::hook_timeout)).
+    pub fn with_hook_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.hook_timeout = timeout;
+        self
     }
 
     fn shard(&self, mid: Mid) -> &Shard {
@@ -343,6 +352,14 @@ impl Registry {
                 map.remove(&mid);
             }
         }
+    }
+
+    /// Holds logins of `mid` back (as an offline push under way does) until
+    /// the returned guard is dropped.
+    pub(crate) fn hold_logins(&self, mid: Mid) -> impl Drop + '_ {
+        let shard = self.shard(mid);
+        shard.write().entry(mid).or_default().offline_inflight += 1;
+        Inflight { shard, mid }
     }
 
     /// Number of live sessions of `mid`.
@@ -443,19 +460,45 @@ impl Registry {
             }
             entry.offline_inflight += 1;
         }
-        if let Err(e) = self.store.push_offline(mid, msg.clone()).await {
-            self.stats.store_error();
-            tracing::error!(mid, chat_id = msg.chat_id(), cause = %e, "could not keep message in offline inbox");
+        // Settled however this ends, even if the future is dropped mid-way:
+        // a login of `mid` waits for the count to reach zero.
+        let _inflight = Inflight { shard, mid };
+        let push = self.store.push_offline(mid, msg.clone());
+        match tokio::time::timeout(self.hook_timeout, push).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                self.stats.store_error();
+                tracing::error!(mid, chat_id = msg.chat_id(), cause = %e, "could not keep message in offline inbox");
+            }
+            Err(_) => {
+                self.stats.store_error();
+                tracing::error!(
+                    mid,
+                    chat_id = msg.chat_id(),
+                    "keeping a message in the offline inbox timed out"
+                );
+            }
         }
-        let mut map = shard.write();
-        if let Some(entry) = map.get_mut(&mid) {
+    }
+}
+
+/// One offline push under way for `mid`; counted down when dropped.
+struct Inflight<'a> {
+    shard: &'a Shard,
+    mid: Mid,
+}
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        let mut map = self.shard.write();
+        if let Some(entry) = map.get_mut(&self.mid) {
             entry.offline_inflight -= 1;
             if entry.offline_inflight == 0 && entry.sessions.is_empty() {
-                map.remove(&mid);
+                map.remove(&self.mid);
             }
         }
         drop(map);
-        shard.settled.notify_waiters();
+        self.shard.settled.notify_waiters();
     }
 }
 

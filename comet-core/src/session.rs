@@ -73,6 +73,8 @@ pub enum SessionEnd {
     Shutdown,
     /// A layer or handler returned an error.
     Handler(String),
+    /// The frame-rate limit closed it.
+    RateLimited(String),
     /// Writing to the transport failed.
     Transport(String),
 }
@@ -101,6 +103,7 @@ impl SessionEnd {
             SessionEnd::Panic(_) => (1011, "internal error".into()),
             SessionEnd::Shutdown => (1001, "server shutting down".into()),
             SessionEnd::Handler(r) => (1011, r.clone()),
+            SessionEnd::RateLimited(r) => (1008, r.clone()),
         })
     }
 }
@@ -197,10 +200,13 @@ impl Writer {
         Si::Error: fmt::Display,
     {
         self.take_unit();
-        for unit in self.units.drain(..) {
-            sink.feed(Outgoing::Data(unit))
+        // Each unit leaves the list only once the sink has it: a flush
+        // interrupted by shutdown resumes where it stopped.
+        while let Some(unit) = self.units.first() {
+            sink.feed(Outgoing::Data(unit.clone()))
                 .await
                 .map_err(|e| e.to_string())?;
+            self.units.remove(0);
         }
         sink.flush().await.map_err(|e| e.to_string())?;
         Ok(std::mem::take(&mut self.bytes))
@@ -398,7 +404,9 @@ where
     }
     writer.bytes = 0; // not counted in the queue
     if let Err(e) = writer.flush(outbound).await {
-        // Nothing of the inbox reached the client: keep it for next time.
+        // Nothing of the inbox reached the client: keep it for next time,
+        // holding logins of this mid back until it is back in the store.
+        let _hold = engine.registry.hold_logins(mid);
         drop(registered);
         for msg in inbox {
             if let Err(e) = engine
@@ -519,6 +527,9 @@ where
                 }
             }
             Ok(None) => {}
+            Err(e) if e.is::<crate::middleware::RateLimited>() => {
+                return SessionEnd::RateLimited(e.to_string())
+            }
             Err(e) => return SessionEnd::Handler(e.to_string()),
         }
     }

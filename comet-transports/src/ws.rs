@@ -324,10 +324,21 @@ where
                     tungstenite::Error::Utf8("comet produced a non-UTF-8 JSON frame".into())
                 })?),
             },
-            Outgoing::Close { code, reason } => Message::Close(Some(CloseFrame {
-                code: CloseCode::from(code),
-                reason: reason.into(),
-            })),
+            Outgoing::Close { code, mut reason } => {
+                // A close frame's payload is at most 125 bytes: 2 for the
+                // code, 123 for the reason (cut on a character boundary).
+                if reason.len() > 123 {
+                    let mut end = 123;
+                    while !reason.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    reason.truncate(end);
+                }
+                Message::Close(Some(CloseFrame {
+                    code: CloseCode::from(code),
+                    reason: reason.into(),
+                }))
+            }
         };
         this.inner.start_send_unpin(msg)
     }

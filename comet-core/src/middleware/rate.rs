@@ -10,7 +10,7 @@ use tower::{Layer, Service};
 use super::{Request, Response};
 use crate::error::BoxError;
 
-/// Closes a connection that sends frames faster than `per_second` on
+/// Closes (1008, policy violation) a connection that sends frames faster than `per_second` on
 /// average, allowing bursts of up to `burst` frames (a token bucket). Each
 /// closure is logged with the peer address and counted in
 /// [`StatsSnapshot::rate_limited`](crate::StatsSnapshot::rate_limited).
