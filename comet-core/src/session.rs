@@ -15,7 +15,7 @@ use crate::auth::{AuthOutcome, AuthRequest, ConnInfo, Identity};
 use crate::codec::BatchWriter;
 use crate::comet::{Comet, Engine, Event};
 use crate::error::FrameError;
-use crate::frame::{op, Frame, WireMode, HEADER_LEN};
+use crate::frame::{op, Frame, WireMode};
 use crate::middleware::{ConnContext, Request};
 use crate::payload::AuthReply;
 use crate::registry::{Kick, Outbound, SessionHandle, Shared};
@@ -143,8 +143,7 @@ impl Drop for Registered<'_> {
 struct Writer {
     mode: WireMode,
     batch: BatchWriter,
-    units: Vec<Bytes>,
-    bytes: usize,
+    units: std::collections::VecDeque<Bytes>,
 }
 
 impl Writer {
@@ -152,19 +151,17 @@ impl Writer {
         Writer {
             mode,
             batch: BatchWriter::new(mode, max_body),
-            units: Vec::new(),
-            bytes: 0,
+            units: std::collections::VecDeque::new(),
         }
     }
 
     fn take_unit(&mut self) {
         if let Some(unit) = self.batch.take() {
-            self.units.push(unit);
+            self.units.push_back(unit);
         }
     }
 
     fn frame(&mut self, frame: &Frame) {
-        self.bytes += HEADER_LEN + frame.body.len();
         if self.mode == WireMode::Json {
             self.take_unit();
         }
@@ -176,7 +173,6 @@ impl Writer {
 
     fn message(&mut self, msg: &crate::message::Message) {
         let wire = msg.wire(self.mode);
-        self.bytes += wire.len();
         if !self.batch.push(wire) {
             match self.mode {
                 WireMode::Json => self.take_unit(),
@@ -193,8 +189,8 @@ impl Writer {
         }
     }
 
-    /// Writes everything encoded so far; returns the queue bytes it covered.
-    async fn flush<Si>(&mut self, sink: &mut Si) -> Result<usize, String>
+    /// Writes everything encoded so far.
+    async fn flush<Si>(&mut self, sink: &mut Si) -> Result<(), String>
     where
         Si: Sink<Outgoing> + Unpin,
         Si::Error: fmt::Display,
@@ -202,14 +198,13 @@ impl Writer {
         self.take_unit();
         // Each unit leaves the list only once the sink has it: a flush
         // interrupted by shutdown resumes where it stopped.
-        while let Some(unit) = self.units.first() {
+        while let Some(unit) = self.units.front() {
             sink.feed(Outgoing::Data(unit.clone()))
                 .await
                 .map_err(|e| e.to_string())?;
-            self.units.remove(0);
+            self.units.pop_front();
         }
-        sink.flush().await.map_err(|e| e.to_string())?;
-        Ok(std::mem::take(&mut self.bytes))
+        sink.flush().await.map_err(|e| e.to_string())
     }
 }
 
@@ -402,7 +397,6 @@ where
     for msg in &inbox {
         writer.message(msg);
     }
-    writer.bytes = 0; // not counted in the queue
     if let Err(e) = writer.flush(outbound).await {
         // Nothing of the inbox reached the client: keep it for next time,
         // holding logins of this mid back until it is back in the store.
