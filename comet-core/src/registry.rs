@@ -431,17 +431,19 @@ impl Registry {
     /// (the caller then keeps the message offline).
     fn push_live(&self, mid: Mid, msg: &Arc<Message>, except: Option<ConnId>) -> bool {
         let map = self.shard(mid).read();
-        match map.get(&mid) {
-            Some(entry) if !entry.sessions.is_empty() => {
-                for s in &entry.sessions {
-                    if Some(s.conn_id) != except && !s.push_message(msg) {
-                        self.stats.slow_consumer();
-                    }
-                }
-                true
+        map.get(&mid)
+            .is_some_and(|entry| self.push_to(entry, msg, except))
+    }
+
+    /// Pushes to every session of `entry` but `except`; `false` if it has
+    /// none.
+    fn push_to(&self, entry: &Entry, msg: &Arc<Message>, except: Option<ConnId>) -> bool {
+        for s in &entry.sessions {
+            if Some(s.conn_id) != except && !s.push_message(msg) {
+                self.stats.slow_consumer();
             }
-            _ => false,
         }
+        !entry.sessions.is_empty()
     }
 
     async fn push_offline(&self, mid: Mid, msg: &Arc<Message>, except: Option<ConnId>) {
@@ -449,13 +451,8 @@ impl Registry {
         {
             let mut map = shard.write();
             let entry = map.entry(mid).or_default();
-            if !entry.sessions.is_empty() {
-                // A session arrived since push_live looked.
-                for s in &entry.sessions {
-                    if Some(s.conn_id) != except && !s.push_message(msg) {
-                        self.stats.slow_consumer();
-                    }
-                }
+            // A session may have arrived since push_live looked.
+            if self.push_to(entry, msg, except) {
                 return;
             }
             entry.offline_inflight += 1;
