@@ -294,27 +294,7 @@ impl Engine {
         what: &'static str,
         call: impl std::future::Future<Output = Result<T, BoxError>>,
     ) -> Result<T, String> {
-        // Poll once first: a plug-in that answers at once (in-memory ones
-        // always do) then costs no timer. Only a pending call is bounded.
-        let mut call = std::pin::pin!(call);
-        let first = std::future::poll_fn(|cx| std::task::Poll::Ready(call.as_mut().poll(cx))).await;
-        let outcome = match first {
-            std::task::Poll::Ready(result) => Ok(result),
-            std::task::Poll::Pending => tokio::time::timeout(self.config.hook_timeout, call).await,
-        };
-        match outcome {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                self.stats.store_error();
-                tracing::error!(hook = what, cause = %e, "plug-in call failed");
-                Err(e.to_string())
-            }
-            Err(_) => {
-                self.stats.store_error();
-                tracing::error!(hook = what, timeout = ?self.config.hook_timeout, "plug-in call timed out");
-                Err(format!("{what} timed out"))
-            }
-        }
+        crate::stats::bounded(&self.stats, self.config.hook_timeout, what, call).await
     }
 
     /// Validates, stores and delivers one message (op 18 or op 20).

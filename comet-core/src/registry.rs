@@ -461,20 +461,15 @@ impl Registry {
         // a login of `mid` waits for the count to reach zero.
         let _inflight = Inflight { shard, mid };
         let push = self.store.push_offline(mid, msg.clone());
-        match tokio::time::timeout(self.hook_timeout, push).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                self.stats.store_error();
-                tracing::error!(mid, chat_id = msg.chat_id(), cause = %e, "could not keep message in offline inbox");
-            }
-            Err(_) => {
-                self.stats.store_error();
-                tracing::error!(
-                    mid,
-                    chat_id = msg.chat_id(),
-                    "keeping a message in the offline inbox timed out"
-                );
-            }
+        if crate::stats::bounded(&self.stats, self.hook_timeout, "offline inbox", push)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                mid,
+                chat_id = msg.chat_id(),
+                "message not kept in the offline inbox"
+            );
         }
     }
 }

@@ -55,7 +55,7 @@ counters! {
     /// Sends answered with ret -1.
     send_failures => send_failure;
     /// Plug-in calls that failed or timed out.
-    plugin_errors => store_error;
+    plugin_errors => plugin_error;
     /// Errors from the application's middleware or handlers.
     handler_errors => handler_error;
     /// Panics caught in plug-ins, layers or handlers (each closed one connection).
@@ -66,4 +66,35 @@ counters! {
     rate_limited => rate_limit;
     /// Sessions closed because their mid logged in once too often.
     sessions_replaced => session_replaced;
+}
+
+/// Runs a plug-in call bounded by `timeout`, counting and logging a failure
+/// or a timeout. The call is polled once first: a plug-in that answers at
+/// once (in-memory ones always do) then costs no timer.
+pub(crate) async fn bounded<T>(
+    stats: &Stats,
+    timeout: std::time::Duration,
+    what: &'static str,
+    call: impl std::future::Future<Output = Result<T, crate::BoxError>>,
+) -> Result<T, String> {
+    use std::task::Poll;
+    let mut call = std::pin::pin!(call);
+    let first = std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await;
+    let outcome = match first {
+        Poll::Ready(result) => Ok(result),
+        Poll::Pending => tokio::time::timeout(timeout, call).await,
+    };
+    match outcome {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => {
+            stats.plugin_error();
+            tracing::error!(hook = what, cause = %e, "plug-in call failed");
+            Err(e.to_string())
+        }
+        Err(_) => {
+            stats.plugin_error();
+            tracing::error!(hook = what, ?timeout, "plug-in call timed out");
+            Err(format!("{what} timed out"))
+        }
+    }
 }
