@@ -104,9 +104,10 @@ impl MessageStore for MemoryStore {
         let conv = shard.entry(draft.conversation).or_default();
         conv.last += 1;
         let chat_id = conv.last;
+        let mut evicted = None;
         if self.history_limit > 0 {
             if conv.history.len() == self.history_limit {
-                conv.history.pop_front();
+                evicted = conv.history.pop_front();
             }
             conv.history.push_back(Message::new(Delivered {
                 op: draft.op,
@@ -116,6 +117,10 @@ impl MessageStore for MemoryStore {
                 msg: draft.msg.clone(),
             }));
         }
+        // The evicted message (maybe the last reference to its bytes and
+        // encodings) is freed after the lock is released, not under it.
+        drop(shard);
+        drop(evicted);
         Ok(chat_id)
     }
 
