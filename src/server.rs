@@ -42,6 +42,7 @@ use comet_core::{Comet, Config};
 use comet_plugins::memory::{MemoryAuth, MemoryGroups, MemoryStore};
 use comet_transports::{tcp, tls, ws, Limits};
 use serde::Deserialize;
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 /// The whole configuration file.
@@ -477,53 +478,36 @@ pub async fn start(config: ServerConfig) -> io::Result<Running> {
         }
         _ => None,
     };
-    let mut listeners = Vec::new();
-    let mut tcp_addr = None;
-    let mut ws_addr = None;
-    let mut tcp_tls_addr = None;
-    let mut ws_tls_addr = None;
+    // Bind everything before serving anything: a port that is taken must
+    // not leave the listeners bound before it running with no handle.
+    let bind = |addr: Option<SocketAddr>| addr.map(comet_transports::bind).transpose();
+    let tls_only = |addr: Option<SocketAddr>| addr.filter(|_| acceptor.is_some());
+    let tcp_listener = bind(s.tcp)?;
+    let ws_listener = bind(s.websocket)?;
+    let tcp_tls_listener = bind(tls_only(s.tcp_tls))?;
+    let ws_tls_listener = bind(tls_only(s.websocket_tls))?;
+    let local = |l: &Option<TcpListener>| l.as_ref().map(TcpListener::local_addr).transpose();
+    let (tcp_addr, ws_addr) = (local(&tcp_listener)?, local(&ws_listener)?);
+    let (tcp_tls_addr, ws_tls_addr) = (local(&tcp_tls_listener)?, local(&ws_tls_listener)?);
+
     let options = ws::WsOptions {
-        path: config.server.ws_path.clone(),
+        path: s.ws_path.clone(),
     };
-    if let Some(addr) = config.server.tcp {
-        let listener = comet_transports::bind(addr)?;
-        tcp_addr = Some(listener.local_addr()?);
-        listeners.push(tokio::spawn(tcp::serve(
-            comet.clone(),
-            listener,
-            limits.clone(),
-        )));
+    let mut listeners = Vec::new();
+    if let Some(l) = tcp_listener {
+        listeners.push(tokio::spawn(tcp::serve(comet.clone(), l, limits.clone())));
     }
-    if let Some(addr) = config.server.websocket {
-        let listener = comet_transports::bind(addr)?;
-        ws_addr = Some(listener.local_addr()?);
-        listeners.push(tokio::spawn(ws::serve(
-            comet.clone(),
-            listener,
-            options.clone(),
-            limits.clone(),
-        )));
+    if let Some(l) = ws_listener {
+        let serve = ws::serve(comet.clone(), l, options.clone(), limits.clone());
+        listeners.push(tokio::spawn(serve));
     }
-    if let (Some(addr), Some(acceptor)) = (s.tcp_tls, &acceptor) {
-        let listener = comet_transports::bind(addr)?;
-        tcp_tls_addr = Some(listener.local_addr()?);
-        listeners.push(tokio::spawn(tcp::serve_tls(
-            comet.clone(),
-            listener,
-            limits.clone(),
-            acceptor.clone(),
-        )));
+    if let (Some(l), Some(acceptor)) = (tcp_tls_listener, &acceptor) {
+        let serve = tcp::serve_tls(comet.clone(), l, limits.clone(), acceptor.clone());
+        listeners.push(tokio::spawn(serve));
     }
-    if let (Some(addr), Some(acceptor)) = (s.websocket_tls, &acceptor) {
-        let listener = comet_transports::bind(addr)?;
-        ws_tls_addr = Some(listener.local_addr()?);
-        listeners.push(tokio::spawn(ws::serve_tls(
-            comet.clone(),
-            listener,
-            options.clone(),
-            limits.clone(),
-            acceptor.clone(),
-        )));
+    if let (Some(l), Some(acceptor)) = (ws_tls_listener, &acceptor) {
+        let serve = ws::serve_tls(comet.clone(), l, options, limits.clone(), acceptor.clone());
+        listeners.push(tokio::spawn(serve));
     }
     Ok(Running {
         comet,

@@ -126,3 +126,18 @@ fn bad_configs_are_refused_with_file_key_and_problem() {
         .to_string();
     assert!(missing.contains("/nonexistent/comet.toml"), "{missing}");
 }
+
+#[tokio::test]
+async fn a_taken_port_fails_the_start_and_leaves_nothing_listening() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let text = format!(
+        "[server]\ntcp = \"{free}\"\nwebsocket = \"{}\"\n",
+        taken.local_addr().unwrap()
+    );
+    let config = ServerConfig::parse(&text, "ports.toml").unwrap();
+    let err = comet::server::start(config).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+    // The TCP listener that was bound first is gone again: its port is free.
+    std::net::TcpListener::bind(free).expect("the tcp port was released");
+}
