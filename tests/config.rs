@@ -130,7 +130,10 @@ fn bad_configs_are_refused_with_file_key_and_problem() {
 #[tokio::test]
 async fn a_taken_port_fails_the_start_and_leaves_nothing_listening() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let text = format!(
         "[server]\ntcp = \"{free}\"\nwebsocket = \"{}\"\n",
         taken.local_addr().unwrap()

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use comet::core::codec::{self, json, read_batch, TcpCodec};
+use comet::core::codec::{json, read_batch, TcpCodec};
 use comet::core::frame::{op, Frame, Transport, WireMode};
 use comet::core::payload::{AuthReply, Delivered, SendReply, SendRequest};
 use comet::core::{Comet, Config, FrameError, Outgoing, SessionEnd};
@@ -275,10 +275,5 @@ impl Conn {
             }
         }
         (end, self.closed)
-    }
-
-    /// Encodes `frame` in this connection's mode (for size checks).
-    pub fn wire_len(&self, frame: &Frame) -> usize {
-        codec::to_bytes(self.mode, frame).len()
     }
 }
