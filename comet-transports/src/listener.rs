@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use comet_core::Comet;
+use futures_util::FutureExt as _;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::Limits;
@@ -66,11 +67,11 @@ where
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(%peer, cause = %e, "could not set TCP_NODELAY");
         }
-        let task = serve(comet.clone(), stream, peer);
-        tokio::spawn(async move {
-            task.await;
-            drop(admission);
-        });
+        // A combinator, not `async move { task.await; drop(admission) }`:
+        // an async block holding `task` keeps a second copy of it as its
+        // awaitee (rust-lang/rust#62958), doubling every session's task.
+        let task = serve(comet.clone(), stream, peer).map(move |()| drop(admission));
+        tokio::spawn(task);
     }
     tracing::info!(%local, listener = name, "listener stopped");
     Ok(())
