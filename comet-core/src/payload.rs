@@ -142,7 +142,11 @@ impl SendRequest {
                 Ok(SendRequest {
                     from,
                     to,
-                    msg: body.slice(8..),
+                    // A copy, not `body.slice(8..)`: the body is a view into
+                    // the connection's read buffer, and a message kept in
+                    // history or an inbox would pin that whole buffer (and
+                    // make the reader allocate tiny new ones).
+                    msg: Bytes::copy_from_slice(&body[8..]),
                 })
             }
             WireMode::Json => {

@@ -674,6 +674,54 @@ fn an_incomplete_frame_is_not_an_error_and_consumes_nothing() {
 }
 
 #[test]
+fn the_decoder_keeps_room_for_a_real_read_while_earlier_frames_live_on() {
+    // Two frames exactly fill a buffer; the decoded frames stay alive (as a
+    // handler or a queued reply would keep them), so the buffer's memory
+    // cannot be reclaimed. The decoder must still leave room for a proper
+    // read, not the single byte `FramedRead` would otherwise reserve.
+    let one = codec::frame_to_bytes(&Frame::new(1, op::SEND_TO_USER, 1, &[7u8; 40][..]));
+    let mut buf = BytesMut::with_capacity(2 * one.len());
+    buf.extend_from_slice(&one);
+    buf.extend_from_slice(&one);
+    let mut codec = TcpCodec::new(1024);
+    let kept = [
+        codec.decode(&mut buf).unwrap().unwrap(),
+        codec.decode(&mut buf).unwrap().unwrap(),
+    ];
+    assert_eq!(
+        buf.capacity() - buf.len(),
+        0,
+        "the test starts from a full buffer"
+    );
+    assert_eq!(codec.decode(&mut buf).unwrap(), None);
+    assert!(
+        buf.capacity() - buf.len() >= 256,
+        "room for the next read: {}",
+        buf.capacity() - buf.len()
+    );
+    assert_eq!(kept[1].body.len(), 40);
+}
+
+#[test]
+fn a_binary_send_request_does_not_keep_the_frame_buffer_alive() {
+    // The message of an op 18/20 is stored in history and inboxes: it must
+    // own its bytes rather than pin the connection's read buffer.
+    let body = SendRequest {
+        from: 1,
+        to: 2,
+        msg: Bytes::from_static(b"hello"),
+    }
+    .encode(WireMode::Binary);
+    let req = SendRequest::decode(WireMode::Binary, &body).unwrap();
+    assert_eq!(&req.msg[..], b"hello");
+    let range = body.as_ptr_range();
+    assert!(
+        !range.contains(&req.msg.as_ptr()),
+        "msg points into the frame body"
+    );
+}
+
+#[test]
 fn a_stream_ending_inside_a_frame_is_an_error_at_eof() {
     let wire = codec::frame_to_bytes(&Frame::new(1, 2, 3, &b"body"[..]));
     let mut buf = BytesMut::from(&wire[..wire.len() - 1]);

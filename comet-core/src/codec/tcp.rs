@@ -6,6 +6,9 @@ use tokio_util::codec::{Decoder, Encoder};
 use crate::error::FrameError;
 use crate::frame::{Frame, DEFAULT_MAX_BODY, HEADER_LEN};
 
+/// The least room the decoder keeps in its buffer for the next read.
+const MIN_READ: usize = 256;
+
 /// A tokio-util codec for binary frames with a body limit.
 ///
 /// Decoding never panics on any input, and never reserves more than
@@ -75,6 +78,10 @@ impl Decoder for TcpCodec {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
         if src.len() < HEADER_LEN {
+            // Keep room for a useful read. A buffer whose earlier frames are
+            // still referenced cannot be reclaimed, and `FramedRead` then
+            // reserves a single byte: reads would come in 8-byte pieces.
+            src.reserve(MIN_READ.saturating_sub(src.len()));
             return Ok(None);
         }
         let body_len = check_header(src, self.max_body)?;
