@@ -204,6 +204,8 @@ impl Writer {
                 .map_err(|e| e.to_string())?;
             self.units.pop_front();
         }
+        // An idle session keeps no slots.
+        self.units = std::collections::VecDeque::new();
         sink.flush().await.map_err(|e| e.to_string())
     }
 }
@@ -340,7 +342,9 @@ where
         }
     };
     match outcome {
-        Ok(identity) => Ok((identity, frame)),
+        // Only the header is kept for the op 8 reply: the body is a view
+        // into the read buffer, which could not be reused while it lives.
+        Ok(identity) => Ok((identity, frame.reply(frame.op, Bytes::new()))),
         Err(reason) => {
             engine.stats.auth_fail();
             tracing::info!(peer = %conn.peer, reason = %reason, "login refused");

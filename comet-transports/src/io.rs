@@ -55,6 +55,9 @@ impl<W: AsyncWrite + Unpin> WriteSink<W> {
                 }
             }
         }
+        // Drained: an idle connection keeps no slots (a deque allocates at
+        // least four, 128 bytes).
+        self.queue = VecDeque::new();
         Poll::Ready(Ok(()))
     }
 }

@@ -6,6 +6,9 @@ use super::{json, tcp};
 use crate::error::FrameError;
 use crate::frame::{op, Frame, WireMode, HEADER_LEN, SERVER_VER};
 
+/// Largest buffer a writer starts a unit with.
+const MAX_HINT: usize = 64 * 1024;
+
 /// Assembles op 9 frames from already-encoded inner frames, keeping each
 /// batch's body within `max_body` (in text mode: its JSON text).
 ///
@@ -30,6 +33,8 @@ pub struct BatchWriter {
     buf: BytesMut,
     start: usize,
     count: usize,
+    /// Size of the last unit taken: what the next buffer starts with.
+    hint: usize,
 }
 
 impl BatchWriter {
@@ -41,6 +46,7 @@ impl BatchWriter {
             buf: BytesMut::new(),
             start: 0,
             count: 0,
+            hint: 0,
         }
     }
 
@@ -68,6 +74,7 @@ impl BatchWriter {
     /// [`finish`](Self::finish) or [`take`](Self::take) and push again. A frame alone
     /// is always accepted, even one larger than `max_body` (it cannot be split).
     pub fn push(&mut self, inner: &[u8]) -> bool {
+        self.open(inner.len() + HEADER_LEN + 2);
         if self.count > 0 {
             let extra = match self.mode {
                 WireMode::Binary => inner.len(),
@@ -95,6 +102,14 @@ impl BatchWriter {
         true
     }
 
+    /// Gives an empty buffer room for `need` bytes, or for as much as the
+    /// last unit if that was larger (up to 64 KiB): one allocation per unit.
+    fn open(&mut self, need: usize) {
+        if self.buf.capacity() == 0 {
+            self.buf.reserve(need.max(self.hint.min(MAX_HINT)));
+        }
+    }
+
     /// Closes the open batch, if any; its bytes stay buffered until
     /// [`take`](Self::take).
     pub fn finish(&mut self) {
@@ -116,6 +131,7 @@ impl BatchWriter {
     /// the open batch so the order on the wire is the order of calls.
     pub fn push_frame(&mut self, frame: &Frame) {
         self.finish();
+        self.open(frame.body.len() + 64);
         super::encode(self.mode, frame, &mut self.buf);
     }
 
@@ -128,7 +144,11 @@ impl BatchWriter {
         if self.buf.is_empty() {
             None
         } else {
-            Some(self.buf.split().freeze())
+            // The whole buffer goes (not `split()`, whose leftover would keep
+            // the allocation alive): an idle connection holds no buffer, and
+            // the next push allocates one sized like this unit.
+            self.hint = self.buf.len();
+            Some(std::mem::take(&mut self.buf).freeze())
         }
     }
 }
@@ -138,5 +158,30 @@ pub fn read_batch(mode: WireMode, body: &Bytes, max_body: usize) -> Result<Vec<F
     match mode {
         WireMode::Binary => tcp::split_frames(body.clone(), max_body),
         WireMode::Json => json::split_array(body),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_taken_unit_leaves_no_buffer_behind_and_sizes_the_next_one() {
+        let mut batch = BatchWriter::new(WireMode::Binary, 1024);
+        assert!(batch.push(&[1u8; 300]));
+        let unit = batch.take().unwrap();
+        assert_eq!(unit.len(), HEADER_LEN + 300);
+        // Nothing kept for an idle connection...
+        assert_eq!(batch.buf.capacity(), 0);
+        // ...and the next unit starts with room for one like the last.
+        assert!(batch.push(&[2u8; 10]));
+        assert!(batch.buf.capacity() >= HEADER_LEN + 300);
+        let next = batch.take().unwrap();
+        assert_eq!(&next[HEADER_LEN..], &[2u8; 10]);
+        assert_eq!(
+            &unit[HEADER_LEN..],
+            &[1u8; 300][..],
+            "the first unit is intact"
+        );
     }
 }
