@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::hash::BuildHasher;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -438,13 +439,22 @@ impl Comet {
     /// `inbound` yields decoded frames (bodies in `conn.mode`); `outbound`
     /// takes encoded wire units ([`Outgoing`]). Transports, and tests using
     /// channels, share this one loop.
-    pub async fn serve<St, Si>(&self, conn: ConnInfo, inbound: St, outbound: Si) -> SessionEnd
+    ///
+    /// When the session ends, `outbound` gets the close frame the end calls
+    /// for and is closed (both within one second). The returned future owns
+    /// everything it needs (it does not borrow `self`); spawn it or await it.
+    pub fn serve<St, Si>(
+        &self,
+        conn: ConnInfo,
+        inbound: St,
+        outbound: Si,
+    ) -> impl Future<Output = SessionEnd>
     where
         St: Stream<Item = Result<Frame, FrameError>> + Unpin + Send,
         Si: Sink<Outgoing> + Unpin + Send,
         Si::Error: fmt::Display,
     {
-        session::run(self.engine.clone(), self.clone(), conn, inbound, outbound).await
+        session::run(self.engine.clone(), self.clone(), conn, inbound, outbound)
     }
 
     /// Sends `msg` from `from` to user `to` exactly as if `from` had sent op

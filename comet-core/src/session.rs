@@ -2,6 +2,7 @@
 //! close.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -12,7 +13,7 @@ use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
 use crate::auth::{AuthOutcome, AuthRequest, ConnInfo, Identity};
-use crate::codec::BatchWriter;
+use crate::codec::{BatchWriter, Units};
 use crate::comet::{Comet, Engine, Event};
 use crate::error::FrameError;
 use crate::frame::{op, Frame, WireMode};
@@ -24,8 +25,8 @@ use crate::Mid;
 /// Queue slots a writer keeps between bursts.
 const IDLE_CAPACITY: usize = 64;
 
-/// How long a session waits to hand its close frame to a transport that is
-/// not accepting writes (a peer that stopped reading).
+/// How long a session waits to hand its close frame to a transport, and for
+/// the transport to close, when the peer is not accepting writes.
 const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One unit for the transport to write.
@@ -143,7 +144,11 @@ impl Drop for Registered<'_> {
 struct Writer {
     mode: WireMode,
     batch: BatchWriter,
-    units: std::collections::VecDeque<Bytes>,
+    units: Units,
+    /// Whether anything but heartbeat replies was written since the last
+    /// flush. A flush of heartbeat replies alone marks an idle connection,
+    /// which then gives its buffers back; a busy one reuses them.
+    busy: bool,
 }
 
 impl Writer {
@@ -151,7 +156,8 @@ impl Writer {
         Writer {
             mode,
             batch: BatchWriter::new(mode, max_body),
-            units: std::collections::VecDeque::new(),
+            units: Units::default(),
+            busy: false,
         }
     }
 
@@ -162,6 +168,7 @@ impl Writer {
     }
 
     fn frame(&mut self, frame: &Frame) {
+        self.busy |= frame.op != op::HEARTBEAT_REPLY;
         if self.mode == WireMode::Json {
             self.take_unit();
         }
@@ -172,6 +179,7 @@ impl Writer {
     }
 
     fn message(&mut self, msg: &crate::message::Message) {
+        self.busy = true;
         let wire = msg.wire(self.mode);
         if !self.batch.push(wire) {
             match self.mode {
@@ -204,9 +212,17 @@ impl Writer {
                 .map_err(|e| e.to_string())?;
             self.units.pop_front();
         }
-        // An idle session keeps no slots.
-        self.units = std::collections::VecDeque::new();
-        sink.flush().await.map_err(|e| e.to_string())
+        sink.flush().await.map_err(|e| e.to_string())?;
+        if !std::mem::take(&mut self.busy) {
+            self.release();
+        }
+        Ok(())
+    }
+
+    /// Gives back buffers kept for the next flush.
+    fn release(&mut self) {
+        self.units.shrink();
+        self.batch.release();
     }
 }
 
@@ -221,21 +237,24 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
-pub(crate) async fn run<St, Si>(
+/// One session's future. Not an `async fn` wrapping an async block: that
+/// would keep every argument twice (rust-lang/rust#62958), and this future is
+/// most of what an idle connection costs.
+pub(crate) fn run<St, Si>(
     engine: Arc<Engine>,
     comet: Comet,
     conn: ConnInfo,
     mut inbound: St,
     mut outbound: Si,
-) -> SessionEnd
+) -> impl Future<Output = SessionEnd>
 where
     St: Stream<Item = Result<Frame, FrameError>> + Unpin + Send,
     Si: Sink<Outgoing> + Unpin + Send,
     Si::Error: fmt::Display,
 {
     let span = tracing::debug_span!("session", conn_id = conn.conn_id, peer = %conn.peer, mid = tracing::field::Empty);
-    let engine_ref = &engine;
     async move {
+        let engine_ref = &*engine;
         let _active = Active::new(engine_ref);
         engine_ref.stats.connection();
         let (end, mid) = match handshake(engine_ref, &conn, &mut inbound, &mut outbound).await {
@@ -278,11 +297,16 @@ where
             }
             other => tracing::debug!(reason = ?other, "session ended"),
         }
-        if let Some((code, reason)) = end.close_frame() {
-            // Best effort, and bounded: the peer may be gone or not reading.
-            let close = outbound.send(Outgoing::Close { code, reason });
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
-        }
+        // The close frame (if the end calls for one), then the transport's
+        // own close. Best effort, and bounded: the peer may be gone or not
+        // reading.
+        let close = async {
+            if let Some((code, reason)) = end.close_frame() {
+                outbound.feed(Outgoing::Close { code, reason }).await?;
+            }
+            outbound.close().await
+        };
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
         engine_ref.emit(Event::Disconnected {
             conn,
             mid,
@@ -291,7 +315,6 @@ where
         end
     }
     .instrument(span)
-    .await
 }
 
 /// Waits for op 7 and authenticates. On failure the op 8 reply (if any) has
@@ -417,6 +440,8 @@ where
         return SessionEnd::Transport(e);
     }
     drop(inbox);
+    // Most sessions go quiet after logging in.
+    writer.release();
     engine.emit(Event::Authenticated {
         conn: conn.clone(),
         mid,

@@ -1,11 +1,10 @@
 //! A zero-copy sink of [`Outgoing`] units over any `AsyncWrite`.
 
-use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, Bytes};
+use comet_core::codec::Units;
 use comet_core::Outgoing;
 use futures_util::Sink;
 use tokio::io::AsyncWrite;
@@ -19,45 +18,40 @@ const MAX_IOV: usize = 32;
 #[derive(Debug)]
 pub(crate) struct WriteSink<W> {
     io: W,
-    queue: VecDeque<Bytes>,
+    queue: Units,
 }
 
 impl<W: AsyncWrite + Unpin> WriteSink<W> {
     pub(crate) fn new(io: W) -> Self {
         WriteSink {
             io,
-            queue: VecDeque::new(),
+            queue: Units::default(),
         }
     }
 
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.queue.is_empty() {
-            let mut slices = [IoSlice::new(&[]); MAX_IOV];
-            let mut n = 0;
-            for (slot, buf) in slices.iter_mut().zip(self.queue.iter()) {
-                *slot = IoSlice::new(buf);
-                n += 1;
-            }
-            let mut written = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..n]))?;
+            let written = if self.queue.len() == 1 {
+                // One buffer: a plain write (`send`), cheaper in the kernel
+                // than `writev`, which a lone reply or delivery would take.
+                let unit = self.queue.front().map_or(&[][..], |u| &u[..]);
+                ready!(Pin::new(&mut self.io).poll_write(cx, unit))?
+            } else {
+                let mut slices = [IoSlice::new(&[]); MAX_IOV];
+                let mut n = 0;
+                for (slot, buf) in slices.iter_mut().zip(self.queue.iter()) {
+                    *slot = IoSlice::new(buf);
+                    n += 1;
+                }
+                ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..n]))?
+            };
             if written == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            while written > 0 {
-                let Some(front) = self.queue.front_mut() else {
-                    break;
-                };
-                if written >= front.len() {
-                    written -= front.len();
-                    self.queue.pop_front();
-                } else {
-                    front.advance(written);
-                    written = 0;
-                }
-            }
+            self.queue.advance(written);
         }
-        // Drained: an idle connection keeps no slots (a deque allocates at
-        // least four, 128 bytes).
-        self.queue = VecDeque::new();
+        // Drained: an idle connection keeps no spill-over list.
+        self.queue.shrink();
         Poll::Ready(Ok(()))
     }
 }

@@ -6,7 +6,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use comet_core::codec::{json, split_frames};
@@ -208,9 +207,7 @@ where
         Err(e) => frames.pending.push_back(Err(map_error(e))),
     }
     let info = comet.conn_info(Transport::WebSocket, mode, peer);
-    let end = comet.serve(info, frames, &mut sink).await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
-    end
+    comet.serve(info, frames, sink).await
 }
 
 fn map_error(e: tungstenite::Error) -> FrameError {

@@ -144,11 +144,19 @@ impl BatchWriter {
         if self.buf.is_empty() {
             None
         } else {
-            // The whole buffer goes (not `split()`, whose leftover would keep
-            // the allocation alive): an idle connection holds no buffer, and
-            // the next push allocates one sized like this unit.
+            // `split()` keeps the rest of the allocation: once this unit is
+            // written and dropped, the next one reuses it in place.
             self.hint = self.buf.len();
-            Some(std::mem::take(&mut self.buf).freeze())
+            Some(self.buf.split().freeze())
+        }
+    }
+
+    /// Frees the buffer if nothing is pending in it (an idle connection
+    /// need not keep one); the next push allocates one sized like the last
+    /// unit taken.
+    pub fn release(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
         }
     }
 }
@@ -166,12 +174,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_taken_unit_leaves_no_buffer_behind_and_sizes_the_next_one() {
+    fn a_released_writer_keeps_no_buffer_and_sizes_the_next_one() {
         let mut batch = BatchWriter::new(WireMode::Binary, 1024);
         assert!(batch.push(&[1u8; 300]));
         let unit = batch.take().unwrap();
         assert_eq!(unit.len(), HEADER_LEN + 300);
-        // Nothing kept for an idle connection...
+        // Nothing kept for an idle connection once released...
+        batch.release();
         assert_eq!(batch.buf.capacity(), 0);
         // ...and the next unit starts with room for one like the last.
         assert!(batch.push(&[2u8; 10]));

@@ -3,13 +3,16 @@
 //! - [`TcpCodec`]: tokio-util `Decoder`/`Encoder` for TCP and binary WebSocket.
 //! - [`json`]: one frame object per WebSocket text frame.
 //! - [`BatchWriter`] / [`read_batch`]: op 9 in both modes.
+//! - [`Units`]: encoded units waiting for the socket.
 
 mod batch;
 pub mod json;
 mod tcp;
+mod units;
 
 pub use batch::{read_batch, BatchWriter};
 pub use tcp::{encode_frame, frame_to_bytes, put_header, split_frames, TcpCodec};
+pub use units::Units;
 
 use bytes::{Bytes, BytesMut};
 
