@@ -22,7 +22,7 @@ use crate::groups::GroupDirectory;
 use crate::message::{Conversation, Message};
 use crate::middleware::{BoxService, Handler, Request, Response, Router};
 use crate::payload::{Delivered, SendRequest};
-use crate::registry::{Delivery, Registry};
+use crate::registry::{Delivery, Kick, Registry};
 use crate::session::{self, Outgoing, SessionEnd};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::store::{Draft, MessageStore};
@@ -524,7 +524,10 @@ impl Comet {
     /// Starts a graceful shutdown: every session stops reading, writes what
     /// is queued for it, and closes. New connections are refused.
     pub fn shutdown(&self) {
+        // Sessions still logging in watch the token; established ones are
+        // kicked (and one registering after this sweep sees the token).
         self.engine.shutdown.cancel();
+        self.engine.registry.kick_all(Kick::Shutdown);
     }
 
     /// Whether [`shutdown`](Self::shutdown) was called.

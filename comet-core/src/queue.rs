@@ -6,11 +6,18 @@
 //! empty — one wake; the writer swaps the whole deque out in one lock, so a
 //! burst costs the producers nothing more. An idle session's queue holds no
 //! allocation.
+//!
+//! The wake-up is an `AtomicWaker`, not a `tokio::sync::Notify`: a pending
+//! `Notified` takes the notifier's mutex every time it is polled, and a
+//! session's task is polled on every frame in either direction. The queue's
+//! waker also carries the session's kicks (see `registry::Shared`), so one
+//! cheap registration covers both.
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
+use std::task::{Context, Poll};
 
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 
 use crate::registry::Outbound;
 
@@ -33,7 +40,9 @@ pub(crate) enum Refused {
 #[derive(Debug)]
 pub(crate) struct Queue {
     inner: Mutex<Inner>,
-    ready: Notify,
+    /// The session task, woken by the first push into an empty queue and by
+    /// kicks.
+    waker: AtomicWaker,
     limit: usize,
 }
 
@@ -41,7 +50,7 @@ impl Queue {
     pub(crate) fn new(limit: usize) -> Self {
         Queue {
             inner: Mutex::default(),
-            ready: Notify::new(),
+            waker: AtomicWaker::new(),
             limit,
         }
     }
@@ -65,30 +74,42 @@ impl Queue {
         let first = inner.items.len() == 1;
         drop(inner);
         if first {
-            self.ready.notify_one();
+            self.waker.wake();
         }
         Ok(())
     }
 
-    /// Waits until something is queued and moves all of it into `into`
-    /// (which must be empty). Returns `false` once the queue is closed and
+    /// Wakes the session task (a kick).
+    pub(crate) fn wake(&self) {
+        self.waker.wake();
+    }
+
+    /// Registers the session task for [`wake`](Self::wake)s and pushes into
+    /// an empty queue. Every poll of a session task registers before it
+    /// checks anything, so no wake-up is lost.
+    pub(crate) fn register(&self, cx: &Context<'_>) {
+        self.waker.register(cx.waker());
+    }
+
+    /// Moves everything queued into `into` (which must be empty), or waits
+    /// for something to be. `Ready(false)` once the queue is closed and
     /// empty.
-    pub(crate) async fn take(&self, into: &mut VecDeque<Outbound>) -> bool {
-        loop {
-            {
-                let mut inner = self.lock();
-                if !inner.items.is_empty() {
-                    std::mem::swap(&mut inner.items, into);
-                    inner.bytes = 0;
-                    return true;
-                }
-                if inner.closed {
-                    return false;
-                }
-            }
-            // notify_one keeps a permit when nobody waits: no lost wake-up.
-            self.ready.notified().await;
+    pub(crate) fn poll_take(
+        &self,
+        cx: &Context<'_>,
+        into: &mut VecDeque<Outbound>,
+    ) -> Poll<bool> {
+        self.register(cx);
+        let mut inner = self.lock();
+        if !inner.items.is_empty() {
+            std::mem::swap(&mut inner.items, into);
+            inner.bytes = 0;
+            return Poll::Ready(true);
         }
+        if inner.closed {
+            return Poll::Ready(false);
+        }
+        Poll::Pending
     }
 
     /// Closes the queue (further pushes are refused) and returns what is

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::task::{Context, Poll};
 
 use async_trait::async_trait;
 use tokio::sync::Notify;
@@ -85,15 +86,15 @@ pub(crate) enum Kick {
     SlowConsumer = 1,
     Disconnected = 2,
     Replaced = 3,
+    Shutdown = 4,
 }
 
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) queue: Queue,
+    /// Why the session was told to close (`Kick` as `u8`); set once, and
+    /// announced through the queue's waker.
     kick: AtomicU8,
-    /// Wakes the session when it is kicked (a `Notify` keeps the wake-up
-    /// even if the session is not waiting yet, and costs no allocation).
-    kicked: Notify,
 }
 
 impl Shared {
@@ -102,24 +103,26 @@ impl Shared {
             1 => Kick::SlowConsumer,
             2 => Kick::Disconnected,
             3 => Kick::Replaced,
+            4 => Kick::Shutdown,
             _ => Kick::None,
         }
     }
 
-    fn kick(&self, why: Kick) {
+    pub(crate) fn kick(&self, why: Kick) {
         let _ = self
             .kick
             .compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire);
-        self.kicked.notify_one();
+        self.queue.wake();
     }
 
-    /// Resolves once the session has been kicked.
-    pub(crate) async fn kicked(&self) -> Kick {
-        loop {
-            match self.kick_reason() {
-                Kick::None => self.kicked.notified().await,
-                why => return why,
-            }
+    /// Ready once the session has been kicked. Registers the task on the
+    /// queue's waker first, as [`Queue::poll_take`] does: the session's
+    /// reader and writer share one task, so one waker serves both.
+    pub(crate) fn poll_kicked(&self, cx: &Context<'_>) -> Poll<Kick> {
+        self.queue.register(cx);
+        match self.kick_reason() {
+            Kick::None => Poll::Pending,
+            why => Poll::Ready(why),
         }
     }
 }
@@ -138,7 +141,6 @@ impl SessionHandle {
         let shared = Arc::new(Shared {
             queue: Queue::new(limit),
             kick: AtomicU8::new(0),
-            kicked: Notify::new(),
         });
         SessionHandle {
             conn_id,
@@ -296,6 +298,17 @@ impl Registry {
     fn shard(&self, mid: Mid) -> &Shard {
         // High bits pick the shard; the map inside uses the low ones.
         &self.shards[(self.hasher.hash_one(mid) >> 40) as usize & (SHARDS - 1)]
+    }
+
+    /// Tells every registered session to close for `why`.
+    pub(crate) fn kick_all(&self, why: Kick) {
+        for shard in self.shards.iter() {
+            for entry in shard.read().values() {
+                for session in &entry.sessions {
+                    session.shared.kick(why);
+                }
+            }
+        }
     }
 
     /// Adds a session, then waits until no offline push for its mid is under

@@ -413,6 +413,10 @@ where
         mid,
         conn_id: conn.conn_id,
     };
+    if engine.shutdown.is_cancelled() {
+        // Registered after `Comet::shutdown` swept the registry.
+        handle.shared().kick(Kick::Shutdown);
+    }
     let inbox = engine
         .bounded("message store", engine.store.take_offline(mid))
         .await
@@ -457,15 +461,18 @@ where
     let end = {
         let reader = read_loop(engine, &ctx, &handle, inbound);
         let writing = write_loop(&mut writer, outbound, &shared);
+        // Kicks are watched on their own, so a writer stuck on a peer that
+        // stopped reading is still cut off.
+        let kicked = std::future::poll_fn(|cx| shared.poll_kicked(cx));
         tokio::select! {
             end = reader => end,
             end = writing => end,
-            why = shared.kicked() => match why {
+            why = kicked => match why {
                 Kick::SlowConsumer => SessionEnd::SlowConsumer,
                 Kick::Replaced => SessionEnd::Replaced,
+                Kick::Shutdown => SessionEnd::Shutdown,
                 _ => SessionEnd::Disconnected,
             },
-            _ = engine.shutdown.cancelled() => SessionEnd::Shutdown,
         }
     };
     // No new deliveries from here on.
@@ -565,7 +572,7 @@ where
 {
     let mut items = std::collections::VecDeque::new();
     loop {
-        if !shared.queue.take(&mut items).await {
+        if !std::future::poll_fn(|cx| shared.queue.poll_take(cx, &mut items)).await {
             return SessionEnd::Disconnected;
         }
         for item in items.drain(..) {
