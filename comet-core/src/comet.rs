@@ -1,6 +1,6 @@
 //! The [`Comet`] handle and its builder.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::hash::BuildHasher;
@@ -266,7 +266,7 @@ pub(crate) struct Engine {
     router: Router,
     layers: Vec<LayerFn>,
     stripes: Box<[tokio::sync::Mutex<()>]>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: foldhash::fast::RandomState,
     next_conn: AtomicU64,
     pub(crate) shutdown: CancellationToken,
     pub(crate) active: AtomicUsize,
@@ -409,7 +409,7 @@ impl Comet {
             store: None,
             groups: None,
             layers: Vec::new(),
-            handlers: HashMap::new(),
+            handlers: HashMap::default(),
             reserved: None,
             events: None,
             delivery: None,

@@ -1,6 +1,6 @@
 //! The innermost service: the protocol's own ops, then application handlers.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};

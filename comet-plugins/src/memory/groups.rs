@@ -1,4 +1,4 @@
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use comet_core::{async_trait, BoxError, GroupDirectory, GroupId, Members, Mid};
