@@ -20,7 +20,7 @@ use crate::error::{BoxError, FrameError, SendError};
 use crate::frame::{op, Frame, Transport, WireMode};
 use crate::groups::GroupDirectory;
 use crate::message::{Conversation, Message};
-use crate::middleware::{BoxService, Handler, Request, Response, Router};
+use crate::middleware::{BoxService, Handler, Request, Response, Router, Stack};
 use crate::payload::{Delivered, SendRequest};
 use crate::registry::{Delivery, Kick, Registry};
 use crate::session::{self, Outgoing, SessionEnd};
@@ -275,12 +275,15 @@ pub(crate) struct Engine {
 
 impl Engine {
     /// A fresh middleware stack for one connection.
-    pub(crate) fn stack(&self) -> BoxService {
+    pub(crate) fn stack(&self) -> Stack {
+        if self.layers.is_empty() {
+            return Stack::Bare(self.router.clone());
+        }
         let mut service = BoxService::new(self.router.clone());
         for layer in self.layers.iter().rev() {
             service = layer(service);
         }
-        service
+        Stack::Layered(service)
     }
 
     pub(crate) fn emit(&self, event: Event) {

@@ -308,30 +308,32 @@ impl Delivered {
     /// The whole inner frame (ver 1, seq 0) in `mode`, ready for a
     /// [`BatchWriter`](crate::codec::BatchWriter).
     pub fn encode_frame(&self, mode: WireMode) -> Bytes {
-        let mut buf = BytesMut::with_capacity(HEADER_LEN + 16 + self.msg.len() * 4 / 3 + 80);
         match mode {
             WireMode::Binary => {
+                // Exactly sized: a full buffer freezes without allocating a
+                // shared header.
+                let mut buf = BytesMut::with_capacity(HEADER_LEN + 16 + self.msg.len());
                 codec::put_header(&mut buf, 16 + self.msg.len(), SERVER_VER, self.op, 0);
                 buf.put_i64(self.chat_id);
                 buf.put_i32(self.from);
                 buf.put_i32(self.to);
                 buf.put_slice(&self.msg);
+                buf.freeze()
             }
             WireMode::Json => {
+                let mut buf = BytesMut::with_capacity(HEADER_LEN + self.msg.len() * 4 / 3 + 96);
                 codec::json::write_head(&mut buf, SERVER_VER, self.op, 0);
                 use std::fmt::Write as _;
-                let mut head = String::with_capacity(48);
                 let _ = write!(
-                    head,
+                    buf,
                     r#"{{"chatId":{},"from":{},"to":{}"#,
                     self.chat_id, self.from, self.to
                 );
-                buf.put_slice(head.as_bytes());
                 write_msg(&mut buf, &self.msg);
                 buf.put_slice(b"}}");
+                buf.freeze()
             }
         }
-        buf.freeze()
     }
 
     /// Reads an inner frame of op 9 in `mode`.

@@ -46,6 +46,37 @@ pub type BoxService = TowerBoxService<Request, Response, BoxError>;
 /// A type-erased application handler for one op (cloned per call).
 pub(crate) type Handler = BoxCloneSyncService<Request, Response, BoxError>;
 
+/// A connection's service: the router alone when the application added no
+/// layer, or the boxed stack. Without layers this saves boxing every
+/// frame's (already boxed) future a second time.
+pub(crate) enum Stack {
+    Bare(Router),
+    Layered(BoxService),
+}
+
+impl tower::Service<Request> for Stack {
+    type Response = Response;
+    type Error = BoxError;
+    type Future = router::BoxFuture;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        match self {
+            Stack::Bare(router) => router.poll_ready(cx),
+            Stack::Layered(service) => service.poll_ready(cx),
+        }
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        match self {
+            Stack::Bare(router) => router.call(req),
+            Stack::Layered(service) => service.call(req),
+        }
+    }
+}
+
 /// The context of an authenticated connection.
 #[derive(Debug)]
 pub struct ConnContext {

@@ -14,7 +14,7 @@ use crate::error::BoxError;
 use crate::frame::op;
 use crate::payload::{SendReply, SendRequest};
 
-type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
+pub(crate) type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
 
 /// Stores and delivers one message, to the end even if the session that
 /// sent it goes away meanwhile: a send dropped half-way would leave a
