@@ -223,7 +223,7 @@ async fn serve(
     layout: Layout,
 ) -> ExitCode {
     match kind {
-        ServerKind::Ceiling => match ceiling::serve(tcp, layout).await {
+        ServerKind::Ceiling => match ceiling::serve(tcp, ws, layout).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");

@@ -111,15 +111,24 @@ pub(crate) fn report(results: &Path, out_dir: &Path) -> std::io::Result<()> {
 
     // Fanout.
     let fanout = group("fanout", &["members", "rate", "msg_bytes"]);
-    let reference = |server: &str, members: &Value, rate: &Value, metric: &str| {
-        fanout
-            .values()
-            .find(|r| {
-                r.runs[0]["server"] == server
-                    && r.runs[0]["members"] == *members
-                    && r.runs[0]["rate"] == *rate
-            })
-            .and_then(|r| r.median(metric))
+    // A baseline on the same transport if it was measured (the ceiling over
+    // binary WebSocket), else its TCP figure, else whatever it has (the
+    // peer speaks socket.io only).
+    let reference = |server: &str, v: &Value, metric: &str| {
+        let on = |transport: Option<&Value>| {
+            fanout
+                .values()
+                .find(|r| {
+                    r.runs[0]["server"] == server
+                        && transport.is_none_or(|t| r.runs[0]["transport"] == *t)
+                        && r.runs[0]["members"] == v["members"]
+                        && r.runs[0]["rate"] == v["rate"]
+                })
+                .and_then(|r| r.median(metric))
+        };
+        on(Some(&v["transport"]))
+            .or_else(|| on(Some(&Value::from("tcp"))))
+            .or_else(|| on(None))
     };
     println!("\n### fanout: one sender, one group\n");
     println!("| server / transport | members | rate | delivered msgs/s | vs ceiling | vs peer | server CPU ns/delivery | p50 | p99 | p99 vs ceiling | max | runs | all ok |");
@@ -139,21 +148,12 @@ pub(crate) fn report(results: &Path, out_dir: &Path) -> std::io::Result<()> {
             v["members"],
             rate,
             fmt(d, ""),
-            ratio(
-                d,
-                reference("ceiling", &v["members"], &v["rate"], "delivered_per_s")
-            ),
-            ratio(
-                d,
-                reference("peer", &v["members"], &v["rate"], "delivered_per_s")
-            ),
+            ratio(d, reference("ceiling", v, "delivered_per_s")),
+            ratio(d, reference("peer", v, "delivered_per_s")),
             fmt(r.median("server_cpu_ns_per_delivery"), ""),
             fmt(r.median("latency.p50_us"), " µs"),
             fmt(p99, " µs"),
-            ratio(
-                p99,
-                reference("ceiling", &v["members"], &v["rate"], "latency.p99_us")
-            ),
+            ratio(p99, reference("ceiling", v, "latency.p99_us")),
             fmt(r.median("latency.max_us"), " µs"),
             r.runs.len(),
             r.all_ok()
@@ -162,10 +162,12 @@ pub(crate) fn report(results: &Path, out_dir: &Path) -> std::io::Result<()> {
 
     // Pairs.
     let pairs = group("pairs", &["pairs"]);
-    let ceiling_rt = pairs
-        .values()
-        .find(|r| r.runs[0]["server"] == "ceiling")
-        .and_then(|r| r.median("round_trips_per_s"));
+    let ceiling_on = |transport: &Value| {
+        pairs
+            .values()
+            .find(|r| r.runs[0]["server"] == "ceiling" && r.runs[0]["transport"] == *transport)
+            .and_then(|r| r.median("round_trips_per_s"))
+    };
     let peer_rt = pairs
         .values()
         .find(|r| r.runs[0]["server"] == "peer")
@@ -175,6 +177,8 @@ pub(crate) fn report(results: &Path, out_dir: &Path) -> std::io::Result<()> {
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in pairs.values() {
         let rt = r.median("round_trips_per_s");
+        let ceiling_rt =
+            ceiling_on(&r.runs[0]["transport"]).or_else(|| ceiling_on(&Value::from("tcp")));
         println!(
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             label(r),

@@ -35,7 +35,8 @@ fn start(kind: &str, layout: &[&str]) -> (Server, String, Option<String>) {
     let tcp = format!("127.0.0.1:{}", free_port());
     let ws = format!("127.0.0.1:{}", free_port());
     let mut args = vec!["serve", "--server", kind, "--tcp", &tcp, "--users", "2000"];
-    if kind == "comet" {
+    let serves_ws = kind == "comet" || kind == "ceiling";
+    if serves_ws {
         args.extend(["--ws", &ws]);
     }
     args.extend(layout);
@@ -50,7 +51,7 @@ fn start(kind: &str, layout: &[&str]) -> (Server, String, Option<String>) {
         assert!(Instant::now() < deadline, "{kind} server did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let ws = (kind == "comet").then_some(ws);
+    let ws = serves_ws.then_some(ws);
     (Server(child), tcp, ws)
 }
 
@@ -118,13 +119,16 @@ fn every_scenario_against_comet_on_every_transport() {
 #[test]
 fn every_scenario_against_the_ceiling() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let (server, tcp, _) = start("ceiling", &["--groups", "4", "--group-size", "50"]);
+    let (server, tcp, ws) = start("ceiling", &["--groups", "4", "--group-size", "50"]);
     let pid = server.0.id();
-    let fanout = run(&tcp, pid, "tcp", FANOUT);
-    assert_eq!(fanout["deliveries"], 49 * 50);
-    run(&tcp, pid, "tcp", PAIRS);
-    run(&tcp, pid, "tcp", IDLE);
-    run(&tcp, pid, "tcp", MIXED);
+    let ws = ws.unwrap();
+    for (addr, transport) in [(&tcp, "tcp"), (&ws, "ws-binary")] {
+        let fanout = run(addr, pid, transport, FANOUT);
+        assert_eq!(fanout["deliveries"], 49 * 50);
+        run(addr, pid, transport, PAIRS);
+        run(addr, pid, transport, IDLE);
+        run(addr, pid, transport, MIXED);
+    }
 }
 
 #[test]

@@ -94,11 +94,7 @@ impl Queue {
     /// Moves everything queued into `into` (which must be empty), or waits
     /// for something to be. `Ready(false)` once the queue is closed and
     /// empty.
-    pub(crate) fn poll_take(
-        &self,
-        cx: &Context<'_>,
-        into: &mut VecDeque<Outbound>,
-    ) -> Poll<bool> {
+    pub(crate) fn poll_take(&self, cx: &Context<'_>, into: &mut VecDeque<Outbound>) -> Poll<bool> {
         self.register(cx);
         let mut inner = self.lock();
         if !inner.items.is_empty() {

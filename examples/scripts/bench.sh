@@ -23,7 +23,7 @@ server_pid=""
 start() { # kind port extra-args...
   local kind=$1 port=$2; shift 2
   local ws=()
-  [ "$kind" = comet ] && ws=(--ws "127.0.0.1:$((port + 1))")
+  case $kind in comet | ceiling) ws=(--ws "127.0.0.1:$((port + 1))") ;; esac
   "$bin" serve --server "$kind" --tcp "127.0.0.1:$port" "${ws[@]}" "$@" > "$out/server-$kind.log" 2>&1 &
   server_pid=$!
   for _ in $(seq 100); do
@@ -35,7 +35,7 @@ start() { # kind port extra-args...
 stop() { kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; sleep 1; }
 run() { # kind transport port scenario args... (port: the server's base port; $runs times)
   local kind=$1 transport=$2 port=$3; shift 3
-  # comet serves WebSocket on the port after its TCP one.
+  # comet and the ceiling serve WebSocket on the port after their TCP one.
   case $transport in ws-*) port=$((port + 1)) ;; esac
   for _ in $(seq "$runs"); do
     "$bin" run "$@" --addr "127.0.0.1:$port" --transport "$transport" --server-pid "$server_pid" \
@@ -43,7 +43,7 @@ run() { # kind transport port scenario args... (port: the server's base port; $r
   done
 }
 
-targets=("comet tcp 4101" "comet ws-binary 4101" "comet ws-json 4101" "ceiling tcp 4201" "peer socket-io 4301")
+targets=("comet tcp 4101" "comet ws-binary 4101" "comet ws-json 4101" "ceiling tcp 4201" "ceiling ws-binary 4201" "peer socket-io 4301")
 
 # Fan-out by group size (one server per size: the group layout is fixed at start).
 for size in 100 1000 2000 5000 10000; do
