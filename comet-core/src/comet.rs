@@ -218,10 +218,8 @@ impl CometBuilder {
         let registry = Arc::new(
             Registry::new(store.clone(), stats.clone()).with_hook_timeout(self.config.hook_timeout),
         );
-        let delivery: Arc<dyn Delivery> = match self.delivery {
-            Some(make) => make(registry.clone()),
-            None => registry.clone(),
-        };
+        // `None`: the local registry, called without a boxed future.
+        let delivery: Option<Arc<dyn Delivery>> = self.delivery.map(|make| make(registry.clone()));
         let handlers = Arc::new(self.handlers);
         let layers = self.layers;
         let engine = Arc::new_cyclic(|weak| {
@@ -260,7 +258,7 @@ pub(crate) struct Engine {
     pub(crate) store: Arc<dyn MessageStore>,
     pub(crate) groups: Arc<dyn GroupDirectory>,
     pub(crate) registry: Arc<Registry>,
-    pub(crate) delivery: Arc<dyn Delivery>,
+    pub(crate) delivery: Option<Arc<dyn Delivery>>,
     pub(crate) stats: Arc<Stats>,
     pub(crate) events: Option<EventHook>,
     router: Router,
@@ -371,9 +369,18 @@ impl Engine {
             None if req.to == req.from => (&single, None),
             None => (&single, Some(req.from)),
         };
-        if let Err(e) = self.delivery.deliver(recipients, echo, &msg, except).await {
-            // The message is stored: the sender's ack stands.
-            tracing::error!(chat_id, cause = %e, "delivery failed");
+        match &self.delivery {
+            None => {
+                self.registry
+                    .deliver_local(recipients, echo, &msg, except)
+                    .await
+            }
+            Some(delivery) => {
+                if let Err(e) = delivery.deliver(recipients, echo, &msg, except).await {
+                    // The message is stored: the sender's ack stands.
+                    tracing::error!(chat_id, cause = %e, "delivery failed");
+                }
+            }
         }
         self.stats.message();
         Ok(chat_id)

@@ -516,6 +516,21 @@ impl Delivery for Registry {
         msg: &Arc<Message>,
         except: Option<ConnId>,
     ) -> Result<(), BoxError> {
+        self.deliver_local(recipients, echo, msg, except).await;
+        Ok(())
+    }
+}
+
+impl Registry {
+    /// [`Delivery::deliver`] without the trait's boxed future: the engine
+    /// calls this directly when no other delivery was configured.
+    pub(crate) async fn deliver_local(
+        &self,
+        recipients: &[Mid],
+        echo: Option<Mid>,
+        msg: &Arc<Message>,
+        except: Option<ConnId>,
+    ) {
         if let Some(mid) = echo {
             self.push_live(mid, msg, except);
         }
@@ -527,6 +542,5 @@ impl Delivery for Registry {
                 self.push_offline(mid, msg, except).await;
             }
         }
-        Ok(())
     }
 }

@@ -5,6 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 
 use bytes::Bytes;
 use futures_util::{FutureExt as _, Sink, SinkExt, Stream, StreamExt};
@@ -17,7 +18,7 @@ use crate::codec::{BatchWriter, Units};
 use crate::comet::{Comet, Engine, Event};
 use crate::error::FrameError;
 use crate::frame::{op, Frame, WireMode};
-use crate::middleware::{ConnContext, Request};
+use crate::middleware::{ConnContext, Request, Stack};
 use crate::payload::AuthReply;
 use crate::registry::{Kick, Outbound, SessionHandle, Shared};
 use crate::Mid;
@@ -539,15 +540,9 @@ where
             frame,
             ctx: ctx.clone(),
         };
-        let call = async {
-            match service.ready().await {
-                Ok(svc) => svc.call(request).await,
-                Err(e) => Err(e),
-            }
-        };
-        let result = match AssertUnwindSafe(call).catch_unwind().await {
+        let result = match call(&mut service, request).await {
             Ok(result) => result,
-            Err(panic) => return SessionEnd::Panic(panic_text(&panic)),
+            Err(panic) => return SessionEnd::Panic(panic),
         };
         match result {
             Ok(Some(reply)) => {
@@ -562,6 +557,42 @@ where
             }
             Err(e) => return SessionEnd::Handler(e.to_string()),
         }
+    }
+}
+
+/// Runs one request through the stack to its end, even if the session goes
+/// away meanwhile: a call that completes on its first poll (the protocol's
+/// own ops with the in-memory plug-ins always do) runs inline, and one that
+/// has to wait moves to a task of its own, which the session awaits. A send
+/// dropped half-way would leave a stored message (its chatId used) that
+/// some recipients never get. `Err` carries a panic's message.
+async fn call(
+    service: &mut Stack,
+    request: Request,
+) -> Result<Result<crate::middleware::Response, crate::BoxError>, String> {
+    let ready = match AssertUnwindSafe(service.ready()).catch_unwind().await {
+        Ok(Ok(svc)) => svc,
+        Ok(Err(e)) => return Ok(Err(e)),
+        Err(panic) => return Err(panic_text(&panic)),
+    };
+    let mut job = match std::panic::catch_unwind(AssertUnwindSafe(|| ready.call(request))) {
+        Ok(job) => job,
+        Err(panic) => return Err(panic_text(&panic)),
+    };
+    let first = std::future::poll_fn(|cx| {
+        Poll::Ready(std::panic::catch_unwind(AssertUnwindSafe(|| {
+            job.as_mut().poll(cx)
+        })))
+    })
+    .await;
+    match first {
+        Ok(Poll::Ready(result)) => Ok(result),
+        Ok(Poll::Pending) => match tokio::spawn(job).await {
+            Ok(result) => Ok(result),
+            Err(e) if e.is_panic() => Err(panic_text(&e.into_panic())),
+            Err(_) => Ok(Err("request cancelled".into())),
+        },
+        Err(panic) => Err(panic_text(&panic)),
     }
 }
 

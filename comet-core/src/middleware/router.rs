@@ -16,30 +16,6 @@ use crate::payload::{SendReply, SendRequest};
 
 pub(crate) type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
 
-/// Stores and delivers one message, to the end even if the session that
-/// sent it goes away meanwhile: a send dropped half-way would leave a
-/// stored message (its chatId used) that some recipients never get. A send
-/// that completes on its first poll (the in-memory plug-ins always do) runs
-/// inline; one that has to wait moves to a task of its own.
-async fn complete(
-    engine: Arc<Engine>,
-    op: u32,
-    send: SendRequest,
-    mid: crate::Mid,
-    conn_id: crate::ConnId,
-) -> Result<i64, crate::SendError> {
-    let mut job = Box::pin(async move { engine.send(op, &send, Some(mid), Some(conn_id)).await });
-    let first = std::future::poll_fn(|cx| Poll::Ready(job.as_mut().poll(cx))).await;
-    match first {
-        Poll::Ready(result) => result,
-        Poll::Pending => match tokio::spawn(job).await {
-            Ok(result) => result,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => Err(crate::SendError::Store("send cancelled".into())),
-        },
-    }
-}
-
 /// Handles ops 2, 18 and 20, routes application ops to their handlers, and
 /// ignores (and counts) any other op.
 #[derive(Clone)]
@@ -70,15 +46,12 @@ impl Service<Request> for Router {
                     let mode = req.ctx.conn.mode;
                     let reply_op = op + 1;
                     let result = match SendRequest::decode(mode, &req.frame.body) {
+                        // The session runs this call to its end even if it
+                        // closes meanwhile (see `session::call`).
                         Ok(send) => {
-                            complete(
-                                engine.clone(),
-                                op,
-                                send,
-                                req.ctx.mid(),
-                                req.ctx.conn.conn_id,
-                            )
-                            .await
+                            engine
+                                .send(op, &send, Some(req.ctx.mid()), Some(req.ctx.conn.conn_id))
+                                .await
                         }
                         Err(e) => Err(e.into()),
                     };
