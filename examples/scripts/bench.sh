@@ -45,36 +45,49 @@ run() { # kind transport port scenario args... (port: the server's base port; $r
 
 targets=("comet tcp 4101" "comet ws-binary 4101" "comet ws-json 4101" "ceiling tcp 4201" "ceiling ws-binary 4201" "peer socket-io 4301")
 
-# Fan-out by group size (one server per size: the group layout is fixed at start).
-for size in 100 1000 2000 5000 10000; do
-  msgs=$(( 4000000 / size )); [ "$msgs" -gt 4000 ] && msgs=4000
-  for t in "${targets[@]}"; do
-    set -- $t
-    start "$1" "$3" --users $((size + 10)) --groups 1 --group-size "$size"
-    run "$1" "$2" "$3" fanout --members "$size" --messages "$msgs"
-    if [ "$size" = 2000 ]; then
-      run "$1" "$2" "$3" fanout --members 2000 --messages 500 --rate 50
-    fi
-    stop
+# Runs interleave across servers (run 1 of every server, then run 2, ...),
+# each on a fresh server, so the slow and fast spells of a shared machine
+# fall on all of them alike instead of on whichever server ran then.
+
+# Fan-out by group size (the group layout is fixed when a server starts).
+for _ in $(seq "$runs"); do
+  for size in 100 1000 2000 5000 10000; do
+    msgs=$(( 4000000 / size )); [ "$msgs" -gt 4000 ] && msgs=4000
+    for t in "${targets[@]}"; do
+      set -- $t
+      start "$1" "$3" --users $((size + 10)) --groups 1 --group-size "$size"
+      runs=1 run "$1" "$2" "$3" fanout --members "$size" --messages "$msgs"
+      if [ "$size" = 2000 ]; then
+        runs=1 run "$1" "$2" "$3" fanout --members 2000 --messages 500 --rate 50
+      fi
+      stop
+    done
   done
 done
 
-# Idle connections, connect+auth rate; pairs; mixed.
-for t in "${targets[@]}"; do
-  set -- $t
-  # A fresh server for every idle run, so RSS starts from the same place
-  # (a second run would reuse the memory the first one freed).
+# Idle connections and the connect+auth rate (a fresh server for every run,
+# so RSS starts from the same place).
+for _ in $(seq "$runs"); do
   for n in 1000 5000 10000 15000; do
-    for _ in $(seq "$runs"); do
+    for t in "${targets[@]}"; do
+      set -- $t
       start "$1" "$3" --users 20000 --groups 50 --group-size 20
       runs=1 run "$1" "$2" "$3" idle --connections "$n" --hold-secs 2
       stop
     done
   done
-  start "$1" "$3" --users 20000 --groups 50 --group-size 20
-  run "$1" "$2" "$3" pairs --pairs 100 --seconds 5
-  run "$1" "$2" "$3" mixed --groups 50 --group-size 20 --rate 2 --seconds 10
-  stop
+done
+
+# Pairs (two more runs: a ping-pong is the most sensitive to the machine's
+# spells) and mixed.
+for r in $(seq $((runs + 2))); do
+  for t in "${targets[@]}"; do
+    set -- $t
+    start "$1" "$3" --users 20000 --groups 50 --group-size 20
+    runs=1 run "$1" "$2" "$3" pairs --pairs 100 --seconds 5
+    [ "$r" -le "$runs" ] && runs=1 run "$1" "$2" "$3" mixed --groups 50 --group-size 20 --rate 2 --seconds 10
+    stop
+  done
 done
 
 "$bin" report "$results" --plots docs/bench > "$out/report.md"
