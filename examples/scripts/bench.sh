@@ -17,7 +17,6 @@ bin=target/release/comet-bench
 out=target/bench
 mkdir -p "$out"
 results="$out/results.jsonl"
-: > "$results"
 
 server_pid=""
 start() { # kind port extra-args...
@@ -45,6 +44,27 @@ run() { # kind transport port scenario args... (port: the server's base port; $r
 
 targets=("comet tcp 4101" "comet ws-binary 4101" "comet ws-json 4101" "ceiling tcp 4201" "ceiling ws-binary 4201" "peer socket-io 4301")
 
+# Four more fixed-rate fan-outs per server: their p99 swings most with the
+# machine's spells (over TCP, 19-48 ms for one server within minutes).
+fixed_rate_extra() {
+  for _ in 1 2 3 4; do
+    for t in "${targets[@]}"; do
+      set -- $t
+      start "$1" "$3" --users 2010 --groups 1 --group-size 2000
+      runs=1 run "$1" "$2" "$3" fanout --members 2000 --messages 500 --rate 50
+      stop
+    done
+  done
+}
+
+# FIXED_RATE_ONLY=1 adds just these runs to the existing results.
+if [ "${FIXED_RATE_ONLY:-}" = 1 ]; then
+  fixed_rate_extra
+  "$bin" report "$results" --plots docs/bench > "$out/report.md"
+  exit 0
+fi
+: > "$results"
+
 # Runs interleave across servers (run 1 of every server, then run 2, ...),
 # each on a fresh server, so the slow and fast spells of a shared machine
 # fall on all of them alike instead of on whichever server ran then.
@@ -64,6 +84,8 @@ for _ in $(seq "$runs"); do
     done
   done
 done
+
+fixed_rate_extra
 
 # Idle connections and the connect+auth rate (a fresh server for every run,
 # so RSS starts from the same place).
