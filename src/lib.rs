@@ -8,7 +8,8 @@
 //! This facade re-exports the three crates of the workspace:
 //!
 //! - [`core`] (`comet-core`): frames, codecs, the plug-in traits
-//!   ([`Authenticator`], [`MessageStore`], [`GroupDirectory`]), the session
+//!   ([`Authenticator`](core::Authenticator), [`MessageStore`](core::MessageStore),
+//!   [`GroupDirectory`](core::GroupDirectory)), the session
 //!   engine and the middleware stack;
 //! - [`transports`] (`comet-transports`): TCP and WebSocket listeners, and a
 //!   tower/axum service to mount the WebSocket endpoint in an existing app;
