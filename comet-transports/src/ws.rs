@@ -1,7 +1,6 @@
 //! The WebSocket transport (PROTOCOL.md 1.2): text (JSON) and binary (goim
 //! v2) modes, fixed by the first data frame.
 
-use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -197,14 +196,15 @@ where
         inner: stream,
         mode,
         max_body,
-        pending: VecDeque::new(),
+        batch: Vec::new().into_iter(),
+        next: None,
         failed: false,
     };
     // A broken first message reaches the engine as an error like any other,
     // which logs, counts and closes with the right code.
     match first {
         Ok(msg) => frames.accept(msg),
-        Err(e) => frames.pending.push_back(Err(map_error(e))),
+        Err(e) => frames.next = Some(Err(map_error(e))),
     }
     let info = comet.conn_info(Transport::WebSocket, mode, peer);
     comet.serve(info, frames, sink).await
@@ -226,35 +226,39 @@ fn map_error(e: tungstenite::Error) -> FrameError {
 }
 
 /// Decoded frames from a WebSocket: one per text message, one or more per
-/// binary message.
+/// binary message. Between messages it holds no allocation: a text
+/// message's frame (or any error) waits in `next`, a binary message's frames
+/// in the vector `split_frames` made, freed once the last is taken.
 struct WsFrames<S> {
     inner: SplitStream<WebSocketStream<S>>,
     mode: WireMode,
     max_body: usize,
-    pending: VecDeque<Result<Frame, FrameError>>,
+    batch: std::vec::IntoIter<Frame>,
+    next: Option<Result<Frame, FrameError>>,
     failed: bool,
 }
 
 impl<S> WsFrames<S> {
-    /// Queues the frames of one data message (other messages are ignored).
+    /// Takes in the frames of one data message (other messages are
+    /// ignored). Called only when the previous message's are all out.
     fn accept(&mut self, msg: Message) {
-        match (msg, self.mode) {
-            (Message::Text(text), WireMode::Json) => {
-                self.pending
-                    .push_back(json::decode_frame(Bytes::from(text)));
-            }
+        self.next = match (msg, self.mode) {
+            (Message::Text(text), WireMode::Json) => Some(json::decode_frame(Bytes::from(text))),
             (Message::Binary(data), WireMode::Binary) => match split_frames(data, self.max_body) {
-                Ok(frames) => self.pending.extend(frames.into_iter().map(Ok)),
-                Err(e) => self.pending.push_back(Err(e)),
+                Ok(frames) => {
+                    self.batch = frames.into_iter();
+                    None
+                }
+                Err(e) => Some(Err(e)),
             },
-            (Message::Text(_), WireMode::Binary) => self
-                .pending
-                .push_back(Err(FrameError::WrongMode("text", "binary-mode"))),
-            (Message::Binary(_), WireMode::Json) => self
-                .pending
-                .push_back(Err(FrameError::WrongMode("binary", "text-mode"))),
-            _ => {}
-        }
+            (Message::Text(_), WireMode::Binary) => {
+                Some(Err(FrameError::WrongMode("text", "binary-mode")))
+            }
+            (Message::Binary(_), WireMode::Json) => {
+                Some(Err(FrameError::WrongMode("binary", "text-mode")))
+            }
+            _ => None,
+        };
     }
 }
 
@@ -267,7 +271,13 @@ where
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         loop {
-            if let Some(item) = this.pending.pop_front() {
+            if let Some(frame) = this.batch.next() {
+                if this.batch.len() == 0 {
+                    this.batch = Vec::new().into_iter();
+                }
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            if let Some(item) = this.next.take() {
                 if item.is_err() {
                     this.failed = true;
                 }
@@ -289,7 +299,7 @@ where
                         tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
                     ),
                 )) => return Poll::Ready(None),
-                Some(Err(e)) => this.pending.push_back(Err(map_error(e))),
+                Some(Err(e)) => this.next = Some(Err(map_error(e))),
             }
         }
     }
