@@ -127,69 +127,54 @@ impl Peer {
         Ok(mid)
     }
 
-    async fn send_user(
+    /// Stores (assigns the chatId) and broadcasts one op 18 or op 20 send,
+    /// returning its chatId.
+    async fn send(
         &self,
         socket: &SocketRef,
         mid: Option<Mid>,
+        op: u32,
         req: SendRequest,
     ) -> Result<i64, &'static str> {
         let from = Self::sender(mid, &req)?;
         let to = req.to;
-        if !(1..=self.users).contains(&to) {
-            return Err("unknown recipient");
-        }
-        let counter = self
-            .direct
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry((from.min(to), from.max(to)))
-            .or_default()
-            .clone();
+        // The conversation's counter, and the rooms that get the message
+        // (`to` broadcasts to every socket in them except this one).
+        let direct;
+        let (counter, rooms) = if op == op::SEND_TO_GROUP {
+            let Some(counter) = usize::try_from(to - 1)
+                .ok()
+                .and_then(|g| self.groups.get(g))
+            else {
+                return Err("unknown group");
+            };
+            if !self.layout.members(to).contains(&from) {
+                return Err("not a member of the group");
+            }
+            (counter, vec![format!("g{to}")])
+        } else {
+            if !(1..=self.users).contains(&to) {
+                return Err("unknown recipient");
+            }
+            direct = self
+                .direct
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry((from.min(to), from.max(to)))
+                .or_default()
+                .clone();
+            (&*direct, vec![format!("u{to}"), format!("u{from}")])
+        };
         let mut chat_id = counter.lock().await;
         *chat_id += 1;
         let delivery = Delivery {
-            op: op::SEND_TO_USER,
+            op,
             chat_id: *chat_id,
             from,
             to,
             msg: &req.msg,
         };
-        // `to` broadcasts: every socket in the rooms except this one.
-        let sent = socket
-            .to([format!("u{to}"), format!("u{from}")])
-            .emit("msg", &delivery)
-            .await;
-        self.check(sent);
-        Ok(*chat_id)
-    }
-
-    async fn send_group(
-        &self,
-        socket: &SocketRef,
-        mid: Option<Mid>,
-        req: SendRequest,
-    ) -> Result<i64, &'static str> {
-        let from = Self::sender(mid, &req)?;
-        let to = req.to;
-        let Some(counter) = usize::try_from(to - 1)
-            .ok()
-            .and_then(|g| self.groups.get(g))
-        else {
-            return Err("unknown group");
-        };
-        if !self.layout.members(to).contains(&from) {
-            return Err("not a member of the group");
-        }
-        let mut chat_id = counter.lock().await;
-        *chat_id += 1;
-        let delivery = Delivery {
-            op: op::SEND_TO_GROUP,
-            chat_id: *chat_id,
-            from,
-            to,
-            msg: &req.msg,
-        };
-        let sent = socket.to(format!("g{to}")).emit("msg", &delivery).await;
+        let sent = socket.to(rooms).emit("msg", &delivery).await;
         self.check(sent);
         Ok(*chat_id)
     }
@@ -297,11 +282,7 @@ async fn on_send_user(
     TryData(req): TryData<SendRequest>,
     ack: AckSender,
 ) {
-    let result = match req {
-        Ok(req) => peer.send_user(&socket, mid, req).await,
-        Err(_) => Err("bad send_user payload"),
-    };
-    peer.ack(ack, &reply(result));
+    on_send(&socket, &peer, mid, op::SEND_TO_USER, req.ok(), ack).await;
 }
 
 async fn on_send_group(
@@ -311,9 +292,20 @@ async fn on_send_group(
     TryData(req): TryData<SendRequest>,
     ack: AckSender,
 ) {
+    on_send(&socket, &peer, mid, op::SEND_TO_GROUP, req.ok(), ack).await;
+}
+
+async fn on_send(
+    socket: &SocketRef,
+    peer: &Peer,
+    mid: Option<Mid>,
+    op: u32,
+    req: Option<SendRequest>,
+    ack: AckSender,
+) {
     let result = match req {
-        Ok(req) => peer.send_group(&socket, mid, req).await,
-        Err(_) => Err("bad send_group payload"),
+        Some(req) => peer.send(socket, mid, op, req).await,
+        None => Err("bad send payload"),
     };
     peer.ack(ack, &reply(result));
 }
