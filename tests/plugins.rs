@@ -507,3 +507,84 @@ async fn a_hanging_inbox_and_a_vanished_sender_never_lock_the_recipient_out() {
     drop(b);
     assert!(comet.stats().plugin_errors >= 1);
 }
+
+/// A store whose appends wait until the test opens its gate.
+struct GatedStore {
+    inner: comet::plugins::memory::MemoryStore,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+#[async_trait]
+impl MessageStore for GatedStore {
+    async fn append(&self, draft: &Draft) -> Result<i64, BoxError> {
+        drop(self.gate.acquire().await?);
+        self.inner.append(draft).await
+    }
+    async fn push_offline(&self, mid: i32, msg: Arc<Message>) -> Result<(), BoxError> {
+        self.inner.push_offline(mid, msg).await
+    }
+    async fn take_offline(&self, mid: i32) -> Result<Vec<Arc<Message>>, BoxError> {
+        self.inner.take_offline(mid).await
+    }
+}
+
+#[tokio::test]
+async fn a_send_and_a_handler_pending_when_their_session_closes_still_complete() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let handled = Arc::new(tokio::sync::Notify::new());
+    let comet = Comet::builder()
+        .authenticator(Arc::new(comet::plugins::memory::MemoryAuth::from_iter([
+            (1, "k1"),
+            (2, "k2"),
+        ])))
+        .store(Arc::new(GatedStore {
+            inner: comet::plugins::memory::MemoryStore::default(),
+            gate: gate.clone(),
+        }))
+        .groups(Arc::new(Divisors))
+        .handler(1000, {
+            let (gate, handled) = (gate.clone(), handled.clone());
+            service_fn(move |_req: Request| {
+                let (gate, handled) = (gate.clone(), handled.clone());
+                async move {
+                    drop(gate.acquire().await?);
+                    handled.notify_one();
+                    Ok::<Response, BoxError>(None)
+                }
+            })
+        })
+        .build()
+        .unwrap();
+    let mut b = Conn::login(&comet, WireMode::Binary, 2).await;
+    let mut a = Conn::login(&comet, WireMode::Binary, 1).await;
+    let seq = a.next_seq();
+    let body = comet::core::payload::SendRequest {
+        from: 1,
+        to: 2,
+        msg: "sent before hanging up".into(),
+    }
+    .encode(WireMode::Binary);
+    a.send(Frame::new(1, op::SEND_TO_USER, seq, body)).await;
+    // The store holds the send; the sender's session is closed meanwhile
+    // (a hang-up would only be noticed once the request is done).
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(comet.disconnect(1), 1);
+    assert_eq!(a.end().await.0, SessionEnd::Disconnected);
+    gate.add_permits(1);
+    let got = b.delivered().await;
+    assert_eq!(
+        (got.from, got.chat_id, &got.msg[..]),
+        (1, 1, &b"sent before hanging up"[..])
+    );
+
+    // The same for an application handler.
+    let mut c = Conn::login(&comet, WireMode::Binary, 1).await;
+    c.send(Frame::new(1, 1000, 1, "")).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(comet.disconnect(1), 1);
+    assert_eq!(c.end().await.0, SessionEnd::Disconnected);
+    gate.add_permits(1);
+    tokio::time::timeout(Duration::from_secs(5), handled.notified())
+        .await
+        .expect("the handler ran to its end after its connection closed");
+}
