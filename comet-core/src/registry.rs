@@ -431,13 +431,7 @@ impl Registry {
 
     /// Closes every session.
     pub fn disconnect_all(&self) {
-        for shard in self.shards.iter() {
-            for entry in shard.read().values() {
-                for s in &entry.sessions {
-                    s.disconnect();
-                }
-            }
-        }
+        self.kick_all(Kick::Disconnected);
     }
 
     /// Pushes to the live sessions of `mid`; returns `false` when it has none

@@ -587,7 +587,8 @@ async fn call(
     .await;
     match first {
         Ok(Poll::Ready(result)) => Ok(result),
-        Ok(Poll::Pending) => match tokio::spawn(job).await {
+        // The task keeps the session's span for its log lines.
+        Ok(Poll::Pending) => match tokio::spawn(job.in_current_span()).await {
             Ok(result) => Ok(result),
             Err(e) if e.is_panic() => Err(panic_text(&e.into_panic())),
             Err(_) => Ok(Err("request cancelled".into())),

@@ -74,7 +74,13 @@ impl BatchWriter {
     /// [`finish`](Self::finish) or [`take`](Self::take) and push again. A frame alone
     /// is always accepted, even one larger than `max_body` (it cannot be split).
     pub fn push(&mut self, inner: &[u8]) -> bool {
-        self.open(inner.len() + HEADER_LEN + 2);
+        // The batch's own bytes: a binary header, or the JSON head
+        // `{"ver":1,"op":9,"seq":0,"body":[` and the closing `]}`.
+        let framing = match self.mode {
+            WireMode::Binary => HEADER_LEN,
+            WireMode::Json => 40,
+        };
+        self.open(inner.len() + framing);
         if self.count > 0 {
             let extra = match self.mode {
                 WireMode::Binary => inner.len(),

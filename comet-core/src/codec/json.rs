@@ -62,20 +62,8 @@ pub fn frame_to_bytes(frame: &Frame) -> Bytes {
 /// Writes `{"ver":V,"op":O,"seq":S,"body":` — a frame object up to its body.
 pub(crate) fn write_head(dst: &mut BytesMut, ver: u16, op: u32, seq: u32) {
     use std::fmt::Write;
-    // Writing to a BytesMut cannot fail.
-    let _ = write!(
-        Writer(dst),
-        r#"{{"ver":{ver},"op":{op},"seq":{seq},"body":"#
-    );
-}
-
-struct Writer<'a>(&'a mut BytesMut);
-
-impl std::fmt::Write for Writer<'_> {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        self.0.put_slice(s.as_bytes());
-        Ok(())
-    }
+    // BytesMut implements fmt::Write; writing to it cannot fail.
+    let _ = write!(dst, r#"{{"ver":{ver},"op":{op},"seq":{seq},"body":"#);
 }
 
 /// Splits a JSON array of frame objects (an op 9 body in text mode).

@@ -35,7 +35,11 @@ impl Service<Request> for Router {
 
     fn call(&mut self, req: Request) -> BoxFuture {
         let engine = self.engine.clone();
-        let handler = self.handlers.get(&req.frame.op).cloned();
+        // Only application ops look up (and clone) a handler.
+        let handler = match req.frame.op {
+            op::HEARTBEAT | op::SEND_TO_USER | op::SEND_TO_GROUP => None,
+            op => self.handlers.get(&op).cloned(),
+        };
         Box::pin(async move {
             let Some(engine) = engine.upgrade() else {
                 return Err("comet is shutting down".into());
