@@ -24,7 +24,12 @@ use crate::registry::Outbound;
 #[derive(Debug, Default)]
 struct Inner {
     items: VecDeque<Outbound>,
+    /// Bytes of `items`.
     bytes: usize,
+    /// Bytes the writer took and has not yet written: they count against
+    /// the bound too, or a session whose peer stopped reading would hold
+    /// twice the bound (a stuck flush plus a full queue).
+    in_flight: usize,
     closed: bool,
 }
 
@@ -66,7 +71,7 @@ impl Queue {
         if inner.closed {
             return Err(Refused::Closed);
         }
-        if inner.bytes + size > self.limit {
+        if inner.bytes + inner.in_flight + size > self.limit {
             return Err(Refused::Full);
         }
         inner.bytes += size;
@@ -95,11 +100,14 @@ impl Queue {
     /// for something to be. `Ready(false)` once the queue is closed and
     /// empty.
     pub(crate) fn poll_take(&self, cx: &Context<'_>, into: &mut VecDeque<Outbound>) -> Poll<bool> {
+        debug_assert!(into.is_empty(), "the writer takes into an empty deque");
         self.register(cx);
         let mut inner = self.lock();
         if !inner.items.is_empty() {
+            // A swap, not a take: the writer's drained deque becomes the
+            // queue's, so a busy session reuses two buffers.
             std::mem::swap(&mut inner.items, into);
-            inner.bytes = 0;
+            inner.in_flight += std::mem::take(&mut inner.bytes);
             return Poll::Ready(true);
         }
         if inner.closed {
@@ -108,17 +116,61 @@ impl Queue {
         Poll::Pending
     }
 
+    /// The writer wrote everything it took.
+    pub(crate) fn written(&self) {
+        self.lock().in_flight = 0;
+    }
+
+    /// Frees the queue's buffer if it is empty (an idle session).
+    pub(crate) fn shrink(&self) {
+        let mut inner = self.lock();
+        if inner.items.is_empty() {
+            inner.items = VecDeque::new();
+        }
+    }
+
     /// Closes the queue (further pushes are refused) and returns what is
     /// left in it.
     pub(crate) fn close(&self) -> VecDeque<Outbound> {
         let mut inner = self.lock();
         inner.closed = true;
         inner.bytes = 0;
+        inner.in_flight = 0;
         std::mem::take(&mut inner.items)
     }
 
-    /// Bytes queued and not yet taken by the writer.
+    /// Bytes queued or being written, not yet written.
     pub(crate) fn bytes(&self) -> usize {
-        self.lock().bytes
+        let inner = self.lock();
+        inner.bytes + inner.in_flight
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::Frame;
+
+    fn item() -> Outbound {
+        Outbound::Frame(Box::new(Frame::new(1, 3, 0, "")))
+    }
+
+    #[test]
+    fn bytes_taken_but_not_written_count_against_the_bound() {
+        let queue = Queue::new(100);
+        let cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        assert_eq!(queue.push(item(), 60), Ok(()));
+        let mut taken = VecDeque::new();
+        assert_eq!(queue.poll_take(&cx, &mut taken), Poll::Ready(true));
+        assert_eq!(taken.len(), 1);
+        // The writer holds 60 bytes it has not written (a peer that stopped
+        // reading): only 40 more fit.
+        assert_eq!(queue.bytes(), 60);
+        assert_eq!(queue.push(item(), 50), Err(Refused::Full));
+        assert_eq!(queue.push(item(), 40), Ok(()));
+        queue.written();
+        assert_eq!(queue.bytes(), 40);
+        assert_eq!(queue.push(item(), 60), Ok(()));
+        assert_eq!(queue.push(item(), 1), Err(Refused::Full));
     }
 }

@@ -198,8 +198,10 @@ impl Writer {
         }
     }
 
-    /// Writes everything encoded so far.
-    async fn flush<Si>(&mut self, sink: &mut Si) -> Result<(), String>
+    /// Writes everything encoded so far. `Ok(true)`: the flush carried
+    /// heartbeat replies alone, so the session looks idle and the writer
+    /// gave its buffers back.
+    async fn flush<Si>(&mut self, sink: &mut Si) -> Result<bool, String>
     where
         Si: Sink<Outgoing> + Unpin,
         Si::Error: fmt::Display,
@@ -214,10 +216,11 @@ impl Writer {
             self.units.pop_front();
         }
         sink.flush().await.map_err(|e| e.to_string())?;
-        if !std::mem::take(&mut self.busy) {
+        let idle = !std::mem::take(&mut self.busy);
+        if idle {
             self.release();
         }
-        Ok(())
+        Ok(idle)
     }
 
     /// Gives back buffers kept for the next flush.
@@ -610,12 +613,20 @@ where
         for item in items.drain(..) {
             writer.item(&item);
         }
-        // An idle session keeps no large buffer from a burst.
+        // No large buffer kept from a burst.
         if items.capacity() > IDLE_CAPACITY {
             items = std::collections::VecDeque::new();
         }
-        if let Err(e) = writer.flush(outbound).await {
-            return SessionEnd::Transport(e);
+        match writer.flush(outbound).await {
+            Err(e) => return SessionEnd::Transport(e),
+            Ok(idle) => {
+                shared.queue.written();
+                if idle {
+                    // Neither deque stays allocated on an idle session.
+                    items = std::collections::VecDeque::new();
+                    shared.queue.shrink();
+                }
+            }
         }
     }
 }
