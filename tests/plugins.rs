@@ -588,3 +588,44 @@ async fn a_send_and_a_handler_pending_when_their_session_closes_still_complete()
         .await
         .expect("the handler ran to its end after its connection closed");
 }
+
+#[tokio::test]
+async fn a_client_that_logs_in_and_never_reads_its_inbox_is_closed_and_keeps_it() {
+    let comet = Comet::builder()
+        .authenticator(Arc::new(comet::plugins::memory::MemoryAuth::from_iter([
+            (1, "k1"),
+            (2, "k2"),
+        ])))
+        .store(Arc::new(comet::plugins::memory::MemoryStore::default()))
+        .groups(Arc::new(Divisors))
+        .config(Config {
+            heartbeat_timeout: Duration::from_millis(300),
+            // One message per op 9: the inbox takes five units.
+            max_body: 256,
+            ..Config::default()
+        })
+        .build()
+        .unwrap();
+    let msg = |i: i64| format!("m{i}-{}", "x".repeat(150));
+    let mut a = Conn::login(&comet, WireMode::Json, 1).await;
+    for i in 0..5 {
+        assert_eq!(
+            a.send_msg(op::SEND_TO_USER, 1, 2, msg(i)).await,
+            SendReply::ok(i + 1)
+        );
+    }
+    // Mid 2 logs in over a transport that buffers one unit and is then read
+    // no more after the op 8 reply: the login flush is stuck on the inbox.
+    let mut stuck = Conn::connect_with(&comet, WireMode::Json, 1);
+    assert_eq!(
+        stuck.auth(r#"{"mid":2,"mkey":"k2"}"#).await,
+        AuthReply::Ok { mid: 2 }
+    );
+    assert_eq!(stuck.end().await.0, SessionEnd::HeartbeatTimeout);
+    // The inbox was put back: the next login gets all of it, in order.
+    let mut b = Conn::login(&comet, WireMode::Json, 2).await;
+    for i in 0..5 {
+        let got = b.delivered().await;
+        assert_eq!((got.chat_id, got.msg), (i + 1, Bytes::from(msg(i))));
+    }
+}

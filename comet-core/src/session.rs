@@ -92,6 +92,16 @@ impl SessionEnd {
         SessionEnd::Protocol(e.ws_close_code(), e.to_string())
     }
 
+    /// Why a kicked session ends.
+    fn kicked(why: Kick) -> Self {
+        match why {
+            Kick::SlowConsumer => SessionEnd::SlowConsumer,
+            Kick::Replaced => SessionEnd::Replaced,
+            Kick::Shutdown => SessionEnd::Shutdown,
+            Kick::Disconnected | Kick::None => SessionEnd::Disconnected,
+        }
+    }
+
     fn close_frame(&self) -> Option<(u16, String)> {
         Some(match self {
             SessionEnd::PeerClosed | SessionEnd::Transport(_) => return None,
@@ -432,8 +442,21 @@ where
     for msg in &inbox {
         writer.message(msg);
     }
-    if let Err(e) = writer.flush(outbound).await {
-        // Nothing of the inbox reached the client: keep it for next time,
+    // Bounded like any silence (a client that logs in and never reads), and
+    // watching kicks (shutdown, a newer session), which the steady state's
+    // select is not yet there to see.
+    let login = tokio::select! {
+        flushed = tokio::time::timeout(cfg.heartbeat_timeout, writer.flush(outbound)) => {
+            match flushed {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(SessionEnd::Transport(e)),
+                Err(_) => Err(SessionEnd::HeartbeatTimeout),
+            }
+        }
+        why = std::future::poll_fn(|cx| handle.shared().poll_kicked(cx)) => Err(SessionEnd::kicked(why)),
+    };
+    if let Err(end) = login {
+        // The inbox may not have reached the client: keep it for next time,
         // holding logins of this mid back until it is back in the store.
         let _hold = engine.registry.hold_logins(mid);
         drop(registered);
@@ -445,7 +468,7 @@ where
                 tracing::error!(mid, cause = %e, "could not put an unsent inbox back");
             }
         }
-        return SessionEnd::Transport(e);
+        return end;
     }
     drop(inbox);
     // Most sessions go quiet after logging in.
@@ -471,12 +494,7 @@ where
         tokio::select! {
             end = reader => end,
             end = writing => end,
-            why = kicked => match why {
-                Kick::SlowConsumer => SessionEnd::SlowConsumer,
-                Kick::Replaced => SessionEnd::Replaced,
-                Kick::Shutdown => SessionEnd::Shutdown,
-                _ => SessionEnd::Disconnected,
-            },
+            why = kicked => SessionEnd::kicked(why),
         }
     };
     // No new deliveries from here on.
