@@ -14,7 +14,7 @@ use crate::Limits;
 /// Backlog of listening sockets made by [`bind`].
 pub const LISTEN_BACKLOG: u32 = 4096;
 
-/// A listening socket on `addr` with `SO_REUSEADDR` and a backlog of
+/// A listening socket on `addr` with `SO_REUSEADDR` (except on Windows) and a backlog of
 /// [`LISTEN_BACKLOG`] (the kernel caps it at `net.core.somaxconn`).
 ///
 /// `tokio::net::TcpListener::bind` uses a backlog of 128: during a
@@ -26,6 +26,10 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
+    // Restart without waiting out TIME_WAIT. Not on Windows, where
+    // SO_REUSEADDR lets another process take the port over (mio skips it
+    // there too).
+    #[cfg(not(windows))]
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
