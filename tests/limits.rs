@@ -11,8 +11,8 @@ use comet::core::frame::{op, Frame, WireMode};
 use comet::core::middleware::FrameRateLimitLayer;
 use comet::core::payload::{AuthReply, SendReply};
 use comet::core::{
-    async_trait, AuthOutcome, AuthRequest, Authenticator, BoxError, Comet, Config, ConnInfo, Draft,
-    Message, MessageStore, Request, Response, SessionEnd,
+    async_trait, AuthOutcome, AuthRequest, Authenticator, BoxError, Comet, Config, ConnInfo,
+    Conversation, Draft, History, Message, MessageStore, Offline, Request, Response, SessionEnd,
 };
 use comet::plugins::memory::{MemoryAuth, MemoryGroups, MemoryStore};
 use common::engine::{setup, Conn};
@@ -108,17 +108,28 @@ struct PanickyStore(MemoryStore);
 
 #[async_trait]
 impl MessageStore for PanickyStore {
-    async fn append(&self, draft: &Draft) -> Result<i64, BoxError> {
+    async fn append(&self, draft: Draft) -> Result<Arc<Message>, BoxError> {
         if &draft.msg[..] == b"boom" {
             panic!("store bug");
         }
         self.0.append(draft).await
     }
+    async fn history(
+        &self,
+        conversation: Conversation,
+        after: i64,
+        limit: usize,
+    ) -> Result<History, BoxError> {
+        self.0.history(conversation, after, limit).await
+    }
     async fn push_offline(&self, mid: i32, msg: Arc<Message>) -> Result<(), BoxError> {
         self.0.push_offline(mid, msg).await
     }
-    async fn take_offline(&self, mid: i32) -> Result<Vec<Arc<Message>>, BoxError> {
-        self.0.take_offline(mid).await
+    async fn offline(&self, mid: i32, limit: usize) -> Result<Vec<Offline>, BoxError> {
+        self.0.offline(mid, limit).await
+    }
+    async fn remove_offline(&self, mid: i32, through: u64) -> Result<(), BoxError> {
+        self.0.remove_offline(mid, through).await
     }
 }
 

@@ -12,8 +12,9 @@ use bytes::Bytes;
 use comet::core::frame::{op, Frame, WireMode};
 use comet::core::payload::{AuthReply, SendReply};
 use comet::core::{
-    async_trait, AuthOutcome, AuthRequest, Authenticator, BoxError, Comet, Config, ConnInfo, Draft,
-    GroupDirectory, Identity, Members, Message, MessageStore, Request, Response, SessionEnd,
+    async_trait, AuthOutcome, AuthRequest, Authenticator, BoxError, Comet, Config, ConnInfo,
+    Conversation, Draft, GroupDirectory, History, Identity, Members, Message, MessageStore,
+    Offline, Request, Response, SessionEnd,
 };
 use common::engine::Conn;
 use tower::{service_fn, Service};
@@ -43,29 +44,69 @@ impl Authenticator for TokenAuth {
     }
 }
 
-/// chatIds from a plain map (as a SQL table with a counter row might).
+/// chatIds from a plain map (as a SQL table with a counter row might), and
+/// a log of every message, unbounded.
 #[derive(Default)]
 struct LogStore {
-    counters: Mutex<BTreeMap<comet::core::Conversation, i64>>,
+    conversations: Mutex<BTreeMap<Conversation, Vec<Arc<Message>>>>,
     log: Mutex<Vec<(i64, Bytes)>>,
-    inbox: Mutex<HashMap<i32, Vec<Arc<Message>>>>,
+    inbox: Mutex<HashMap<i32, Vec<Offline>>>,
+    next_seq: std::sync::atomic::AtomicU64,
 }
 
 #[async_trait]
 impl MessageStore for LogStore {
-    async fn append(&self, draft: &Draft) -> Result<i64, BoxError> {
-        let mut counters = self.counters.lock().unwrap();
-        let id = counters.entry(draft.conversation).or_insert(0);
-        *id += 1;
-        self.log.lock().unwrap().push((*id, draft.msg.clone()));
-        Ok(*id)
+    async fn append(&self, draft: Draft) -> Result<Arc<Message>, BoxError> {
+        let mut conversations = self.conversations.lock().unwrap();
+        let kept = conversations.entry(draft.conversation).or_default();
+        let chat_id = kept.len() as i64 + 1;
+        self.log.lock().unwrap().push((chat_id, draft.msg.clone()));
+        let msg = draft.into_message(chat_id);
+        kept.push(msg.clone());
+        Ok(msg)
+    }
+    async fn history(
+        &self,
+        conversation: Conversation,
+        after: i64,
+        limit: usize,
+    ) -> Result<History, BoxError> {
+        let conversations = self.conversations.lock().unwrap();
+        let kept = conversations.get(&conversation).map_or(&[][..], |v| &v[..]);
+        Ok(History {
+            messages: kept
+                .iter()
+                .skip(after.max(0) as usize)
+                .take(limit)
+                .cloned()
+                .collect(),
+            oldest: i64::from(!kept.is_empty()),
+            head: kept.len() as i64,
+        })
     }
     async fn push_offline(&self, mid: i32, msg: Arc<Message>) -> Result<(), BoxError> {
-        self.inbox.lock().unwrap().entry(mid).or_default().push(msg);
+        let seq = self
+            .next_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let entry = Offline { seq, msg };
+        self.inbox
+            .lock()
+            .unwrap()
+            .entry(mid)
+            .or_default()
+            .push(entry);
         Ok(())
     }
-    async fn take_offline(&self, mid: i32) -> Result<Vec<Arc<Message>>, BoxError> {
-        Ok(self.inbox.lock().unwrap().remove(&mid).unwrap_or_default())
+    async fn offline(&self, mid: i32, limit: usize) -> Result<Vec<Offline>, BoxError> {
+        let inbox = self.inbox.lock().unwrap();
+        let entries = inbox.get(&mid).map_or(&[][..], |v| &v[..]);
+        Ok(entries.iter().take(limit).cloned().collect())
+    }
+    async fn remove_offline(&self, mid: i32, through: u64) -> Result<(), BoxError> {
+        if let Some(entries) = self.inbox.lock().unwrap().get_mut(&mid) {
+            entries.retain(|e| e.seq > through);
+        }
+        Ok(())
     }
 }
 
@@ -279,18 +320,28 @@ async fn tower_rate_limit_layer_limits_a_connection() {
     assert!(start.elapsed() >= Duration::from_secs(2));
 }
 
-/// A store that fails, and an authenticator that hangs.
-struct Failing;
+/// A store that fails (its inbox too, unless `.0`), and an authenticator
+/// that hangs.
+struct Failing(bool);
 
 #[async_trait]
 impl MessageStore for Failing {
-    async fn append(&self, _: &Draft) -> Result<i64, BoxError> {
+    async fn append(&self, _: Draft) -> Result<Arc<Message>, BoxError> {
+        Err("database is down".into())
+    }
+    async fn history(&self, _: Conversation, _: i64, _: usize) -> Result<History, BoxError> {
         Err("database is down".into())
     }
     async fn push_offline(&self, _: i32, _: Arc<Message>) -> Result<(), BoxError> {
         Err("database is down".into())
     }
-    async fn take_offline(&self, _: i32) -> Result<Vec<Arc<Message>>, BoxError> {
+    async fn offline(&self, _: i32, _: usize) -> Result<Vec<Offline>, BoxError> {
+        if self.0 {
+            return Ok(Vec::new());
+        }
+        Err("database is down".into())
+    }
+    async fn remove_offline(&self, _: i32, _: u64) -> Result<(), BoxError> {
         Err("database is down".into())
     }
 }
@@ -310,13 +361,29 @@ async fn plugin_failures_become_failure_replies() {
         (1, "k1"),
         (2, "k2"),
     ]));
-    let comet = Comet::builder()
-        .authenticator(auth)
-        .store(Arc::new(Failing))
-        .groups(Arc::new(Divisors))
-        .build()
-        .unwrap();
-    // The inbox cannot be read: the login still works.
+    let build = |store| {
+        Comet::builder()
+            .authenticator(auth.clone())
+            .store(Arc::new(store))
+            .groups(Arc::new(Divisors))
+            .build()
+            .unwrap()
+    };
+    // The inbox cannot be read: the login is refused with the reason, not
+    // passed off as an empty inbox.
+    let comet = build(Failing(false));
+    let mut c = Conn::connect(&comet, WireMode::Json);
+    let reply = c.auth(r#"{"mid":1,"mkey":"k1"}"#).await;
+    assert_eq!(
+        reply,
+        AuthReply::Failed {
+            error: "message store unavailable".into()
+        }
+    );
+    assert!(matches!(c.end().await.0, SessionEnd::AuthFailed(_)));
+    assert!(!comet.is_online(1));
+    // Appends fail: the send answers ret -1 with the store's reason.
+    let comet = build(Failing(true));
     let mut a = Conn::login(&comet, WireMode::Json, 1).await;
     let r = a.send_msg(op::SEND_TO_USER, 1, 2, "x").await;
     assert_eq!(r.ret, -1);
@@ -458,14 +525,25 @@ struct StuckInbox(comet::plugins::memory::MemoryStore);
 
 #[async_trait]
 impl MessageStore for StuckInbox {
-    async fn append(&self, draft: &Draft) -> Result<i64, BoxError> {
+    async fn append(&self, draft: Draft) -> Result<Arc<Message>, BoxError> {
         self.0.append(draft).await
+    }
+    async fn history(
+        &self,
+        conversation: Conversation,
+        after: i64,
+        limit: usize,
+    ) -> Result<History, BoxError> {
+        self.0.history(conversation, after, limit).await
     }
     async fn push_offline(&self, _: i32, _: Arc<Message>) -> Result<(), BoxError> {
         std::future::pending().await
     }
-    async fn take_offline(&self, mid: i32) -> Result<Vec<Arc<Message>>, BoxError> {
-        self.0.take_offline(mid).await
+    async fn offline(&self, mid: i32, limit: usize) -> Result<Vec<Offline>, BoxError> {
+        self.0.offline(mid, limit).await
+    }
+    async fn remove_offline(&self, mid: i32, through: u64) -> Result<(), BoxError> {
+        self.0.remove_offline(mid, through).await
     }
 }
 
@@ -516,15 +594,26 @@ struct GatedStore {
 
 #[async_trait]
 impl MessageStore for GatedStore {
-    async fn append(&self, draft: &Draft) -> Result<i64, BoxError> {
+    async fn append(&self, draft: Draft) -> Result<Arc<Message>, BoxError> {
         drop(self.gate.acquire().await?);
         self.inner.append(draft).await
+    }
+    async fn history(
+        &self,
+        conversation: Conversation,
+        after: i64,
+        limit: usize,
+    ) -> Result<History, BoxError> {
+        self.inner.history(conversation, after, limit).await
     }
     async fn push_offline(&self, mid: i32, msg: Arc<Message>) -> Result<(), BoxError> {
         self.inner.push_offline(mid, msg).await
     }
-    async fn take_offline(&self, mid: i32) -> Result<Vec<Arc<Message>>, BoxError> {
-        self.inner.take_offline(mid).await
+    async fn offline(&self, mid: i32, limit: usize) -> Result<Vec<Offline>, BoxError> {
+        self.inner.offline(mid, limit).await
+    }
+    async fn remove_offline(&self, mid: i32, through: u64) -> Result<(), BoxError> {
+        self.inner.remove_offline(mid, through).await
     }
 }
 

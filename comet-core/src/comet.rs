@@ -19,9 +19,9 @@ use crate::config::Config;
 use crate::error::{BoxError, FrameError, SendError};
 use crate::frame::{op, Frame, Transport, WireMode};
 use crate::groups::GroupDirectory;
-use crate::message::{Conversation, Message};
+use crate::message::Conversation;
 use crate::middleware::{BoxService, Handler, Request, Response, Router, Stack};
-use crate::payload::{Delivered, SendRequest};
+use crate::payload::SendRequest;
 use crate::registry::{Delivery, Kick, Registry};
 use crate::session::{self, Outgoing, SessionEnd};
 use crate::stats::{Stats, StatsSnapshot};
@@ -78,15 +78,17 @@ pub enum BuildError {
 /// ```
 /// use comet_core::{Comet, Config};
 /// # use comet_core::{async_trait, AuthOutcome, AuthRequest, Authenticator, BoxError, ConnInfo, Identity};
-/// # use comet_core::{Draft, MessageStore, Message, GroupDirectory, Members};
+/// # use comet_core::{Conversation, Draft, History, MessageStore, Message, Offline, GroupDirectory, Members};
 /// # use std::sync::Arc;
 /// # struct A; #[async_trait] impl Authenticator for A {
 /// #   async fn authenticate(&self, r: &AuthRequest, _: &ConnInfo) -> Result<AuthOutcome, BoxError> {
 /// #     Ok(AuthOutcome::Accepted(Identity::new(r.mid().unwrap_or(0)))) } }
 /// # struct S; #[async_trait] impl MessageStore for S {
-/// #   async fn append(&self, _: &Draft) -> Result<i64, BoxError> { Ok(1) }
+/// #   async fn append(&self, d: Draft) -> Result<Arc<Message>, BoxError> { Ok(d.into_message(1)) }
+/// #   async fn history(&self, _: Conversation, _: i64, _: usize) -> Result<History, BoxError> { Ok(History::default()) }
 /// #   async fn push_offline(&self, _: i32, _: Arc<Message>) -> Result<(), BoxError> { Ok(()) }
-/// #   async fn take_offline(&self, _: i32) -> Result<Vec<Arc<Message>>, BoxError> { Ok(vec![]) } }
+/// #   async fn offline(&self, _: i32, _: usize) -> Result<Vec<Offline>, BoxError> { Ok(vec![]) }
+/// #   async fn remove_offline(&self, _: i32, _: u64) -> Result<(), BoxError> { Ok(()) } }
 /// # struct G; #[async_trait] impl GroupDirectory for G {
 /// #   async fn is_member(&self, _: i32, _: i32) -> Result<bool, BoxError> { Ok(false) }
 /// #   async fn members(&self, _: i32) -> Result<Members, BoxError> { Ok(Arc::from(vec![])) } }
@@ -352,17 +354,11 @@ impl Engine {
         // Storing and enqueueing happen under one per-conversation lock, so
         // every session sees a conversation in chatId order.
         let _order = self.stripe(&conversation).lock().await;
-        let chat_id = self
-            .bounded("message store", self.store.append(&draft))
+        let msg = self
+            .bounded("message store", self.store.append(draft))
             .await
             .map_err(SendError::Store)?;
-        let msg = Message::new(Delivered {
-            op,
-            chat_id,
-            from: req.from,
-            to: req.to,
-            msg: req.msg.clone(),
-        });
+        let chat_id = msg.chat_id();
         let single = [req.to];
         let (recipients, echo): (&[Mid], Option<Mid>) = match &members {
             Some(members) => (members, Some(req.from)),

@@ -20,7 +20,7 @@
 //!
 //! ```
 //! use comet_core::{async_trait, AuthOutcome, AuthRequest, Authenticator, BoxError, ConnInfo, Identity};
-//! # use comet_core::{Draft, MessageStore, Message, GroupDirectory, Members};
+//! # use comet_core::{Conversation, Draft, History, MessageStore, Message, Offline, GroupDirectory, Members};
 //! use std::sync::Arc;
 //!
 //! /// Logins checked against the application's own user database.
@@ -38,9 +38,11 @@
 //!     }
 //! }
 //! # struct S; #[async_trait] impl MessageStore for S {
-//! #   async fn append(&self, _: &Draft) -> Result<i64, BoxError> { Ok(1) }
+//! #   async fn append(&self, d: Draft) -> Result<Arc<Message>, BoxError> { Ok(d.into_message(1)) }
+//! #   async fn history(&self, _: Conversation, _: i64, _: usize) -> Result<History, BoxError> { Ok(History::default()) }
 //! #   async fn push_offline(&self, _: i32, _: Arc<Message>) -> Result<(), BoxError> { Ok(()) }
-//! #   async fn take_offline(&self, _: i32) -> Result<Vec<Arc<Message>>, BoxError> { Ok(vec![]) } }
+//! #   async fn offline(&self, _: i32, _: usize) -> Result<Vec<Offline>, BoxError> { Ok(vec![]) }
+//! #   async fn remove_offline(&self, _: i32, _: u64) -> Result<(), BoxError> { Ok(()) } }
 //! # struct G; #[async_trait] impl GroupDirectory for G {
 //! #   async fn is_member(&self, _: i32, _: i32) -> Result<bool, BoxError> { Ok(false) }
 //! #   async fn members(&self, _: i32) -> Result<Members, BoxError> { Ok(Arc::from(vec![])) } }
@@ -103,4 +105,4 @@ pub use crate::session::{Outgoing, SessionEnd};
 #[doc(inline)]
 pub use crate::stats::StatsSnapshot;
 #[doc(inline)]
-pub use crate::store::{Draft, MessageStore};
+pub use crate::store::{Draft, History, MessageStore, Offline};

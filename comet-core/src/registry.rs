@@ -367,14 +367,6 @@ impl Registry {
         }
     }
 
-    /// Holds logins of `mid` back (as an offline push under way does) until
-    /// the returned guard is dropped.
-    pub(crate) fn hold_logins(&self, mid: Mid) -> impl Drop + '_ {
-        let shard = self.shard(mid);
-        shard.write().entry(mid).or_default().offline_inflight += 1;
-        Inflight { shard, mid }
-    }
-
     /// Number of live sessions of `mid`.
     pub fn sessions_of(&self, mid: Mid) -> usize {
         self.shard(mid)

@@ -26,6 +26,9 @@ use crate::Mid;
 /// Queue slots a writer keeps between bursts.
 const IDLE_CAPACITY: usize = 64;
 
+/// Offline-inbox entries read, written and removed at a time at login.
+const INBOX_PAGE: usize = 64;
+
 /// How long a session waits to hand its close frame to a transport, and for
 /// the transport to close, when the peer is not accepting writes.
 const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -79,6 +82,9 @@ pub enum SessionEnd {
     RateLimited(String),
     /// Writing to the transport failed.
     Transport(String),
+    /// The message store failed while the session needed it (its offline
+    /// inbox could not be read).
+    Store(String),
 }
 
 impl SessionEnd {
@@ -116,6 +122,7 @@ impl SessionEnd {
             SessionEnd::Shutdown => (1001, "server shutting down".into()),
             SessionEnd::Handler(r) => (1011, r.clone()),
             SessionEnd::RateLimited(r) => (1008, r.clone()),
+            SessionEnd::Store(_) => (1011, "message store unavailable".into()),
         })
     }
 }
@@ -431,46 +438,85 @@ where
         // Registered after `Comet::shutdown` swept the registry.
         handle.shared().kick(Kick::Shutdown);
     }
-    let inbox = engine
-        .bounded("message store", engine.store.take_offline(mid))
+    // The inbox's first page is read before op 8 is written: a store that
+    // cannot answer refuses the login with a reason, rather than passing
+    // for an empty inbox.
+    let mut page = match engine
+        .bounded("message store", engine.store.offline(mid, INBOX_PAGE))
         .await
-        .unwrap_or_default();
+    {
+        Ok(page) => page,
+        Err(cause) => {
+            drop(registered);
+            engine.stats.auth_fail();
+            tracing::warn!(peer = %conn.peer, mid, cause = %cause, "login refused: offline inbox unreadable");
+            let reason = "message store unavailable".to_string();
+            let mut writer = Writer::new(conn.mode, cfg.max_body);
+            writer.frame(
+                &auth_frame.reply(
+                    op::AUTH_REPLY,
+                    AuthReply::Failed {
+                        error: reason.clone(),
+                    }
+                    .encode(),
+                ),
+            );
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer.flush(outbound)).await;
+            return SessionEnd::AuthFailed(reason);
+        }
+    };
 
-    // op 8, then the inbox, before anything queued since registration.
+    // op 8, then the inbox page by page, before anything queued since
+    // registration. A page leaves the store only once it is written, so a
+    // session that fails half-way (or a crash) leaves the rest for the next
+    // login instead of losing it.
     let mut writer = Writer::new(conn.mode, cfg.max_body);
     writer.frame(&auth_frame.reply(op::AUTH_REPLY, AuthReply::Ok { mid }.encode()));
-    for msg in &inbox {
-        writer.message(msg);
-    }
-    // Bounded like any silence (a client that logs in and never reads), and
-    // watching kicks (shutdown, a newer session), which the steady state's
-    // select is not yet there to see.
-    let login = tokio::select! {
-        flushed = tokio::time::timeout(cfg.heartbeat_timeout, writer.flush(outbound)) => {
-            match flushed {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(SessionEnd::Transport(e)),
-                Err(_) => Err(SessionEnd::HeartbeatTimeout),
-            }
+    loop {
+        let through = page.last().map(|e| e.seq);
+        let more = page.len() == INBOX_PAGE;
+        for entry in &page {
+            writer.message(&entry.msg);
         }
-        why = std::future::poll_fn(|cx| handle.shared().poll_kicked(cx)) => Err(SessionEnd::kicked(why)),
-    };
-    if let Err(end) = login {
-        // The inbox may not have reached the client: keep it for next time,
-        // holding logins of this mid back until it is back in the store.
-        let _hold = engine.registry.hold_logins(mid);
-        drop(registered);
-        for msg in inbox {
-            if let Err(e) = engine
-                .bounded("message store", engine.store.push_offline(mid, msg))
-                .await
-            {
-                tracing::error!(mid, cause = %e, "could not put an unsent inbox back");
+        drop(page);
+        // Each page is bounded like any silence (a client that logs in and
+        // never reads), and watches kicks (shutdown, a newer session), which
+        // the steady state's select is not yet there to see.
+        let flushed = tokio::select! {
+            flushed = tokio::time::timeout(cfg.heartbeat_timeout, writer.flush(outbound)) => {
+                match flushed {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(SessionEnd::Transport(e)),
+                    Err(_) => Err(SessionEnd::HeartbeatTimeout),
+                }
             }
+            why = std::future::poll_fn(|cx| handle.shared().poll_kicked(cx)) => Err(SessionEnd::kicked(why)),
+        };
+        if let Err(end) = flushed {
+            return end;
         }
-        return end;
+        let Some(through) = through else { break };
+        if let Err(cause) = engine
+            .bounded("message store", engine.store.remove_offline(mid, through))
+            .await
+        {
+            // Written but still stored: the next login gets them again
+            // (the client drops them by chatId).
+            tracing::warn!(mid, cause = %cause, "could not remove written inbox messages");
+        }
+        if !more {
+            break;
+        }
+        page = match engine
+            .bounded("message store", engine.store.offline(mid, INBOX_PAGE))
+            .await
+        {
+            Ok(page) => page,
+            // The rest stays stored; going on would deliver live messages
+            // ahead of it.
+            Err(cause) => return SessionEnd::Store(cause),
+        };
     }
-    drop(inbox);
     // Most sessions go quiet after logging in.
     writer.release();
     engine.emit(Event::Authenticated {

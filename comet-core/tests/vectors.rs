@@ -73,7 +73,7 @@ fn copy_matches_the_shared_protocol_vectors() {
     if let Ok(original) = std::fs::read_to_string(shared) {
         assert_eq!(original, include_str!("vectors.json"));
     }
-    assert_eq!(vectors().len(), 9);
+    assert_eq!(vectors().len(), 13);
 }
 
 #[test]

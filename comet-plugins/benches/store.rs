@@ -66,7 +66,7 @@ async fn appends(
             };
             tokio::spawn(async move {
                 for _ in 0..n {
-                    black_box(store.append(&draft).await.expect("append"));
+                    black_box(store.append(draft.clone()).await.expect("append"));
                 }
             })
         })

@@ -8,12 +8,12 @@ use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use comet_core::payload::Delivered;
+use comet_core::store::{History, Offline};
 use comet_core::{async_trait, BoxError, Conversation, Draft, Message, MessageStore, Mid};
 
 const SHARDS: usize = 64;
 
-type Inboxes = HashMap<Mid, VecDeque<Arc<Message>>>;
+type Inboxes = HashMap<Mid, VecDeque<Offline>>;
 
 #[derive(Debug, Default)]
 struct Conv {
@@ -43,6 +43,8 @@ pub struct MemoryStore {
     inboxes: Box<[Mutex<Inboxes>]>,
     hasher: foldhash::fast::RandomState,
     dropped: AtomicU64,
+    /// The next inbox entry's seq (never reused, see [`Offline::seq`]).
+    next_seq: AtomicU64,
 }
 
 impl Default for MemoryStore {
@@ -67,19 +69,12 @@ impl MemoryStore {
             inboxes: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hasher: Default::default(),
             dropped: AtomicU64::new(0),
+            next_seq: AtomicU64::new(1),
         }
     }
 
     fn shard_of<K: std::hash::Hash>(&self, key: &K) -> usize {
         (self.hasher.hash_one(key) as usize) % SHARDS
-    }
-
-    /// The kept history of a conversation, oldest first.
-    pub fn history(&self, conversation: Conversation) -> Vec<Arc<Message>> {
-        lock(&self.conversations[self.shard_of(&conversation)])
-            .get(&conversation)
-            .map(|c| c.history.iter().cloned().collect())
-            .unwrap_or_default()
     }
 
     /// The last chatId given in a conversation (0 if none).
@@ -104,29 +99,51 @@ impl MemoryStore {
 
 #[async_trait]
 impl MessageStore for MemoryStore {
-    async fn append(&self, draft: &Draft) -> Result<i64, BoxError> {
+    async fn append(&self, draft: Draft) -> Result<Arc<Message>, BoxError> {
         let mut shard = lock(&self.conversations[self.shard_of(&draft.conversation)]);
         let conv = shard.entry(draft.conversation).or_default();
         conv.last += 1;
-        let chat_id = conv.last;
+        let msg = draft.into_message(conv.last);
         let mut evicted = None;
         if self.history_limit > 0 {
             if conv.history.len() == self.history_limit {
                 evicted = conv.history.pop_front();
             }
-            conv.history.push_back(Message::new(Delivered {
-                op: draft.op,
-                chat_id,
-                from: draft.from,
-                to: draft.to,
-                msg: draft.msg.clone(),
-            }));
+            conv.history.push_back(msg.clone());
         }
         // The evicted message (maybe the last reference to its bytes and
         // encodings) is freed after the lock is released, not under it.
         drop(shard);
         drop(evicted);
-        Ok(chat_id)
+        Ok(msg)
+    }
+
+    async fn history(
+        &self,
+        conversation: Conversation,
+        after: i64,
+        limit: usize,
+    ) -> Result<History, BoxError> {
+        let shard = lock(&self.conversations[self.shard_of(&conversation)]);
+        let Some(conv) = shard.get(&conversation) else {
+            return Ok(History::default());
+        };
+        let head = conv.last;
+        // The kept history is contiguous: chatIds oldest..=head.
+        let oldest = conv.history.front().map_or(head + 1, |m| m.chat_id());
+        let skip = usize::try_from(after.saturating_add(1).saturating_sub(oldest)).unwrap_or(0);
+        let messages = conv
+            .history
+            .iter()
+            .skip(skip)
+            .take(limit)
+            .cloned()
+            .collect();
+        Ok(History {
+            messages,
+            oldest,
+            head,
+        })
     }
 
     async fn push_offline(&self, mid: Mid, msg: Arc<Message>) -> Result<(), BoxError> {
@@ -135,6 +152,8 @@ impl MessageStore for MemoryStore {
             return Ok(());
         }
         let mut shard = lock(&self.inboxes[self.shard_of(&mid)]);
+        // Taken under the shard lock: seqs rise within each inbox.
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let inbox = shard.entry(mid).or_default();
         if inbox.len() == self.inbox_limit {
             inbox.pop_front();
@@ -152,15 +171,29 @@ impl MessageStore for MemoryStore {
                 tracing::debug!(mid, "offline inbox full: dropped its oldest message");
             }
         }
-        inbox.push_back(msg);
+        inbox.push_back(Offline { seq, msg });
         Ok(())
     }
 
-    async fn take_offline(&self, mid: Mid) -> Result<Vec<Arc<Message>>, BoxError> {
+    async fn offline(&self, mid: Mid, limit: usize) -> Result<Vec<Offline>, BoxError> {
         Ok(lock(&self.inboxes[self.shard_of(&mid)])
-            .remove(&mid)
-            .map(Vec::from)
+            .get(&mid)
+            .map(|inbox| inbox.iter().take(limit).cloned().collect())
             .unwrap_or_default())
+    }
+
+    async fn remove_offline(&self, mid: Mid, through: u64) -> Result<(), BoxError> {
+        let mut shard = lock(&self.inboxes[self.shard_of(&mid)]);
+        let Some(inbox) = shard.get_mut(&mid) else {
+            return Ok(());
+        };
+        while inbox.front().is_some_and(|e| e.seq <= through) {
+            inbox.pop_front();
+        }
+        if inbox.is_empty() {
+            shard.remove(&mid);
+        }
+        Ok(())
     }
 }
 
@@ -180,73 +213,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn chat_ids_count_per_conversation_from_one() {
+    async fn history_is_bounded_to_the_newest() {
         let store = MemoryStore::new(2, 10);
         let ab = Conversation::direct(1, 2);
-        let ba = Conversation::direct(2, 1);
-        assert_eq!(ab, ba);
-        assert_eq!(store.append(&draft(ab, 1, 2)).await.unwrap(), 1);
-        assert_eq!(store.append(&draft(ba, 2, 1)).await.unwrap(), 2);
-        assert_eq!(
-            store
-                .append(&draft(Conversation::Group(9), 1, 9))
-                .await
-                .unwrap(),
-            1
-        );
-        assert_eq!(store.append(&draft(ab, 1, 2)).await.unwrap(), 3);
-        // History is bounded to the newest two.
-        let ids: Vec<i64> = store.history(ab).iter().map(|m| m.chat_id()).collect();
+        for _ in 0..3 {
+            store.append(draft(ab, 1, 2)).await.unwrap();
+        }
+        let page = store.history(ab, 0, 10).await.unwrap();
+        let ids: Vec<i64> = page.messages.iter().map(|m| m.chat_id()).collect();
         assert_eq!(ids, vec![2, 3]);
+        assert_eq!((page.oldest, page.head), (2, 3));
         assert_eq!(store.last_chat_id(ab), 3);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn chat_ids_are_gapless_under_concurrent_appends() {
-        let store = Arc::new(MemoryStore::new(0, 0));
-        let conv = Conversation::Group(1);
-        let tasks: Vec<_> = (0..8)
-            .map(|i| {
-                let store = store.clone();
-                tokio::spawn(async move {
-                    let mut ids = Vec::new();
-                    for _ in 0..500 {
-                        ids.push(store.append(&draft(conv, i, 1)).await.unwrap());
-                    }
-                    ids
-                })
-            })
-            .collect();
-        let mut all = Vec::new();
-        for t in tasks {
-            all.extend(t.await.unwrap());
-        }
-        all.sort();
-        assert_eq!(all, (1..=4000).collect::<Vec<i64>>());
-    }
-
-    #[tokio::test]
-    async fn inbox_is_bounded_oldest_first_and_drained_once() {
-        let store = MemoryStore::new(0, 3);
-        for id in 1..=5 {
-            let msg = Message::new(Delivered {
-                op: 18,
-                chat_id: id,
-                from: 1,
-                to: 2,
-                msg: Bytes::from_static(b"m"),
-            });
-            store.push_offline(2, msg).await.unwrap();
-        }
-        assert_eq!(store.dropped_offline(), 2);
-        let ids: Vec<i64> = store
-            .take_offline(2)
-            .await
-            .unwrap()
-            .iter()
-            .map(|m| m.chat_id())
-            .collect();
-        assert_eq!(ids, vec![3, 4, 5]);
-        assert!(store.take_offline(2).await.unwrap().is_empty());
     }
 }
