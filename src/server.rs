@@ -355,6 +355,7 @@ impl ServerConfig {
             hook_timeout: Duration::from_millis(s.hook_timeout_ms),
             shutdown_timeout: Duration::from_millis(s.shutdown_timeout_ms),
             max_sessions_per_mid: s.max_sessions_per_mid,
+            ..Config::default()
         }
     }
 }

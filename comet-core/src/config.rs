@@ -27,6 +27,9 @@ pub struct Config {
     /// closes that mid's oldest session: the newest device wins, so a user
     /// who lost track of old connections is never locked out.
     pub max_sessions_per_mid: usize,
+    /// The most messages one sync (op 22) replays; a larger `limit` is
+    /// lowered to it (default 100, PROTOCOL.md 2.7).
+    pub sync_limit: usize,
 }
 
 impl Default for Config {
@@ -39,6 +42,7 @@ impl Default for Config {
             hook_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
             max_sessions_per_mid: 16,
+            sync_limit: 100,
         }
     }
 }
