@@ -100,6 +100,7 @@ fn conn_info() -> ConnInfo {
         transport: comet::core::Transport::Local,
         mode: WireMode::Binary,
         peer: "127.0.0.1:1".parse().unwrap(),
+        accepted_at: tokio::time::Instant::now(),
     }
 }
 

@@ -24,6 +24,11 @@ pub struct ConnInfo {
     pub mode: WireMode,
     /// The peer's address.
     pub peer: SocketAddr,
+    /// When the transport accepted the connection (before any TLS handshake
+    /// or WebSocket upgrade). The handshake timeout counts from here: op 7
+    /// must have arrived by `accepted_at + Config::handshake_timeout`,
+    /// whatever stages came before it.
+    pub accepted_at: tokio::time::Instant,
 }
 
 /// The op 7 body: a JSON object with `mid`, `mkey` and whatever else the

@@ -464,13 +464,15 @@ impl Comet {
     }
 
     /// Facts for a new connection: a fresh connection id, its transport, wire
-    /// mode and peer.
+    /// mode and peer, accepted now (a transport that accepted it earlier sets
+    /// [`ConnInfo::accepted_at`]).
     pub fn conn_info(&self, transport: Transport, mode: WireMode, peer: SocketAddr) -> ConnInfo {
         ConnInfo {
             conn_id: self.engine.next_conn.fetch_add(1, Ordering::Relaxed),
             transport,
             mode,
             peer,
+            accepted_at: tokio::time::Instant::now(),
         }
     }
 

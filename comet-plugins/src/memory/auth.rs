@@ -104,6 +104,7 @@ mod tests {
             transport: Transport::Local,
             mode: WireMode::Binary,
             peer: "127.0.0.1:1".parse().unwrap(),
+            accepted_at: tokio::time::Instant::now(),
         }
     }
 
