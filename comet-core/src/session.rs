@@ -353,7 +353,7 @@ where
 {
     let cfg = &engine.config;
     let first = tokio::select! {
-        first = tokio::time::timeout(cfg.handshake_timeout, inbound.next()) => first,
+        first = tokio::time::timeout_at(conn.accepted_at + cfg.handshake_timeout, inbound.next()) => first,
         _ = engine.shutdown.cancelled() => return Err(SessionEnd::Shutdown),
     };
     let frame = match first {
