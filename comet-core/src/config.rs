@@ -2,19 +2,27 @@
 
 use std::time::Duration;
 
-use crate::frame::{DEFAULT_MAX_BODY, MSG_OVERHEAD};
+use crate::frame::{DEFAULT_MAX_AUTH_BODY, DEFAULT_MAX_BODY, MSG_OVERHEAD};
 
 /// Settings of the session engine. Every field has a safe default
 /// (PROTOCOL.md's): build one with `Config { max_body: 8192, ..Config::default() }`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
-    /// Time a new connection has to send op 7 (default 10 s).
+    /// Time a new connection has to send op 7 (default 10 s), counted from
+    /// when the transport accepted it ([`crate::ConnInfo::accepted_at`]):
+    /// one deadline through the TLS handshake, the WebSocket upgrade and op 7.
     pub handshake_timeout: Duration,
     /// Silence after which a session is closed, counted from the last
     /// complete frame (default 90 s).
     pub heartbeat_timeout: Duration,
     /// Largest accepted frame body in bytes (default 64 KiB).
     pub max_body: usize,
+    /// Largest frame body accepted before the connection has logged in, so
+    /// for op 7 (default 4 KiB). The transports hold a connection that has
+    /// not authenticated to it (a WebSocket connection to about this much
+    /// read before op 7, see `comet_transports::ws`); values above
+    /// `max_body` act as `max_body`.
+    pub max_auth_body: usize,
     /// Bytes a session may have queued for writing before it is closed as a
     /// slow consumer (default 4 MiB).
     pub max_outbound_bytes: usize,
@@ -38,6 +46,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             heartbeat_timeout: Duration::from_secs(90),
             max_body: DEFAULT_MAX_BODY,
+            max_auth_body: DEFAULT_MAX_AUTH_BODY,
             max_outbound_bytes: 4 * 1024 * 1024,
             hook_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
@@ -52,5 +61,10 @@ impl Config {
     /// delivered message always fits one op 9.
     pub fn max_msg(&self) -> usize {
         self.max_body.saturating_sub(MSG_OVERHEAD)
+    }
+
+    /// The body limit before login: `max_auth_body`, at most `max_body`.
+    pub fn auth_body_limit(&self) -> usize {
+        self.max_auth_body.min(self.max_body)
     }
 }

@@ -9,6 +9,10 @@ pub const HEADER_LEN: usize = 16;
 /// this many bytes is accepted.
 pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
 
+/// Default upper bound of a frame body before the connection has logged in
+/// (4 KiB): op 7 is a small JSON object.
+pub const DEFAULT_MAX_AUTH_BODY: usize = 4 * 1024;
+
 /// Bytes of `max_body` that a delivered message needs besides its `msg`:
 /// the inner frame header (16) plus chatId, from and to (16). A `msg` of at
 /// most `max_body - MSG_OVERHEAD` bytes therefore always fits one op 9.

@@ -562,6 +562,48 @@ fn a_header_announcing_max_body_reserves_at_most_one_frame() {
     );
 }
 
+#[test]
+fn a_big_announced_frame_is_buffered_only_as_its_bytes_arrive() {
+    const MAX: usize = 64 * 1024;
+    let body = vec![7u8; 60_000];
+    let mut wire = raw_header((HEADER_LEN + body.len()) as u32, 16, 1, 7, 1).to_vec();
+    wire.extend_from_slice(&body);
+    let mut codec = TcpCodec::new(MAX);
+    let mut buf = BytesMut::new();
+    let mut fed = 0;
+    // The header and a few bytes: nothing like the announced 60 KB.
+    for chunk in [HEADER_LEN + 10, 100, 1000, 5000, 20_000] {
+        buf.extend_from_slice(&wire[fed..fed + chunk]);
+        fed += chunk;
+        assert!(codec.decode(&mut buf).unwrap().is_none());
+        assert!(
+            buf.capacity() <= 2 * fed + 512,
+            "capacity {} with {fed} bytes received",
+            buf.capacity()
+        );
+    }
+    buf.extend_from_slice(&wire[fed..]);
+    let frame = codec.decode(&mut buf).unwrap().unwrap();
+    assert_eq!(&frame.body[..], &body[..]);
+}
+
+#[test]
+fn the_body_limit_can_change_between_frames() {
+    let mut codec = TcpCodec::new(100);
+    let mut buf = BytesMut::from(&raw_header(16 + 100, 16, 1, 7, 1)[..]);
+    buf.extend_from_slice(&[b'x'; 100]);
+    assert_eq!(codec.decode(&mut buf).unwrap().unwrap().body.len(), 100);
+    buf.extend_from_slice(&raw_header(16 + 500, 16, 1, 18, 2));
+    assert!(matches!(
+        codec.clone().decode(&mut buf.clone()),
+        Err(FrameError::BodyTooLarge { len: 500, max: 100 })
+    ));
+    codec.set_max_body(1000);
+    assert_eq!(codec.max_body(), 1000);
+    buf.extend_from_slice(&[b'y'; 500]);
+    assert_eq!(codec.decode(&mut buf).unwrap().unwrap().body.len(), 500);
+}
+
 // ---------------------------------------------------------------------------
 // 3. PROTOCOL.md §3 bad input, codec level
 // ---------------------------------------------------------------------------

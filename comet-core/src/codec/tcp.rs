@@ -13,7 +13,13 @@ const MIN_READ: usize = 256;
 ///
 /// Decoding never panics on any input, and never reserves more than
 /// `HEADER_LEN + max_body` bytes for a frame whatever its header claims: the
-/// length is checked before any allocation.
+/// length is checked before any allocation. Nor does it reserve a frame's
+/// announced length up front: the buffer grows with the bytes that arrive
+/// (at most doubling, and by at least 256 bytes), so a peer that announces
+/// a large frame and sends little of it holds little memory.
+///
+/// The limit can change between frames ([`set_max_body`](Self::set_max_body)):
+/// the transports decode with a small one until the connection has logged in.
 ///
 /// ```
 /// use bytes::BytesMut;
@@ -48,6 +54,11 @@ impl TcpCodec {
     /// The configured body limit.
     pub fn max_body(&self) -> usize {
         self.max_body
+    }
+
+    /// Changes the body limit for the frames decoded from now on.
+    pub fn set_max_body(&mut self, max_body: usize) {
+        self.max_body = max_body;
     }
 }
 
@@ -87,8 +98,11 @@ impl Decoder for TcpCodec {
         let body_len = check_header(src, self.max_body)?;
         let frame_len = HEADER_LEN + body_len;
         if src.len() < frame_len {
-            // Bounded by max_body, checked above.
-            src.reserve(frame_len - src.len());
+            // Room for the rest of the frame (bounded by max_body, checked
+            // above), but no more than what has arrived so far: a header
+            // alone must not make us allocate what it announces.
+            let missing = frame_len - src.len();
+            src.reserve(missing.min(src.len().max(MIN_READ)));
             return Ok(None);
         }
         let mut frame = src.split_to(frame_len);
