@@ -35,8 +35,9 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 use tower::Service;
 
-use crate::ws::{serve_websocket, ws_config};
-use crate::Limits;
+use crate::login::{Budgeted, ReadBudget};
+use crate::ws::{pre_auth_budget, serve_upgraded, ws_config, UPGRADE_ALLOWANCE};
+use crate::{Admission, Limits};
 
 /// A tower service that turns WebSocket upgrade requests into comet
 /// sessions. Mount it with `Router::route_service(path, CometWs::new(comet))`.
@@ -55,8 +56,10 @@ impl CometWs {
         }
     }
 
-    /// Shares a connection limit with other listeners; requests past it are
-    /// answered `503 Service Unavailable`.
+    /// Shares the connection limits with other listeners; requests past
+    /// them are answered `503 Service Unavailable`. A connection holds its
+    /// place among the unauthenticated ones from its upgrade request to its
+    /// login.
     pub fn with_limits(mut self, limits: Limits) -> Self {
         self.limits = Some(limits);
         self
@@ -126,32 +129,32 @@ impl CometWs {
         if self.comet.is_shutting_down() {
             return plain(StatusCode::SERVICE_UNAVAILABLE, "server shutting down");
         }
-        let permit = match &self.limits {
+        // The handshake deadline counts from this request: hyper read it,
+        // and the connection's accept is not known here.
+        let admission = match &self.limits {
             Some(limits) => match limits.admit(peer, "axum") {
-                Some(permit) => Some(permit),
+                Some(admission) => admission,
                 None => return plain(StatusCode::SERVICE_UNAVAILABLE, "connection limit reached"),
             },
-            None => None,
+            None => Admission::unlimited(),
         };
         let on_upgrade = hyper::upgrade::on(req);
         let comet = self.comet.clone();
         tokio::spawn(async move {
-            let timeout = comet.config().handshake_timeout;
-            match tokio::time::timeout(timeout, on_upgrade).await {
+            let deadline = admission.accepted_at() + comet.config().handshake_timeout;
+            match tokio::time::timeout_at(deadline, on_upgrade).await {
                 Ok(Ok(upgraded)) => {
                     let config = ws_config(comet.config().max_body);
-                    let ws = WebSocketStream::from_raw_socket(
-                        TokioIo::new(upgraded),
-                        Role::Server,
-                        Some(config),
-                    )
-                    .await;
-                    serve_websocket(&comet, ws, peer).await;
+                    // hyper has read the request already.
+                    let budget =
+                        ReadBudget::new(pre_auth_budget(comet.config()) - UPGRADE_ALLOWANCE);
+                    let io = Budgeted::new(TokioIo::new(upgraded), budget.clone());
+                    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+                    serve_upgraded(&comet, ws, peer, admission, Some(budget)).await;
                 }
                 Ok(Err(e)) => tracing::warn!(%peer, cause = %e, "websocket upgrade failed"),
                 Err(_) => tracing::info!(%peer, "websocket upgrade not completed in time"),
             }
-            drop(permit);
         });
         let mut resp = Response::new(Body::empty());
         *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

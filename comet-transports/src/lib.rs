@@ -9,8 +9,8 @@
 //!   request on an existing axum `Router` route into a comet session;
 //! - [`tls`]: rustls acceptors for TCP+TLS and WSS ([`tcp::serve_tls`],
 //!   [`ws::serve_tls`]);
-//! - [`Limits`]: the connection limits (global, per source address) shared
-//!   by the listeners.
+//! - [`Limits`]: the connection limits (global, unauthenticated, per source
+//!   address) shared by the listeners.
 //!
 //! Every listener stops accepting when the comet shuts down
 //! ([`Comet::shutdown`](comet_core::Comet::shutdown)); the sessions then
@@ -35,9 +35,12 @@ pub mod axum;
 mod io;
 mod limits;
 mod listener;
+mod login;
 pub mod tcp;
 pub mod tls;
 pub mod ws;
 
-pub use limits::{Admission, Limits};
+pub use limits::{
+    address_key, Admission, Limits, DEFAULT_IPV6_PREFIX, DEFAULT_MAX_UNAUTHENTICATED,
+};
 pub use listener::{bind, LISTEN_BACKLOG};

@@ -6,10 +6,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use comet_core::Comet;
-use futures_util::FutureExt as _;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::Limits;
+use crate::{Admission, Limits};
 
 /// Backlog of listening sockets made by [`bind`].
 pub const LISTEN_BACKLOG: u32 = 4096;
@@ -36,9 +35,10 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// Accepts until the comet shuts down; each admitted connection (with
-/// `TCP_NODELAY`) runs `serve` on its own task and keeps its place in
-/// `limits` until that ends. Accept errors (out of file descriptors, ...)
-/// are logged and retried after a pause.
+/// `TCP_NODELAY`) runs `serve` on its own task with its [`Admission`],
+/// which keeps its place in `limits` until the connection ends. Accept
+/// errors (out of file descriptors, ...) are logged and retried after a
+/// pause.
 pub(crate) async fn accept_loop<F, Fut>(
     comet: Comet,
     listener: TcpListener,
@@ -47,7 +47,7 @@ pub(crate) async fn accept_loop<F, Fut>(
     serve: F,
 ) -> io::Result<()>
 where
-    F: Fn(Comet, TcpStream, SocketAddr) -> Fut,
+    F: Fn(Comet, TcpStream, SocketAddr, Admission) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let local = listener.local_addr()?;
@@ -71,24 +71,28 @@ where
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(%peer, cause = %e, "could not set TCP_NODELAY");
         }
-        // A combinator, not `async move { task.await; drop(admission) }`:
-        // an async block holding `task` keeps a second copy of it as its
-        // awaitee (rust-lang/rust#62958), doubling every session's task.
-        let task = serve(comet.clone(), stream, peer).map(move |()| drop(admission));
-        tokio::spawn(task);
+        tokio::spawn(serve(comet.clone(), stream, peer, admission));
     }
     tracing::info!(%local, listener = name, "listener stopped");
     Ok(())
 }
 
-/// Completes a TLS handshake within the handshake timeout, logging failures.
+/// The end of a connection's handshake: its accept time plus the handshake
+/// timeout. TLS, the WebSocket upgrade and op 7 all share it.
+pub(crate) fn handshake_deadline(comet: &Comet, admission: &Admission) -> tokio::time::Instant {
+    admission.accepted_at() + comet.config().handshake_timeout
+}
+
+/// Completes a TLS handshake by the handshake deadline, logging failures.
 pub(crate) async fn tls_handshake(
     comet: &Comet,
     acceptor: &tokio_rustls::TlsAcceptor,
     stream: TcpStream,
     peer: SocketAddr,
+    admission: &Admission,
 ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
-    match tokio::time::timeout(comet.config().handshake_timeout, acceptor.accept(stream)).await {
+    let deadline = handshake_deadline(comet, admission);
+    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => Some(tls),
         Ok(Err(e)) => {
             tracing::warn!(%peer, cause = %e, "TLS handshake failed");

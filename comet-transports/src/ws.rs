@@ -19,9 +19,30 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::listener::{accept_loop, tls_handshake};
+use crate::listener::{accept_loop, handshake_deadline, tls_handshake};
+use crate::login::{BudgetSpent, Budgeted, LoginGuard, ReadBudget};
 use crate::tls::TlsAcceptor;
-use crate::Limits;
+use crate::{Admission, Limits};
+
+/// Bytes of the HTTP upgrade request the pre-login read budget allows for
+/// (headers with cookies included).
+pub const UPGRADE_ALLOWANCE: usize = 16 * 1024;
+
+/// The largest data message accepted before login: op 7's body limit plus
+/// room for the JSON frame object around it.
+pub fn auth_message_limit(config: &comet_core::Config) -> usize {
+    config.auth_body_limit() + 1024
+}
+
+/// Bytes a WebSocket connection may send, from its accept to its login:
+/// the upgrade request ([`UPGRADE_ALLOWANCE`]), the op 7 message
+/// ([`auth_message_limit`]) and 2 KiB for frame headers, control frames
+/// and one read past op 7. A connection that sends more before it has
+/// logged in is closed (1009); this, not tungstenite's message limit,
+/// bounds what an unauthenticated connection can make the server buffer.
+pub fn pre_auth_budget(config: &comet_core::Config) -> usize {
+    UPGRADE_ALLOWANCE + auth_message_limit(config) + 2048
+}
 
 /// Options of the WebSocket listener.
 #[derive(Clone, Debug)]
@@ -42,6 +63,13 @@ impl Default for WsOptions {
 /// buffer (memory per idle connection matters more than read throughput
 /// here), writes buffered until the session flushes a batch, and message
 /// limits derived from `max_body` so no peer makes us allocate more.
+///
+/// tungstenite cannot change these limits on an open connection, so they
+/// are the logged-in ones. Before login the listeners of this module (and
+/// [`CometWs`](crate::axum::CometWs)) count the bytes read instead
+/// ([`pre_auth_budget`]): tungstenite still reserves address space for a
+/// frame whose header announces up to this message limit, but it reads,
+/// and so fills, only what the budget lets through.
 pub fn ws_config(max_body: usize) -> WebSocketConfig {
     // A JSON body may be longer than the bytes it carries (escapes, base64).
     let max_message = 2 * max_body + 1024;
@@ -54,8 +82,8 @@ pub fn ws_config(max_body: usize) -> WebSocketConfig {
 }
 
 /// Accepts WebSocket connections on `options.path` until the comet shuts
-/// down. The upgrade must complete within the handshake timeout; requests
-/// for other paths are answered 404.
+/// down. The upgrade and op 7 must both be done within the handshake
+/// timeout of the accept; requests for other paths are answered 404.
 pub async fn serve(
     comet: Comet,
     listener: TcpListener,
@@ -68,18 +96,18 @@ pub async fn serve(
         listener,
         limits,
         "websocket",
-        move |comet, stream, peer| {
+        move |comet, stream, peer, admission| {
             let path = path.clone();
             async move {
-                accept_stream(&comet, stream, peer, &path).await;
+                accept_stream(&comet, stream, peer, &path, admission).await;
             }
         },
     )
     .await
 }
 
-/// Like [`serve`], over TLS (WSS): the TLS handshake and the upgrade must
-/// both complete within the handshake timeout.
+/// Like [`serve`], over TLS (WSS): the TLS handshake, the upgrade and op 7
+/// must all be done within the handshake timeout of the accept.
 pub async fn serve_tls(
     comet: Comet,
     listener: TcpListener,
@@ -93,12 +121,13 @@ pub async fn serve_tls(
         listener,
         limits,
         "websocket+tls",
-        move |comet, stream, peer| {
+        move |comet, stream, peer, admission| {
             let path = path.clone();
             let acceptor = acceptor.clone();
             async move {
-                if let Some(tls) = tls_handshake(&comet, &acceptor, stream, peer).await {
-                    accept_stream(&comet, tls, peer, &path).await;
+                if let Some(tls) = tls_handshake(&comet, &acceptor, stream, peer, &admission).await
+                {
+                    accept_stream(&comet, tls, peer, &path, admission).await;
                 }
             }
         },
@@ -107,12 +136,17 @@ pub async fn serve_tls(
 }
 
 /// Performs the WebSocket upgrade on `stream` (plain TCP or TLS) and serves
-/// the session. The upgrade is bounded by the handshake timeout.
+/// the session. `admission` is its place in the [`Limits`] (or
+/// [`Admission::unlimited`]), kept until the end. The upgrade, the first
+/// data message and op 7 share one deadline, the handshake timeout after
+/// [`Admission::accepted_at`]; until the login at most
+/// [`pre_auth_budget`] bytes are read.
 pub async fn accept_stream<S>(
     comet: &Comet,
     stream: S,
     peer: SocketAddr,
     path: &str,
+    admission: Admission,
 ) -> Option<SessionEnd>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin,
@@ -130,10 +164,12 @@ where
         }
     };
     let config = ws_config(comet.config().max_body);
+    let budget = ReadBudget::new(pre_auth_budget(comet.config()));
+    let stream = Budgeted::new(stream, budget.clone());
     let handshake =
         tokio_tungstenite::accept_hdr_async_with_config(stream, check_path, Some(config));
-    match tokio::time::timeout(comet.config().handshake_timeout, handshake).await {
-        Ok(Ok(ws)) => Some(serve_websocket(comet, ws, peer).await),
+    match tokio::time::timeout_at(handshake_deadline(comet, &admission), handshake).await {
+        Ok(Ok(ws)) => Some(serve_upgraded(comet, ws, peer, admission, Some(budget)).await),
         Ok(Err(e)) => {
             tracing::warn!(%peer, cause = %e, "websocket upgrade failed");
             None
@@ -145,13 +181,32 @@ where
     }
 }
 
-/// Serves one upgraded WebSocket connection to its end: waits (within the
-/// handshake timeout) for the first data frame, which fixes the mode, then
-/// runs the session.
+/// Serves one upgraded WebSocket connection to its end: waits for the
+/// first data frame, which fixes the mode, then runs the session. The first
+/// data frame and op 7 must arrive within the handshake timeout of
+/// [`Admission::accepted_at`], and messages before the login may be at
+/// most [`auth_message_limit`] long. (The read budget of
+/// [`accept_stream`] needs the stream before the upgrade; here tungstenite
+/// may buffer up to its own message limit before a message is refused.)
 pub async fn serve_websocket<S>(
     comet: &Comet,
     ws: WebSocketStream<S>,
     peer: SocketAddr,
+    admission: Admission,
+) -> SessionEnd
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    serve_upgraded(comet, ws, peer, admission, None).await
+}
+
+/// [`serve_websocket`], lifting `budget` (if any) at login.
+pub(crate) async fn serve_upgraded<S>(
+    comet: &Comet,
+    ws: WebSocketStream<S>,
+    peer: SocketAddr,
+    admission: Admission,
+    budget: Option<ReadBudget>,
 ) -> SessionEnd
 where
     S: AsyncRead + AsyncWrite + Send + Unpin,
@@ -161,8 +216,9 @@ where
         inner: sink,
         mode: WireMode::Binary,
     };
-    let max_body = comet.config().max_body;
-    let first = tokio::time::timeout(comet.config().handshake_timeout, async {
+    let config = comet.config();
+    let deadline = handshake_deadline(comet, &admission);
+    let first = tokio::time::timeout_at(deadline, async {
         loop {
             match stream.next().await {
                 Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => return Some(Ok(msg)),
@@ -195,7 +251,8 @@ where
     let mut frames = WsFrames {
         inner: stream,
         mode,
-        max_body,
+        max_body: config.auth_body_limit(),
+        max_message: Some(auth_message_limit(config)),
         batch: Vec::new().into_iter(),
         next: None,
         failed: false,
@@ -206,14 +263,31 @@ where
         Ok(msg) => frames.accept(msg),
         Err(e) => frames.next = Some(Err(map_error(e))),
     }
-    let info = comet.conn_info(Transport::WebSocket, mode, peer);
+    let mut info = comet.conn_info(Transport::WebSocket, mode, peer);
+    info.accepted_at = admission.accepted_at();
+    let max_body = config.max_body;
+    let frames = LoginGuard::new(frames, admission, move |frames: &mut WsFrames<S>| {
+        frames.max_body = max_body;
+        frames.max_message = None;
+        if let Some(budget) = budget {
+            budget.lift();
+        }
+    });
     comet.serve(info, frames, sink).await
 }
 
 fn map_error(e: tungstenite::Error) -> FrameError {
     use tungstenite::error::CapacityError;
     match e {
-        tungstenite::Error::Io(e) => FrameError::Io(e),
+        tungstenite::Error::Io(e) => {
+            match e.get_ref().and_then(|e| e.downcast_ref::<BudgetSpent>()) {
+                Some(spent) => FrameError::MessageTooLarge {
+                    len: spent.budget + 1,
+                    max: spent.budget,
+                },
+                None => FrameError::Io(e),
+            }
+        }
         tungstenite::Error::Utf8(_) => FrameError::Json("text frame is not valid UTF-8".into()),
         tungstenite::Error::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
             FrameError::MessageTooLarge {
@@ -232,7 +306,10 @@ fn map_error(e: tungstenite::Error) -> FrameError {
 struct WsFrames<S> {
     inner: SplitStream<WebSocketStream<S>>,
     mode: WireMode,
+    /// The frame body limit: op 7's until the login, then `max_body`.
     max_body: usize,
+    /// The message limit before the login; none after it (tungstenite's).
+    max_message: Option<usize>,
     batch: std::vec::IntoIter<Frame>,
     next: Option<Result<Frame, FrameError>>,
     failed: bool,
@@ -242,6 +319,15 @@ impl<S> WsFrames<S> {
     /// Takes in the frames of one data message (other messages are
     /// ignored). Called only when the previous message's are all out.
     fn accept(&mut self, msg: Message) {
+        if let Some(max) = self.max_message {
+            if msg.is_text() || msg.is_binary() {
+                let len = msg.len();
+                if len > max {
+                    self.next = Some(Err(FrameError::MessageTooLarge { len, max }));
+                    return;
+                }
+            }
+        }
         self.next = match (msg, self.mode) {
             (Message::Text(text), WireMode::Json) => Some(json::decode_frame(Bytes::from(text))),
             (Message::Binary(data), WireMode::Binary) => match split_frames(data, self.max_body) {
