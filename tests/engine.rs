@@ -556,6 +556,112 @@ async fn handshake_timeout_closes_silent_connections() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_handshake_deadline_counts_from_the_accept_not_the_session_start() {
+    let s = setup(Config {
+        handshake_timeout: Duration::from_secs(3),
+        ..Config::default()
+    });
+    // Accepted 2 s ago (a slow TLS handshake or upgrade, say): 1 s is left.
+    let mut info = s.comet.conn_info(
+        comet::core::Transport::Local,
+        WireMode::Binary,
+        "127.0.0.1:9".parse().unwrap(),
+    );
+    info.accepted_at -= Duration::from_secs(2);
+    let (_in_tx, in_rx) = tokio::sync::mpsc::channel::<Result<Frame, FrameError>>(1);
+    let (out_tx, _out_rx) = tokio::sync::mpsc::channel(8);
+    let started = tokio::time::Instant::now();
+    let end = s
+        .comet
+        .serve(
+            info,
+            tokio_stream::wrappers::ReceiverStream::new(in_rx),
+            tokio_util::sync::PollSender::new(out_tx),
+        )
+        .await;
+    assert_eq!(end, SessionEnd::HandshakeTimeout);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(1) && waited < Duration::from_millis(1500),
+        "{waited:?}"
+    );
+}
+
+/// The transports rely on this order: after op 7 the engine asks its
+/// inbound stream for nothing more until op 8 is written (or never, when
+/// the login fails), so the first request for a second frame marks the
+/// login (comet-transports' `LoginGuard` lifts the pre-login limits then).
+#[tokio::test]
+async fn the_engine_reads_nothing_after_op7_until_op8_is_written() {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    type Log = Arc<Mutex<Vec<&'static str>>>;
+    struct Inbound {
+        first: Option<Frame>,
+        log: Log,
+    }
+    impl futures_util::Stream for Inbound {
+        type Item = Result<Frame, FrameError>;
+        fn poll_next(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            let this = self.get_mut();
+            match this.first.take() {
+                Some(frame) => Poll::Ready(Some(Ok(frame))),
+                None => {
+                    this.log.lock().unwrap().push("read");
+                    Poll::Ready(None)
+                }
+            }
+        }
+    }
+    struct Outbound(Log);
+    impl futures_util::Sink<comet::core::Outgoing> for Outbound {
+        type Error = std::io::Error;
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn start_send(self: Pin<&mut Self>, item: comet::core::Outgoing) -> std::io::Result<()> {
+            if let comet::core::Outgoing::Data(unit) = item {
+                if unit.len() >= 12 && unit[8..12] == op::AUTH_REPLY.to_be_bytes() {
+                    self.0.lock().unwrap().push("op 8");
+                }
+            }
+            Ok(())
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+    let s = setup(Config::default());
+    for (body, logs_in) in [
+        (r#"{"mid":1,"mkey":"k1"}"#, true),
+        (r#"{"mid":1,"mkey":"no"}"#, false),
+    ] {
+        let log = Log::default();
+        let info = s.comet.conn_info(
+            comet::core::Transport::Local,
+            WireMode::Binary,
+            "127.0.0.1:9".parse().unwrap(),
+        );
+        let inbound = Inbound {
+            first: Some(Frame::new(1, op::AUTH, 1, body)),
+            log: log.clone(),
+        };
+        let end = s.comet.serve(info, inbound, Outbound(log.clone())).await;
+        let log = log.lock().unwrap().clone();
+        if logs_in {
+            assert_eq!(end, SessionEnd::PeerClosed);
+            assert_eq!(log, ["op 8", "read"]);
+        } else {
+            assert!(matches!(end, SessionEnd::AuthFailed(_)), "{end:?}");
+            assert_eq!(log, ["op 8"], "a failed login reads nothing more");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn heartbeat_timeout_counts_from_the_last_frame() {
     let config = Config {
         heartbeat_timeout: Duration::from_secs(5),
