@@ -66,3 +66,45 @@ fn batch_reader_inputs() {
 fn session_inputs() {
     run("session", session_check::session);
 }
+
+/// The checks can fail: each catches the fault it is there for.
+mod the_checks_fail {
+    use super::*;
+    use comet::core::{BoxError, Request, Response};
+
+    /// A login and then one frame of op 1000, in binary mode.
+    fn login_then_op_1000() -> Vec<u8> {
+        let mut data = vec![2u8]; // binary, valid op 7 first
+        data.extend_from_slice(&16u32.to_be_bytes());
+        data.extend_from_slice(&16u16.to_be_bytes());
+        data.extend_from_slice(&1u16.to_be_bytes());
+        data.extend_from_slice(&1000u32.to_be_bytes());
+        data.extend_from_slice(&2u32.to_be_bytes());
+        data
+    }
+
+    #[test]
+    fn the_session_check_passes_a_handler_that_behaves() {
+        session_check::session_with(&login_then_op_1000(), |b| {
+            b.handler(
+                1000,
+                tower::service_fn(|_req: Request| async { Ok::<Response, BoxError>(None) }),
+            )
+        });
+    }
+
+    #[test]
+    #[should_panic(expected = "ended with Panic")]
+    fn the_session_check_fails_on_a_panic_the_engine_caught() {
+        session_check::session_with(&login_then_op_1000(), |b| {
+            b.handler(
+                1000,
+                tower::service_fn(|_req: Request| async {
+                    panic!("handler bug");
+                    #[allow(unreachable_code)]
+                    Ok::<Response, BoxError>(None)
+                }),
+            )
+        });
+    }
+}

@@ -6,7 +6,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 use bytes::{Bytes, BytesMut};
-use comet_core::codec::{self, json, read_batch, split_frames, TcpCodec};
+use comet_core::codec::{self, json, read_batch, split_frames, BatchWriter, TcpCodec};
 use comet_core::payload::{AuthReply, Delivered, SendReply, SendRequest};
 use comet_core::{AuthRequest, WireMode};
 use tokio_util::codec::Decoder;
@@ -92,14 +92,42 @@ pub fn payloads(data: &[u8]) {
     }
 }
 
-/// The op 9 reader in both modes: never panics, and every frame it returns
-/// lies within the body.
+/// The op 9 reader in both modes: never panics, and what it reads round
+/// trips: its frames, written back as an op 9 by the server's own
+/// [`BatchWriter`] and read again, are the same frames (in binary mode the
+/// body is also byte for byte the one read).
 pub fn batch_reader(data: &[u8]) {
     let body = Bytes::copy_from_slice(data);
     for mode in [WireMode::Binary, WireMode::Json] {
-        if let Ok(frames) = read_batch(mode, &body, MAX_BODY) {
-            let total: usize = frames.iter().map(|f| f.body.len()).sum();
-            assert!(total <= body.len());
+        let Ok(frames) = read_batch(mode, &body, MAX_BODY) else {
+            continue;
+        };
+        let mut writer = BatchWriter::new(mode, usize::MAX);
+        for frame in &frames {
+            assert!(
+                writer.push(&codec::to_bytes(mode, frame)),
+                "an open batch takes every frame"
+            );
         }
+        let Some(wire) = writer.take() else {
+            assert!(frames.is_empty());
+            continue;
+        };
+        let op9 = match mode {
+            WireMode::Binary => {
+                let mut buf = BytesMut::from(&wire[..]);
+                let op9 = TcpCodec::new(usize::MAX >> 1)
+                    .decode(&mut buf)
+                    .expect("the writer's op 9 decodes")
+                    .expect("one whole op 9");
+                assert!(buf.is_empty(), "one op 9 and nothing else");
+                assert_eq!(op9.body, body, "binary frames re-encode byte for byte");
+                op9
+            }
+            WireMode::Json => json::decode_frame(wire).expect("the writer's op 9 parses"),
+        };
+        assert_eq!((op9.ver, op9.op, op9.seq), (1, 9, 0));
+        let again = read_batch(mode, &op9.body, MAX_BODY).expect("the written batch reads");
+        assert_eq!(again, frames, "{mode:?} batch round trip");
     }
 }

@@ -1,7 +1,8 @@
 //! The session-level fuzz property, shared with the regression tests: an
 //! arbitrary byte stream fed to a session (after a valid login, or not)
-//! never panics the engine, ends the session with a reason, and leaves no
-//! session registered.
+//! never panics the engine (not even a panic it catches and counts),
+//! ends the session with a reason the input explains, answers a valid
+//! login with op 8 ret 0, and leaves no session registered.
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -9,8 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use comet_core::codec::TcpCodec;
-use comet_core::{Comet, Config, Frame, FrameError, Outgoing, Transport, WireMode};
+use comet_core::codec::{self, TcpCodec};
+use comet_core::{
+    Comet, CometBuilder, Config, Frame, FrameError, Outgoing, SessionEnd, Transport, WireMode,
+};
 use comet_plugins::memory::{MemoryAuth, MemoryGroups, MemoryStore};
 use tokio_util::codec::Decoder;
 
@@ -18,6 +21,13 @@ use tokio_util::codec::Decoder;
 /// a valid op 7 comes first; the rest is cut into frames as a transport
 /// would (binary: the TCP decoder; JSON: newline-separated text frames).
 pub fn session(data: &[u8]) {
+    session_with(data, |builder| builder);
+}
+
+/// [`session`] on a comet `customize` adds to (layers, handlers): how the
+/// regression tests show that the check fails on a panic the engine
+/// catches.
+pub fn session_with(data: &[u8], customize: impl FnOnce(CometBuilder) -> CometBuilder) {
     let Some((&flags, rest)) = data.split_first() else {
         return;
     };
@@ -63,7 +73,7 @@ pub fn session(data: &[u8]) {
         let auth = Arc::new(MemoryAuth::from_iter([(1, "k1"), (2, "k2")]));
         let groups = Arc::new(MemoryGroups::default());
         groups.set_members(100, [1, 2]);
-        let comet = Comet::builder()
+        let builder = Comet::builder()
             .authenticator(auth)
             .store(Arc::new(MemoryStore::new(16, 16)))
             .groups(groups)
@@ -73,21 +83,66 @@ pub fn session(data: &[u8]) {
                 heartbeat_timeout: Duration::from_secs(5),
                 handshake_timeout: Duration::from_secs(5),
                 ..Config::default()
-            })
-            .build()
-            .expect("comet");
+            });
+        let comet = customize(builder).build().expect("comet");
         let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<Outgoing>(1024);
-        let drain = tokio::spawn(async move { while out_rx.recv().await.is_some() {} });
+        // Whether the first unit written is op 8 ret 0.
+        let drain = tokio::spawn(async move {
+            let first = out_rx.recv().await;
+            while out_rx.recv().await.is_some() {}
+            first.is_some_and(|unit| logged_in(mode, unit))
+        });
         let info = comet.conn_info(Transport::Local, mode, "127.0.0.1:1".parse().expect("addr"));
         let inbound = tokio_stream::iter(frames);
         let sink = tokio_util::sync::PollSender::new(out_tx);
-        let _end = comet.serve(info, inbound, sink).await;
+        let end = comet.serve(info, inbound, sink).await;
+        assert!(
+            !matches!(
+                end,
+                SessionEnd::Panic(_) | SessionEnd::Handler(_) | SessionEnd::Transport(_)
+            ),
+            "the session ended with {end:?}"
+        );
+        if !login {
+            assert!(
+                !matches!(end, SessionEnd::HeartbeatTimeout | SessionEnd::Replaced),
+                "a session that never logged in ended with {end:?}"
+            );
+        }
+        let stats = comet.stats();
+        assert_eq!(stats.panics, 0, "the engine caught a panic");
+        assert_eq!(stats.handler_errors, 0);
         assert_eq!(
             comet.session_count(),
             0,
             "a finished session leaves the registry"
         );
         assert_eq!(comet.connection_count(), 0);
-        drain.abort();
+        let op8_ok = drain.await.expect("drain task");
+        if login {
+            assert!(op8_ok, "a valid op 7 is answered op 8 ret 0 first");
+            assert_eq!(stats.authenticated, 1);
+        }
     });
+}
+
+/// Whether `unit` (the first one written) starts with op 8 ret 0.
+fn logged_in(mode: WireMode, unit: Outgoing) -> bool {
+    let Outgoing::Data(bytes) = unit else {
+        return false;
+    };
+    let frame = match mode {
+        WireMode::Binary => {
+            let mut buf = BytesMut::from(&bytes[..]);
+            match TcpCodec::new(1 << 20).decode(&mut buf) {
+                Ok(Some(frame)) => frame,
+                _ => return false,
+            }
+        }
+        WireMode::Json => match codec::json::decode_frame(bytes) {
+            Ok(frame) => frame,
+            Err(_) => return false,
+        },
+    };
+    frame.op == 8 && frame.body.starts_with(br#"{"ret":0"#)
 }
