@@ -4,8 +4,11 @@
 # Needs cargo-fuzz (`cargo install cargo-fuzz`). libFuzzer needs nightly
 # flags; on a stable toolchain RUSTC_BOOTSTRAP=1 enables them.
 # A crash leaves its input in artifacts/<target>/; copy it into
-# regressions/<target>/ so `cargo test` (tests/fuzz_regressions.rs) keeps
-# checking it forever.
+# regressions/<target>/ (as crash-<name>) so `cargo test`
+# (tests/fuzz_regressions.rs) keeps checking it forever. regressions/ also
+# holds a few tens of inputs per target that fuzzing found to add coverage
+# (cov-*): libFuzzer's -merge with -merge_control_file over corpus/ and
+# work/, then a greedy pick of the inputs adding the most edges.
 set -euo pipefail
 cd "$(dirname "$0")"
 seconds=${1:-60}
@@ -18,7 +21,7 @@ for t in "${targets[@]}"; do
   mkdir -p "corpus/$t" "artifacts/$t" "work/$t"
   echo "== $t for ${seconds}s"
   # New corpus entries go to work/; the seeds in corpus/ stay as committed.
-  if ! cargo fuzz run "$t" "work/$t" "corpus/$t" -- \
+  if ! cargo fuzz run "$t" "work/$t" "corpus/$t" "regressions/$t" -- \
       -max_total_time="$seconds" -max_len=4096 -rss_limit_mb=2048 \
       -artifact_prefix="artifacts/$t/" -print_final_stats=1; then
     if [ -n "$(ls -A "artifacts/$t" 2>/dev/null)" ]; then
