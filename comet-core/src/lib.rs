@@ -14,7 +14,8 @@
 //!   [`MessageStore`], [`GroupDirectory`];
 //! - [`registry`]: live sessions and the [`Delivery`] seam;
 //! - [`session`]: one connection's life; [`middleware`]: the tower stack;
-//! - [`comet`]: the [`Comet`] handle and its builder.
+//! - [`comet`]: the [`Comet`] handle and its builder;
+//! - [`testing`]: conformance kits for store and group-directory authors.
 //!
 //! ## Quick start
 //!
@@ -73,6 +74,7 @@ pub mod registry;
 pub mod session;
 pub mod stats;
 pub mod store;
+pub mod testing;
 
 /// A user id (signed 32-bit on the wire).
 pub type Mid = i32;
