@@ -4,8 +4,9 @@
 //! application's own:
 //!
 //! - [`memory::MemoryAuth`]: a mid → mkey table, keys compared in constant time;
-//! - [`memory::MemoryStore`]: chatId sequencing per conversation, bounded
-//!   history, bounded offline inboxes;
+//! - [`memory::MemoryStore`]: chatId sequencing per conversation, history
+//!   and offline inboxes bounded in messages and bytes, a byte budget for
+//!   the whole store ([`memory::MemoryLimits`]);
 //! - [`memory::MemoryGroups`]: group membership with join and leave.
 //!
 //! ```
