@@ -167,6 +167,23 @@ async fn an_application_swaps_all_three_plugins() {
     assert_eq!(&eight.delivered().await.msg[..], b"evens");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_application_stores_pass_the_conformance_kit() {
+    // LogStore keeps everything: the kit checks it also loses nothing.
+    comet::core::testing::store_conformance_unbounded(|| async { Arc::new(LogStore::default()) })
+        .await;
+    // A wrapper with its gate open is its inner store.
+    comet::core::testing::store_conformance(|limits| async move {
+        Arc::new(GatedStore {
+            inner: comet::plugins::memory::MemoryStore::new(limits.history, limits.inbox),
+            gate: Arc::new(tokio::sync::Semaphore::new(
+                tokio::sync::Semaphore::MAX_PERMITS,
+            )),
+        })
+    })
+    .await;
+}
+
 fn setup_with(builder: comet::core::CometBuilder) -> Comet {
     let auth = Arc::new(comet::plugins::memory::MemoryAuth::from_iter(
         (1..=9).map(|m| (m, format!("k{m}"))),

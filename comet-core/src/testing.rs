@@ -727,12 +727,15 @@ where
                 seqs(&got)
             );
         }
-        ok(store.remove_offline(mid, 0).await, "remove_offline");
-        rule!(
-            offline(&store, mid, 10).await.len() == 3,
-            "remove_offline removes exactly the entries with seq <= through",
-            "remove_offline(through 0) removed entries"
-        );
+        if let Some(below) = all[0].seq.checked_sub(1) {
+            ok(store.remove_offline(mid, below).await, "remove_offline");
+            rule!(
+                offline(&store, mid, 10).await.len() == 3,
+                "remove_offline removes exactly the entries with seq <= through",
+                "remove_offline(through {below}) removed entries from seq {}",
+                all[0].seq
+            );
+        }
         ok(
             store.remove_offline(mid, all[1].seq).await,
             "remove_offline",
