@@ -326,10 +326,11 @@ impl MemoryStore {
     /// `inbox_limit` messages per offline user; every other bound is
     /// [`MemoryLimits::default`]'s.
     pub fn new(history_limit: usize, inbox_limit: usize) -> Self {
-        let mut limits = MemoryLimits::default();
-        limits.history = history_limit;
-        limits.inbox = inbox_limit;
-        MemoryStore::with_limits(limits)
+        MemoryStore::with_limits(MemoryLimits {
+            history: history_limit,
+            inbox: inbox_limit,
+            ..MemoryLimits::default()
+        })
     }
 
     /// A store with these bounds.
