@@ -85,16 +85,15 @@ impl MessageStore for LogStore {
         })
     }
     async fn push_offline(&self, mid: i32, msg: Arc<Message>) -> Result<(), BoxError> {
+        // The seq is taken under the inbox lock: taken before it, two
+        // concurrent pushes could queue seq 5 before seq 4, and a peek of
+        // one entry followed by remove_offline(through 5) would lose seq 4
+        // (the conformance kit caught this).
+        let mut inbox = self.inbox.lock().unwrap();
         let seq = self
             .next_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let entry = Offline { seq, msg };
-        self.inbox
-            .lock()
-            .unwrap()
-            .entry(mid)
-            .or_default()
-            .push(entry);
+        inbox.entry(mid).or_default().push(Offline { seq, msg });
         Ok(())
     }
     async fn offline(&self, mid: i32, limit: usize) -> Result<Vec<Offline>, BoxError> {
