@@ -15,8 +15,7 @@ use comet_core::{async_trait, BoxError, Conversation, Draft, Message, MessageSto
 use tokio::time::Instant;
 
 const SHARDS: usize = 64;
-const KIB: usize = 1024;
-const MIB: usize = 1024 * KIB;
+const MIB: usize = 1024 * 1024;
 
 /// The bounds of a [`MemoryStore`]: counts and bytes per conversation and
 /// per inbox, bytes and records for the whole store, and how long an unread
@@ -38,7 +37,7 @@ const MIB: usize = 1024 * KIB;
 /// Bytes are *charged* bytes: per message its body, both wire encodings it
 /// may cache (binary: body + 32; JSON: at most 4/3 of the body + 128, its
 /// base64 form) and a fixed overhead (the shared [`Message`] and its
-/// bookkeeping, about 200 bytes); per kept entry its queue slot; per
+/// bookkeeping, about 250 bytes); per kept entry its queue slot; per
 /// conversation and per inbox its record (see [`MemoryStore`]). A message
 /// is charged about 3.4 times its length, which is what it holds once
 /// delivered to both binary and JSON clients, so the budgets bound real
@@ -49,12 +48,13 @@ pub struct MemoryLimits {
     /// Messages of history kept per conversation (default 1,000, the
     /// PROTOCOL.md 2.7 promise for small messages).
     pub history: usize,
-    /// Charged bytes of history kept per conversation (default 1 MiB: the
-    /// last 1,000 messages of up to ~300 bytes, or the last ~5 of 64 KiB).
+    /// Charged bytes of history kept per conversation (default 2 MiB: the
+    /// last 1,000 messages of up to ~500 bytes, or the last ~10 of 64 KiB).
     pub history_bytes: usize,
     /// Messages kept per offline inbox (default 1,000).
     pub inbox: usize,
-    /// Charged bytes kept per offline inbox (default 1 MiB).
+    /// Charged bytes kept per offline inbox (default 2 MiB, like
+    /// [`history_bytes`](Self::history_bytes)).
     pub inbox_bytes: usize,
     /// Charged bytes of the whole store: histories, inboxes and records
     /// (default 256 MiB).
@@ -72,15 +72,15 @@ pub struct MemoryLimits {
 }
 
 impl Default for MemoryLimits {
-    /// 1,000 messages / 1 MiB per conversation and per inbox, 256 MiB for the
+    /// 1,000 messages / 2 MiB per conversation and per inbox, 256 MiB for the
     /// whole store, 1,000,000 conversations and inboxes, inboxes unread for
     /// 30 days deleted.
     fn default() -> Self {
         MemoryLimits {
             history: 1000,
-            history_bytes: MIB,
+            history_bytes: 2 * MIB,
             inbox: 1000,
-            inbox_bytes: MIB,
+            inbox_bytes: 2 * MIB,
             total_bytes: 256 * MIB,
             conversations: 1_000_000,
             inboxes: 1_000_000,
@@ -249,10 +249,10 @@ enum Gone {
 /// - **conversations**, [`conversations`](MemoryLimits::conversations):
 ///   a conversation is never forgotten, since its chatIds would restart at
 ///   1 while clients still hold higher ones (its history may be dropped;
-///   its record, ~150 bytes, stays). Past the bound, an append that would
+///   its record, ~200 bytes, stays). Past the bound, an append that would
 ///   start a new conversation fails (`message store full`; the sender gets
 ///   ret -1 and no chatId is used); existing conversations keep working.
-///   The records count toward `total_bytes`: at most ~150 MiB at the
+///   The records count toward `total_bytes`: at most ~190 MiB at the
 ///   default 1,000,000;
 /// - **inboxes**, [`inboxes`](MemoryLimits::inboxes): a push to a mid
 ///   with no inbox is dropped past it; and an inbox nobody has read for
