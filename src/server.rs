@@ -452,6 +452,7 @@ pub fn assemble(
     }
     let mut builder = Comet::builder()
         .authenticator(auth.clone())
+        .users(auth.clone())
         .store(store.clone())
         .groups(groups.clone())
         .config(config.engine_config());
