@@ -8,7 +8,7 @@
 //! exactly once and in chatId order; no good client is disconnected; every
 //! bad client gets its outcome from PROTOCOL.md's table; memory stays within
 //! a stated bound. A second crowd sends 60 KB messages to users who never
-//! log in (a few fixed ones and ever-new ones): the store's byte budgets,
+//! log in (a few fixed ones, and a new one for most messages): the store's byte budgets,
 //! not the payload sent, bound the memory.
 
 mod common;
@@ -246,8 +246,14 @@ const NEVER_ONLINE: i32 = 50_000;
 const FRESH: i32 = 1_000_000;
 
 async fn big_messages_to_users_who_never_read_stay_within_the_store_budget() {
+    // Recipients must be users (the server refuses unknown mids); these
+    // never log in.
+    let fresh = |mid: i32, n: i32| FRESH + mid * BIG_EACH + n;
     let srv = common::server::start_config(|c| {
+        let recipients = (NEVER_ONLINE..NEVER_ONLINE + 10)
+            .chain((1..=BIG_SENDERS).flat_map(|mid| (0..BIG_EACH).map(move |n| fresh(mid, n))));
         c.users = (1..=BIG_SENDERS)
+            .chain(recipients)
             .map(|mid| UserEntry {
                 mid,
                 mkey: format!("k{mid}"),
@@ -266,11 +272,11 @@ async fn big_messages_to_users_who_never_read_stay_within_the_store_budget() {
             for n in 0..BIG_EACH {
                 msg[..4].copy_from_slice(&n.to_be_bytes());
                 // Every fifth to one of a few users who never log in, the
-                // rest to a new mid each time.
+                // rest to a new one each time.
                 let to = if n % 5 == 0 {
                     NEVER_ONLINE + (n / 5) % 10
                 } else {
-                    FRESH + mid * BIG_EACH + n
+                    fresh(mid, n)
                 };
                 let ack = c.send_msg(18, mid, to, &msg).await;
                 assert_eq!(ack.ret, 0, "send {n} of {mid} refused: {ack:?}");
