@@ -722,7 +722,10 @@ async fn batches_coalesce_pending_messages_within_max_body() {
     // 132-byte inner frames, at most 3 per 512-byte body: 14 op 9s when
     // packed perfectly. The inbox goes at the client's pace (two op 9s'
     // worth queued at a time), so a batch may close early at that edge.
-    assert!((14..=20).contains(&batches), "{batches} op 9s for 40 messages");
+    assert!(
+        (14..=20).contains(&batches),
+        "{batches} op 9s for 40 messages"
+    );
 }
 
 #[tokio::test]
