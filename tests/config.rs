@@ -43,7 +43,8 @@ fn twenty_thousand_users_and_ten_thousand_member_groups_load() {
     std::fs::remove_file(&path).unwrap();
     assert_eq!(config.users.len(), 20_000);
     assert_eq!(config.groups.len(), 4);
-    let (comet, auth, _store, groups) = comet::server::assemble(&config);
+    let store = comet::server::Store::Memory(Default::default());
+    let (comet, auth, groups) = comet::server::assemble(&config, &store);
     assert_eq!(auth.len(), 20_000);
     assert_eq!(groups.len(3), 10_000);
     assert_eq!(comet.session_count(), 0);
@@ -138,7 +139,8 @@ async fn a_taken_port_fails_the_start_and_leaves_nothing_listening() {
         "[server]\ntcp = \"{free}\"\nwebsocket = \"{}\"\n",
         taken.local_addr().unwrap()
     );
-    let config = ServerConfig::parse(&text, "ports.toml").unwrap();
+    let mut config = ServerConfig::parse(&text, "ports.toml").unwrap();
+    config.store.backend = comet::server::StoreBackend::Memory;
     let err = comet::server::start(config).await.unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
     // The TCP listener that was bound first is gone again: its port is free.
