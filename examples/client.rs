@@ -31,6 +31,10 @@
 //! - `/group GID text...`: send `text` to group GID (op 20);
 //! - `/hex MID 41ff00`: send raw bytes, written in hex, to user MID (to test
 //!   messages that are not UTF-8);
+//! - `/sync user|group ID [AFTER]` (or `/sync 18|20 ID [AFTER]`): replay
+//!   the conversation with user ID or group ID after chatId AFTER (default:
+//!   the last chatId this client holds there) with op 22, page by page
+//!   until its head;
 //! - a line without a leading `/`: send it to the last target;
 //! - `/help`; `/quit` (or end of input): wait up to 2 s for outstanding
 //!   replies, close the connection and exit.
@@ -41,6 +45,14 @@
 //! `[group 100] chatId=4 from=1: yo`, bytes that are not UTF-8 as `hex:ff00`);
 //! heartbeat replies only with `--verbose`; and the close of the connection by
 //! the server (WebSocket close code and reason, or TCP EOF).
+//!
+//! The client keeps, per conversation, the highest chatId it holds: it drops
+//! a message it already has (a sync may replay what also arrived live),
+//! and when a live message skips chatIds it syncs the gap. Interactive and
+//! `--listen-ms` sessions reconnect when the server closes the connection
+//! (backoff from 0.5 s to 10 s; `--no-reconnect` turns it off) and then ask
+//! every conversation seen so far for what came after the last chatId held.
+//! Sync replies print as `sync user 2: oldest=1 head=9`.
 //!
 //! Errors go to stderr. Exit status: 0 on a clean end (`/quit`, end of input,
 //! `--listen-ms`/`--wait-ms` elapsed); 1 when authentication fails, the
@@ -55,7 +67,7 @@ use bytes::{Bytes, BytesMut};
 use clap::{Parser, ValueEnum};
 use comet::core::codec::{self, json, read_batch, TcpCodec};
 use comet::core::frame::{op, Frame, WireMode};
-use comet::core::payload::{AuthReply, Delivered, SendReply, SendRequest};
+use comet::core::payload::{AuthReply, Delivered, SendReply, SendRequest, SyncReply, SyncRequest};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -134,10 +146,14 @@ struct Args {
     /// Non-interactive: print incoming messages for this many ms, then exit.
     #[arg(long, value_name = "N")]
     listen_ms: Option<u64>,
+    /// Exit when the server closes the connection instead of reconnecting
+    /// (and syncing every conversation seen).
+    #[arg(long)]
+    no_reconnect: bool,
 }
 
 /// Where a message goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Target {
     User(i32),
     Group(i32),
@@ -154,6 +170,24 @@ impl Target {
     fn id(self) -> i32 {
         match self {
             Target::User(id) | Target::Group(id) => id,
+        }
+    }
+
+    /// The conversation a delivered message belongs to, seen by `me`.
+    fn of(d: &Delivered, me: i32) -> Target {
+        match d.op {
+            op::SEND_TO_GROUP => Target::Group(d.to),
+            _ if d.from == me => Target::User(d.to),
+            _ => Target::User(d.from),
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::User(id) => write!(f, "user {id}"),
+            Target::Group(id) => write!(f, "group {id}"),
         }
     }
 }
@@ -306,8 +340,12 @@ struct Session {
     mode: WireMode,
     mid: i32,
     next_seq: u32,
-    /// seq → op of sends whose reply has not arrived.
-    outstanding: HashMap<u32, u32>,
+    /// seq → target of sends whose reply has not arrived.
+    outstanding: HashMap<u32, Target>,
+    /// seq → conversation of syncs whose op 23 has not arrived.
+    syncing: HashMap<u32, Target>,
+    /// The highest chatId held per conversation.
+    held: HashMap<Target, i64>,
     failed_sends: usize,
     last_target: Option<Target>,
     verbose: bool,
@@ -329,31 +367,124 @@ impl Session {
         }
         .encode(self.mode);
         let seq = self.seq();
-        self.outstanding.insert(seq, target.op());
+        self.outstanding.insert(seq, target);
         self.last_target = Some(target);
         self.tx.send(Frame::new(VER, target.op(), seq, body)).await
     }
 
-    /// Prints one frame from the server.
-    fn on_frame(&mut self, frame: Frame) {
+    /// Sends op 22 for `target` after `after` (the server's cap as limit).
+    async fn sync(&mut self, target: Target, after: i64) -> Result<(), String> {
+        let body = SyncRequest {
+            kind: target.op(),
+            to: target.id(),
+            after,
+            limit: None,
+        }
+        .encode(self.mode);
+        let seq = self.seq();
+        self.syncing.insert(seq, target);
+        self.tx.send(Frame::new(VER, op::SYNC, seq, body)).await
+    }
+
+    /// Asks every conversation seen for what came after the last chatId
+    /// held (after a reconnect).
+    async fn sync_all(&mut self) -> Result<(), String> {
+        let mut seen: Vec<(Target, i64)> = self.held.iter().map(|(t, id)| (*t, *id)).collect();
+        seen.sort_by_key(|(t, _)| (t.op(), t.id()));
+        for (target, after) in seen {
+            self.sync(target, after).await?;
+        }
+        Ok(())
+    }
+
+    /// Prints a delivered message unless it is already held; syncs a gap
+    /// before it. Returns the sync to send, if any.
+    fn on_delivered(&mut self, d: &Delivered) -> Option<(Target, i64)> {
+        let target = Target::of(d, self.mid);
+        let held = self.held.entry(target).or_insert(0);
+        if d.chat_id <= *held {
+            if self.verbose {
+                println!("(dropped chatId {} of {target}: already held)", d.chat_id);
+            }
+            return None;
+        }
+        let gap = (*held > 0 && d.chat_id > *held + 1).then_some(*held);
+        *held = d.chat_id;
+        println!("{}", format_delivered(d));
+        let syncing = self.syncing.values().any(|t| *t == target);
+        match gap {
+            Some(after) if !syncing => {
+                println!("(gap in {target} after chatId {after}: syncing)");
+                Some((target, after))
+            }
+            _ => None,
+        }
+    }
+
+    /// Handles one frame from the server, then sends the syncs it calls
+    /// for (a gap, a replay that did not reach the head yet).
+    async fn on_frame(&mut self, frame: Frame) -> Result<(), String> {
+        let mut syncs = Vec::new();
+        self.print_frame(frame, &mut syncs);
+        for (target, after) in syncs {
+            self.sync(target, after).await?;
+        }
+        Ok(())
+    }
+
+    /// Prints one frame from the server; pushes the syncs it calls for.
+    fn print_frame(&mut self, frame: Frame, syncs: &mut Vec<(Target, i64)>) {
         match frame.op {
             op::BATCH => match read_batch(self.mode, &frame.body, CLIENT_MAX_BODY) {
                 Ok(inner) => {
                     for f in inner {
                         match Delivered::decode(self.mode, &f) {
-                            Ok(d) => println!("{}", format_delivered(&d)),
+                            Ok(d) => syncs.extend(self.on_delivered(&d)),
                             Err(e) => eprintln!("error: bad message in op 9: {e}"),
                         }
                     }
                 }
                 Err(e) => eprintln!("error: bad op 9 batch: {e}"),
             },
+            op::SYNC_REPLY => {
+                let target = self.syncing.remove(&frame.seq);
+                match (SyncReply::decode(self.mode, &frame.body), target) {
+                    (Ok(reply), Some(target)) if reply.ret == 0 => {
+                        println!("sync {target}: oldest={} head={}", reply.oldest, reply.head);
+                        let held = self.held.get(&target).copied().unwrap_or(0);
+                        if held < reply.oldest.saturating_sub(1) {
+                            println!("(chatIds before {} of {target} are gone)", reply.oldest);
+                        }
+                        // A page short of the head: ask for the next one.
+                        if held < reply.head && held >= reply.oldest {
+                            syncs.push((target, held));
+                        }
+                    }
+                    (Ok(reply), target) => {
+                        let what = target.map_or("?".to_owned(), |t| t.to_string());
+                        match reply.error {
+                            Some(reason) => println!("sync {what} failed: {reason}"),
+                            None => println!("sync {what} failed (ret {})", reply.ret),
+                        }
+                    }
+                    (Err(e), _) => eprintln!("error: bad sync reply: {e}"),
+                }
+            }
             op::SEND_TO_USER_REPLY | op::SEND_TO_GROUP_REPLY => {
-                if self.outstanding.remove(&frame.seq).is_none() && self.verbose {
+                let target = self.outstanding.remove(&frame.seq);
+                if target.is_none() && self.verbose {
                     println!("(reply op {} to unknown seq {})", frame.op, frame.seq);
                 }
                 match SendReply::decode(self.mode, &frame.body) {
-                    Ok(reply) if reply.ret == 0 => println!("ok chatId={}", reply.chat_id),
+                    Ok(reply) if reply.ret == 0 => {
+                        // Our own message: held, as the reply comes after
+                        // every earlier message of the conversation.
+                        if let Some(target) = target {
+                            let held = self.held.entry(target).or_insert(0);
+                            *held = (*held).max(reply.chat_id);
+                        }
+                        println!("ok chatId={}", reply.chat_id)
+                    }
                     Ok(reply) => {
                         self.failed_sends += 1;
                         match reply.error {
@@ -402,6 +533,14 @@ impl Session {
         match name {
             "quit" | "exit" => return Ok(true),
             "help" => print_help(),
+            "sync" => match parse_sync(rest) {
+                Ok((target, after)) => {
+                    let after =
+                        after.unwrap_or_else(|| self.held.get(&target).copied().unwrap_or(0));
+                    self.sync(target, after).await?
+                }
+                Err(e) => eprintln!("error: {e} (usage: /sync user|group ID [AFTER])"),
+            },
             "to" | "group" | "hex" => {
                 let parsed = parse_target_and_text(rest).and_then(|(id, text)| {
                     let target = if name == "group" {
@@ -441,7 +580,7 @@ impl Session {
             }
             tokio::select! {
                 incoming = self.rx.next() => match incoming? {
-                    Incoming::Frame(frame) => self.on_frame(frame),
+                    Incoming::Frame(frame) => self.on_frame(frame).await?,
                     Incoming::Closed(why) => {
                         println!("{why}");
                         return Ok(Stop::Closed);
@@ -464,13 +603,76 @@ impl Session {
         }
     }
 
+    /// Connects and logs in again after the server closed the connection
+    /// (backoff from 0.5 s to 10 s, until `deadline`), then syncs every
+    /// conversation seen. `Ok(false)`: the deadline passed or the login was
+    /// refused.
+    async fn reconnect(&mut self, args: &Args, deadline: Option<Instant>) -> Result<bool, String> {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            if deadline.is_some_and(|d| Instant::now() + backoff >= d) {
+                return Ok(false);
+            }
+            println!("reconnecting in {} ms", backoff.as_millis());
+            tokio::time::sleep(backoff).await;
+            match connect(args).await {
+                Ok((mut tx, mut rx, mode)) => {
+                    match authenticate(&mut tx, &mut rx, args.mid, &args.mkey).await {
+                        Ok(true) => {
+                            (self.tx, self.rx, self.mode) = (tx, rx, mode);
+                            if !self.outstanding.is_empty() {
+                                println!(
+                                    "({} sends got no reply: a sync shows those that were stored)",
+                                    self.outstanding.len()
+                                );
+                            }
+                            self.outstanding.clear();
+                            self.syncing.clear();
+                            self.sync_all().await?;
+                            return Ok(true);
+                        }
+                        Ok(false) => return Ok(false),
+                        Err(e) => eprintln!("error: {e}"),
+                    }
+                }
+                Err(e) => eprintln!("error: {e}"),
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    /// Pumps until a stop other than the server's close, reconnecting when
+    /// `reconnect` is set. `Ok(Stop::Closed)`: closed and not reconnected.
+    async fn pump_reconnecting(
+        &mut self,
+        args: &Args,
+        mut stdin: Option<&mut mpsc::UnboundedReceiver<String>>,
+        deadline: Option<Instant>,
+    ) -> Result<Stop, String> {
+        loop {
+            let stop = match self.pump(stdin.as_deref_mut(), deadline, false).await {
+                Err(e) if !args.no_reconnect => {
+                    eprintln!("error: {e}");
+                    Stop::Closed
+                }
+                other => other?,
+            };
+            if stop != Stop::Closed || args.no_reconnect {
+                return Ok(stop);
+            }
+            if !self.reconnect(args, deadline).await? {
+                return Ok(Stop::Closed);
+            }
+        }
+    }
+
     /// Closes cleanly and waits (briefly) for the server to finish, printing
     /// whatever still arrives.
     async fn close(&mut self) {
         self.tx.close().await;
         let drain = async {
             while let Ok(Incoming::Frame(frame)) = self.rx.next().await {
-                self.on_frame(frame);
+                self.print_frame(frame, &mut Vec::new());
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
@@ -493,7 +695,7 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 
 fn print_help() {
     println!(
-        "commands: /to MID text | /group GID text | /hex MID 41ff00 | text (to the last target) | /quit"
+        "commands: /to MID text | /group GID text | /hex MID 41ff00 | /sync user|group ID [AFTER] | text (to the last target) | /quit"
     );
 }
 
@@ -512,6 +714,28 @@ fn parse_target_and_text(rest: &str) -> Result<(i32, &str), String> {
 }
 
 /// `"41ff00"` (spaces allowed) → bytes.
+/// `user 2`, `group 100 41`, `18 2`, `20 100 41` → the conversation and
+/// the optional chatId to sync after.
+fn parse_sync(rest: &str) -> Result<(Target, Option<i64>), String> {
+    let mut words = rest.split_whitespace();
+    let kind = words.next().ok_or("missing kind")?;
+    let id: i32 = words
+        .next()
+        .ok_or("missing ID")?
+        .parse()
+        .map_err(|_| "ID must be a number")?;
+    let target = match kind {
+        "user" | "18" => Target::User(id),
+        "group" | "20" => Target::Group(id),
+        other => return Err(format!("kind {other:?} is neither user nor group")),
+    };
+    let after = match words.next() {
+        Some(a) => Some(a.parse().map_err(|_| "AFTER must be a number")?),
+        None => None,
+    };
+    Ok((target, after))
+}
+
 fn parse_hex(text: &str) -> Result<Bytes, String> {
     let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
     if digits.len() % 2 != 0 {
@@ -697,6 +921,8 @@ async fn run(args: Args) -> Result<ExitCode, String> {
         mid: args.mid,
         next_seq: 1,
         outstanding: HashMap::new(),
+        syncing: HashMap::new(),
+        held: HashMap::new(),
         failed_sends: 0,
         last_target: None,
         verbose: args.verbose,
@@ -741,7 +967,11 @@ async fn run(args: Args) -> Result<ExitCode, String> {
 
     if let Some(ms) = args.listen_ms {
         let deadline = Instant::now() + Duration::from_millis(ms);
-        if session.pump(None, Some(deadline), false).await? == Stop::Closed {
+        if session
+            .pump_reconnecting(&args, None, Some(deadline))
+            .await?
+            == Stop::Closed
+        {
             return Ok(ExitCode::FAILURE);
         }
         session.close().await;
@@ -749,7 +979,10 @@ async fn run(args: Args) -> Result<ExitCode, String> {
     }
 
     let mut stdin = spawn_stdin_reader();
-    match session.pump(Some(&mut stdin), None, false).await? {
+    match session
+        .pump_reconnecting(&args, Some(&mut stdin), None)
+        .await?
+    {
         Stop::Closed => return Ok(ExitCode::FAILURE),
         Stop::Quit | Stop::Deadline | Stop::Replied => {}
     }

@@ -237,6 +237,23 @@ async fn websocket_sessions_on_the_mounted_endpoint() {
     }
     let (status, _) = http(addr, "POST", "/users/5/notify", Some(json!({"msg": ""}))).await;
     assert_eq!(status, 400);
+    // The conversation's history through the application's REST route
+    // (the read behind op 22), from either side.
+    let (status, body) = http_json(addr, "GET", "/users/1/history/5?after=1", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!((&body["oldest"], &body["head"]), (&json!(1), &json!(3)));
+    assert_eq!(
+        body["messages"],
+        json!([
+            {"chatId": 2, "from": 5, "to": 1, "msg": "hello 1"},
+            {"chatId": 3, "from": 1, "to": 5, "msg": "as one"},
+        ])
+    );
+    let (_, body) = http_json(addr, "GET", "/users/5/history/1?after=0&limit=1", None).await;
+    assert_eq!(body["messages"].as_array().unwrap().len(), 1);
+    assert_eq!(body["messages"][0]["chatId"], json!(1));
+    let (status, _) = http(addr, "GET", "/users/5/history/1?after=-1", None).await;
+    assert_eq!(status, 400);
     one.no_msg().await;
     five.no_msg().await;
 

@@ -392,6 +392,26 @@ async fn plugin_failures_become_failure_replies() {
         .unwrap()
         .contains("message store unavailable: database is down"));
     a.sync().await;
+    // A sync the store cannot answer: op 23 ret -1 with the reason, and the
+    // connection stays.
+    let seq = a.next_seq();
+    let body = comet::core::payload::SyncRequest {
+        kind: 18,
+        to: 2,
+        after: 0,
+        limit: None,
+    }
+    .encode(WireMode::Json);
+    a.send(Frame::new(1, op::SYNC, seq, body)).await;
+    let reply = a.reply().await.expect("op 23");
+    assert_eq!((reply.op, reply.seq), (op::SYNC_REPLY, seq));
+    let sync = comet::core::payload::SyncReply::decode(WireMode::Json, &reply.body).unwrap();
+    assert_eq!((sync.ret, sync.oldest, sync.head), (-1, 0, 0));
+    assert!(sync
+        .error
+        .unwrap()
+        .contains("message store unavailable: database is down"));
+    a.sync().await;
 
     let comet = Comet::builder()
         .authenticator(Arc::new(Hanging))

@@ -16,16 +16,16 @@ use tower::{Layer, Service, ServiceExt as _};
 
 use crate::auth::{Authenticator, ConnId, ConnInfo};
 use crate::config::Config;
-use crate::error::{BoxError, FrameError, SendError};
+use crate::error::{BoxError, FrameError, SendError, SyncError};
 use crate::frame::{op, Frame, Transport, WireMode};
 use crate::groups::GroupDirectory;
 use crate::message::Conversation;
 use crate::middleware::{BoxService, Handler, Request, Response, Router, Stack};
-use crate::payload::SendRequest;
+use crate::payload::{SendRequest, SyncRequest};
 use crate::registry::{Delivery, Kick, Registry};
 use crate::session::{self, Outgoing, SessionEnd};
 use crate::stats::{Stats, StatsSnapshot};
-use crate::store::{Draft, MessageStore};
+use crate::store::{Draft, History, MessageStore};
 use crate::{GroupId, Mid};
 
 /// Number of stripes of the per-conversation send lock.
@@ -382,6 +382,42 @@ impl Engine {
         Ok(chat_id)
     }
 
+    /// Checks a sync request from `mid` against PROTOCOL.md 2.7 (group
+    /// membership, the cap) and reads the page it asks for.
+    pub(crate) async fn sync(&self, mid: Mid, req: &SyncRequest) -> Result<History, SyncError> {
+        let conversation = if req.kind == op::SEND_TO_GROUP {
+            let member = self
+                .bounded("group directory", self.groups.is_member(req.to, mid))
+                .await
+                .map_err(SyncError::Groups)?;
+            if !member {
+                return Err(SyncError::NotMember(req.to));
+            }
+            Conversation::Group(req.to)
+        } else {
+            Conversation::direct(mid, req.to)
+        };
+        let cap = self.config.sync_limit;
+        let limit = req.limit.map_or(cap, |n| (n as usize).min(cap));
+        self.history(conversation, req.after, limit).await
+    }
+
+    /// Reads a page of a conversation's history, bounded like every
+    /// plug-in call.
+    pub(crate) async fn history(
+        &self,
+        conversation: Conversation,
+        after: i64,
+        limit: usize,
+    ) -> Result<History, SyncError> {
+        self.bounded(
+            "message store",
+            self.store.history(conversation, after, limit),
+        )
+        .await
+        .map_err(SyncError::Store)
+    }
+
     fn stripe(&self, conversation: &Conversation) -> &tokio::sync::Mutex<()> {
         &self.stripes[(self.hasher.hash_one(conversation) as usize) % SEND_STRIPES]
     }
@@ -485,6 +521,31 @@ impl Comet {
             msg,
         };
         self.engine.send(op::SEND_TO_GROUP, &req, None, None).await
+    }
+
+    /// The kept messages of `conversation` with a chatId above `after`,
+    /// oldest first, at most `limit` of them, with its `oldest` and `head`:
+    /// the read behind op 22 (PROTOCOL.md 2.7), for the application's own
+    /// routes (a REST "history" endpoint, say). Unlike op 22 it checks no
+    /// membership and applies no cap: the application decides who may read
+    /// what. A `limit` of 0 reads only `oldest` and `head`.
+    ///
+    /// ```
+    /// # use comet_core::{Comet, Conversation};
+    /// # async fn demo(comet: Comet) -> Result<(), comet_core::SyncError> {
+    /// let page = comet.history(Conversation::direct(1, 2), 0, 50).await?;
+    /// for msg in &page.messages {
+    ///     println!("{} from {}", msg.chat_id(), msg.delivered().from);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn history(
+        &self,
+        conversation: Conversation,
+        after: i64,
+        limit: usize,
+    ) -> Result<History, SyncError> {
+        self.engine.history(conversation, after, limit).await
     }
 
     /// Whether `mid` has a live session on this node.

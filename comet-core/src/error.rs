@@ -107,3 +107,23 @@ pub enum SendError {
     #[error("group directory unavailable: {0}")]
     Groups(String),
 }
+
+/// Why a sync (op 22, or [`crate::Comet::history`]) failed. The `Display`
+/// text is the reason put in a ret -1 op 23 reply.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SyncError {
+    /// The request body breaks PROTOCOL.md 2.7 (size, shape, kind, `to`,
+    /// negative `after` or `limit`).
+    #[error("{0}")]
+    Payload(#[from] PayloadError),
+    /// The requester is not a member of the group (or it does not exist).
+    #[error("not a member of group {0}")]
+    NotMember(i32),
+    /// The message store failed or timed out.
+    #[error("message store unavailable: {0}")]
+    Store(String),
+    /// The group directory failed or timed out.
+    #[error("group directory unavailable: {0}")]
+    Groups(String),
+}

@@ -38,11 +38,16 @@ pub mod op {
     pub const SEND_TO_GROUP: u32 = 20;
     /// Server → client send-to-group reply.
     pub const SEND_TO_GROUP_REPLY: u32 = 21;
+    /// Client → server sync: replay a conversation's stored messages
+    /// (PROTOCOL.md 2.7).
+    pub const SYNC: u32 = 22;
+    /// Server → client sync reply.
+    pub const SYNC_REPLY: u32 = 23;
 
     /// Whether `op` is one of the protocol's own operations (and therefore not
     /// free for applications).
     pub const fn is_builtin(op: u32) -> bool {
-        matches!(op, 2 | 3 | 7 | 8 | 9 | 18 | 19 | 20 | 21)
+        matches!(op, 2 | 3 | 7 | 8 | 9 | 18..=23)
     }
 }
 

@@ -89,7 +89,7 @@ pub use crate::comet::{BuildError, Comet, CometBuilder, Event};
 #[doc(inline)]
 pub use crate::config::Config;
 #[doc(inline)]
-pub use crate::error::{BoxError, FrameError, PayloadError, SendError};
+pub use crate::error::{BoxError, FrameError, PayloadError, SendError, SyncError};
 #[doc(inline)]
 pub use crate::frame::{op, Frame, Transport, WireMode};
 #[doc(inline)]

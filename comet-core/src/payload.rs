@@ -1,4 +1,5 @@
-//! Typed bodies of ops 7/8 and 18–21 in both wire modes (PROTOCOL.md 2.2–2.4).
+//! Typed bodies of ops 7/8, 18–21 and 22/23 in both wire modes (PROTOCOL.md
+//! 2.2–2.4, 2.7).
 //!
 //! Binary bodies are big-endian with no padding; JSON bodies are objects. In
 //! JSON, `msg` is a string holding the bytes as UTF-8, or — for bytes that are
@@ -96,20 +97,50 @@ fn decode_msg(msg: String, enc: Option<&str>) -> Result<Bytes, PayloadError> {
     }
 }
 
+/// Reads a JSON object body into `T`. serde would also take an array for a
+/// struct (its fields in order); PROTOCOL.md's bodies are objects.
+fn from_object<'a, T: Deserialize<'a>>(body: &'a [u8], what: &str) -> Result<T, PayloadError> {
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(PayloadError::new(format!(
+            "invalid {what} body: expected a JSON object"
+        )));
+    }
+    serde_json::from_slice(body).map_err(|e| PayloadError::new(format!("invalid {what} body: {e}")))
+}
+
 /// `text` as a JSON string literal.
 fn json_string(text: &str) -> String {
     serde_json::Value::from(text).to_string()
 }
 
-/// Writes `,"msg":...` (and `,"enc":"base64"` for bytes that are not UTF-8).
+/// The length of `text` as a JSON string literal, quotes included, as
+/// serde_json writes it (control characters other than `\b \f \n \r \t`
+/// take six bytes).
+fn json_string_len(text: &str) -> usize {
+    2 + text
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\x08' | b'\x0c' | b'\n' | b'\r' | b'\t' => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
+}
+
+/// Writes `,"msg":...`: a plain string for UTF-8 bytes, or their base64 and
+/// `,"enc":"base64"` for bytes that are not UTF-8 or whose escaped string
+/// would be longer than their base64 (PROTOCOL.md 2.4).
 fn write_msg(dst: &mut BytesMut, msg: &[u8]) {
     dst.put_slice(br#","msg":"#);
-    match std::str::from_utf8(msg) {
-        Ok(text) => {
+    let text = std::str::from_utf8(msg).ok().filter(|text| {
+        json_string_len(text) <= 2 + base64::encoded_len(msg.len(), true).unwrap_or(0)
+    });
+    match text {
+        Some(text) => {
             // Serializing a &str into memory cannot fail.
             let _ = serde_json::to_writer(dst.writer(), text);
         }
-        Err(_) => {
+        None => {
             dst.put_u8(b'"');
             let start = dst.len();
             dst.resize(start + base64::encoded_len(msg.len(), true).unwrap_or(0), 0);
@@ -150,8 +181,7 @@ impl SendRequest {
                 })
             }
             WireMode::Json => {
-                let req: SendJson = serde_json::from_slice(body)
-                    .map_err(|e| PayloadError::new(format!("invalid send body: {e}")))?;
+                let req: SendJson = from_object(body, "send")?;
                 Ok(SendRequest {
                     from: req.from,
                     to: req.to,
@@ -365,6 +395,227 @@ impl Delivered {
                     from: d.from,
                     to: d.to,
                     msg: decode_msg(d.msg, d.enc.as_deref())?,
+                })
+            }
+        }
+    }
+}
+
+/// The body of op 22: which conversation to replay, from where, how much
+/// (PROTOCOL.md 2.7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncRequest {
+    /// 18: the direct conversation with user `to`; 20: group `to`.
+    pub kind: u32,
+    /// The other user, or the group.
+    pub to: i32,
+    /// Replay the messages with a chatId above this one.
+    pub after: i64,
+    /// At most this many; `None` (JSON `limit` absent) means the server's
+    /// cap.
+    pub limit: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct SyncJson {
+    kind: i64,
+    to: i64,
+    #[serde(default)]
+    after: Option<i64>,
+    #[serde(default)]
+    limit: Option<i64>,
+}
+
+/// Length of an op 22 and an op 23 body in binary mode.
+const SYNC_BODY_LEN: usize = 17;
+
+impl SyncRequest {
+    /// Reads an op 22 body in `mode` and checks every rule of PROTOCOL.md 2.7
+    /// that the body alone decides: binary bodies are exactly 17 bytes,
+    /// `kind` is 18 or 20, `to` is at least 1, `after` and `limit` are not
+    /// negative.
+    pub fn decode(mode: WireMode, body: &[u8]) -> Result<Self, PayloadError> {
+        let (kind, to, after, limit) = match mode {
+            WireMode::Binary => {
+                if body.len() != SYNC_BODY_LEN {
+                    return Err(PayloadError::new(format!(
+                        "sync body must be {SYNC_BODY_LEN} bytes, got {}",
+                        body.len()
+                    )));
+                }
+                let mut body = body;
+                (
+                    i64::from(body.get_i8()),
+                    i64::from(body.get_i32()),
+                    body.get_i64(),
+                    Some(i64::from(body.get_i32())),
+                )
+            }
+            WireMode::Json => {
+                let req: SyncJson = from_object(body, "sync")?;
+                (req.kind, req.to, req.after.unwrap_or(0), req.limit)
+            }
+        };
+        let kind = match kind {
+            18 | 20 => kind as u32,
+            other => {
+                return Err(PayloadError::new(format!(
+                    "kind {other} is neither 18 (direct) nor 20 (group)"
+                )))
+            }
+        };
+        let to = i32::try_from(to)
+            .ok()
+            .filter(|&to| to >= 1)
+            .ok_or_else(|| PayloadError::new("to must be a positive id"))?;
+        if after < 0 {
+            return Err(PayloadError::new("after must not be negative"));
+        }
+        let limit = match limit {
+            None => None,
+            Some(n) => Some(
+                u32::try_from(n)
+                    .map_err(|_| PayloadError::new("limit must be between 0 and 2^31-1"))?
+                    .min(i32::MAX as u32),
+            ),
+        };
+        Ok(SyncRequest {
+            kind,
+            to,
+            after,
+            limit,
+        })
+    }
+
+    /// The body in `mode` (what clients send). In binary mode an absent
+    /// `limit` is written as `i32::MAX` (the server lowers it to its cap).
+    pub fn encode(&self, mode: WireMode) -> Bytes {
+        match mode {
+            WireMode::Binary => {
+                let mut buf = BytesMut::with_capacity(SYNC_BODY_LEN);
+                buf.put_i8(self.kind as i8);
+                buf.put_i32(self.to);
+                buf.put_i64(self.after);
+                buf.put_i32(
+                    self.limit
+                        .map_or(i32::MAX, |n| n.min(i32::MAX as u32) as i32),
+                );
+                buf.freeze()
+            }
+            WireMode::Json => {
+                let limit = match self.limit {
+                    Some(n) => format!(r#","limit":{n}"#),
+                    None => String::new(),
+                };
+                Bytes::from(format!(
+                    r#"{{"kind":{},"to":{},"after":{}{limit}}}"#,
+                    self.kind, self.to, self.after
+                ))
+            }
+        }
+    }
+}
+
+/// The op 23 reply (PROTOCOL.md 2.7).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncReply {
+    /// 0 on success, -1 on failure.
+    pub ret: i8,
+    /// The oldest chatId the store keeps (0 when failed, or when the
+    /// conversation has none; `head + 1` when all were dropped).
+    pub oldest: i64,
+    /// The newest chatId of the conversation (0 when failed or none).
+    pub head: i64,
+    /// The reason of a failure. Only the JSON encoding carries it; a binary
+    /// reply is exactly 17 bytes.
+    pub error: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct SyncReplyJson {
+    ret: i8,
+    oldest: i64,
+    head: i64,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+impl SyncReply {
+    /// A success reply.
+    pub fn ok(oldest: i64, head: i64) -> Self {
+        SyncReply {
+            ret: 0,
+            oldest,
+            head,
+            error: None,
+        }
+    }
+
+    /// A failure reply with a reason.
+    pub fn failed(reason: impl Into<String>) -> Self {
+        SyncReply {
+            ret: -1,
+            oldest: 0,
+            head: 0,
+            error: Some(reason.into()),
+        }
+    }
+
+    /// The body in `mode`.
+    pub fn encode(&self, mode: WireMode) -> Bytes {
+        match mode {
+            WireMode::Binary => {
+                let mut buf = BytesMut::with_capacity(SYNC_BODY_LEN);
+                buf.put_i8(self.ret);
+                buf.put_i64(self.oldest);
+                buf.put_i64(self.head);
+                buf.freeze()
+            }
+            WireMode::Json => Bytes::from(match &self.error {
+                None => format!(
+                    r#"{{"ret":{},"oldest":{},"head":{}}}"#,
+                    self.ret, self.oldest, self.head
+                ),
+                Some(error) => {
+                    let error = if error.is_empty() { "failed" } else { error };
+                    format!(
+                        r#"{{"ret":{},"oldest":{},"head":{},"error":{}}}"#,
+                        self.ret,
+                        self.oldest,
+                        self.head,
+                        json_string(error)
+                    )
+                }
+            }),
+        }
+    }
+
+    /// Reads a reply body in `mode` (for clients and tests).
+    pub fn decode(mode: WireMode, body: &[u8]) -> Result<Self, PayloadError> {
+        match mode {
+            WireMode::Binary => {
+                if body.len() != SYNC_BODY_LEN {
+                    return Err(PayloadError::new(format!(
+                        "sync reply must be {SYNC_BODY_LEN} bytes, got {}",
+                        body.len()
+                    )));
+                }
+                let mut body = body;
+                Ok(SyncReply {
+                    ret: body.get_i8(),
+                    oldest: body.get_i64(),
+                    head: body.get_i64(),
+                    error: None,
+                })
+            }
+            WireMode::Json => {
+                let reply: SyncReplyJson = serde_json::from_slice(body)
+                    .map_err(|e| PayloadError::new(format!("invalid sync reply: {e}")))?;
+                Ok(SyncReply {
+                    ret: reply.ret,
+                    oldest: reply.oldest,
+                    head: reply.head,
+                    error: reply.error,
                 })
             }
         }

@@ -30,6 +30,11 @@ struct Inner {
     /// the bound too, or a session whose peer stopped reading would hold
     /// twice the bound (a stuck flush plus a full queue).
     in_flight: usize,
+    /// Bytes of replayed messages (op 22) queued, and taken but not yet
+    /// written. They are paced (see [`Queue::poll_replay_room`]) rather
+    /// than bounded: a replay never closes a session as a slow consumer.
+    replay: usize,
+    replay_in_flight: usize,
     closed: bool,
 }
 
@@ -48,6 +53,8 @@ pub(crate) struct Queue {
     /// The session task, woken by the first push into an empty queue and by
     /// kicks.
     waker: AtomicWaker,
+    /// The task replaying a sync, woken when the writer has written.
+    room: AtomicWaker,
     limit: usize,
 }
 
@@ -56,6 +63,7 @@ impl Queue {
         Queue {
             inner: Mutex::default(),
             waker: AtomicWaker::new(),
+            room: AtomicWaker::new(),
             limit,
         }
     }
@@ -84,6 +92,38 @@ impl Queue {
         Ok(())
     }
 
+    /// Queues a replayed message of `size` bytes, outside the live bound;
+    /// the caller paces itself with
+    /// [`poll_replay_room`](Self::poll_replay_room).
+    pub(crate) fn push_replay(&self, item: Outbound, size: usize) -> Result<(), Refused> {
+        let mut inner = self.lock();
+        if inner.closed {
+            return Err(Refused::Closed);
+        }
+        inner.replay += size;
+        inner.items.push_back(item);
+        let first = inner.items.len() == 1;
+        drop(inner);
+        if first {
+            self.waker.wake();
+        }
+        Ok(())
+    }
+
+    /// Ready once fewer than `window` replayed bytes wait to be written:
+    /// `Ready(false)` if the queue is closed.
+    pub(crate) fn poll_replay_room(&self, cx: &Context<'_>, window: usize) -> Poll<bool> {
+        self.room.register(cx.waker());
+        let inner = self.lock();
+        if inner.closed {
+            Poll::Ready(false)
+        } else if inner.replay + inner.replay_in_flight < window {
+            Poll::Ready(true)
+        } else {
+            Poll::Pending
+        }
+    }
+
     /// Wakes the session task (a kick).
     pub(crate) fn wake(&self) {
         self.waker.wake();
@@ -108,6 +148,7 @@ impl Queue {
             // queue's, so a busy session reuses two buffers.
             std::mem::swap(&mut inner.items, into);
             inner.in_flight += std::mem::take(&mut inner.bytes);
+            inner.replay_in_flight += std::mem::take(&mut inner.replay);
             return Poll::Ready(true);
         }
         if inner.closed {
@@ -118,7 +159,13 @@ impl Queue {
 
     /// The writer wrote everything it took.
     pub(crate) fn written(&self) {
-        self.lock().in_flight = 0;
+        let mut inner = self.lock();
+        inner.in_flight = 0;
+        let replayed = std::mem::take(&mut inner.replay_in_flight) > 0;
+        drop(inner);
+        if replayed {
+            self.room.wake();
+        }
     }
 
     /// Frees the queue's buffer if it is empty (an idle session).
@@ -136,7 +183,12 @@ impl Queue {
         inner.closed = true;
         inner.bytes = 0;
         inner.in_flight = 0;
-        std::mem::take(&mut inner.items)
+        inner.replay = 0;
+        inner.replay_in_flight = 0;
+        let items = std::mem::take(&mut inner.items);
+        drop(inner);
+        self.room.wake();
+        items
     }
 
     /// Bytes queued or being written, not yet written.
@@ -172,5 +224,26 @@ mod tests {
         assert_eq!(queue.bytes(), 40);
         assert_eq!(queue.push(item(), 60), Ok(()));
         assert_eq!(queue.push(item(), 1), Err(Refused::Full));
+    }
+
+    #[test]
+    fn replayed_bytes_are_paced_not_bounded() {
+        let queue = Queue::new(100);
+        let cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        assert_eq!(queue.poll_replay_room(&cx, 50), Poll::Ready(true));
+        // Past the live bound, and the live bound still holds for live items.
+        assert_eq!(queue.push_replay(item(), 150), Ok(()));
+        assert_eq!(queue.push(item(), 100), Ok(()));
+        assert_eq!(queue.push(item(), 1), Err(Refused::Full));
+        assert_eq!(queue.poll_replay_room(&cx, 50), Poll::Pending);
+        let mut taken = VecDeque::new();
+        assert_eq!(queue.poll_take(&cx, &mut taken), Poll::Ready(true));
+        // Taken is not written: still no room.
+        assert_eq!(queue.poll_replay_room(&cx, 50), Poll::Pending);
+        queue.written();
+        assert_eq!(queue.poll_replay_room(&cx, 50), Poll::Ready(true));
+        queue.close();
+        assert_eq!(queue.poll_replay_room(&cx, 50), Poll::Ready(false));
+        assert_eq!(queue.push_replay(item(), 1), Err(Refused::Closed));
     }
 }

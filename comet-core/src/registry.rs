@@ -188,6 +188,21 @@ impl SessionHandle {
         self.push(Outbound::Message(msg.clone()), size)
     }
 
+    /// Queues a replayed message (op 22) once fewer than `window` replayed
+    /// bytes wait to be written: a replay goes at the pace the client reads
+    /// it and is never counted against the live bound. `false` if the
+    /// session is gone.
+    pub(crate) async fn push_replay(&self, msg: &Arc<Message>, window: usize) -> bool {
+        let queue = &self.shared.queue;
+        if !std::future::poll_fn(|cx| queue.poll_replay_room(cx, window)).await {
+            return false;
+        }
+        let size = msg.wire(self.mode).len();
+        queue
+            .push_replay(Outbound::Message(msg.clone()), size)
+            .is_ok()
+    }
+
     /// Queues a frame whose body is in this session's mode.
     pub fn push_frame(&self, frame: Frame) -> bool {
         let size = HEADER_LEN + frame.body.len();

@@ -66,6 +66,19 @@ counters! {
     rate_limited => rate_limit;
     /// Sessions closed because their mid logged in once too often.
     sessions_replaced => session_replaced;
+    /// Syncs (op 22) answered with ret 0.
+    syncs => sync;
+    /// Syncs answered with ret -1.
+    sync_failures => sync_failure;
+    /// Messages replayed by syncs.
+    replayed => replayed_one;
+}
+
+impl Stats {
+    /// Counts `n` messages replayed by syncs.
+    pub fn replayed(&self, n: u64) {
+        self.replayed.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 /// Runs a plug-in call bounded by `timeout`, counting and logging a failure

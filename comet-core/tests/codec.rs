@@ -962,11 +962,42 @@ fn msg_and_enc(body: &[u8]) -> (String, Option<String>) {
     )
 }
 
+/// PROTOCOL.md 2.4: `msg` goes base64 when its bytes are not UTF-8, or when
+/// their JSON string (as serde_json writes it) would be longer than their
+/// base64 string.
+fn expect_base64(msg: &[u8]) -> bool {
+    use base64::Engine as _;
+    match std::str::from_utf8(msg) {
+        Err(_) => true,
+        Ok(s) => {
+            serde_json::to_string(s).unwrap().len()
+                > base64::engine::general_purpose::STANDARD.encode(msg).len() + 2
+        }
+    }
+}
+
+#[test]
+fn control_characters_go_base64_when_shorter() {
+    // 65,504 bytes of \x01 escape to six bytes each; base64 is 4/3.
+    let msg = vec![1u8; 65_504];
+    let d = delivered(op::SEND_TO_USER, 1, 1, 2, Bytes::from(msg.clone()));
+    let wire = d.encode_frame(WireMode::Json);
+    assert!(wire.len() < 65_504 * 4 / 3 + 512, "{} bytes", wire.len());
+    let frame = json::decode_frame(wire).unwrap();
+    assert_eq!(msg_and_enc(&frame.body).1.as_deref(), Some("base64"));
+    assert_eq!(Delivered::decode(WireMode::Json, &frame).unwrap().msg, msg);
+    // A few control characters in text stay plain.
+    let plain = Bytes::from_static(b"line one\nline two\ttab");
+    let d = delivered(op::SEND_TO_USER, 1, 1, 2, plain);
+    let frame = json::decode_frame(d.encode_frame(WireMode::Json)).unwrap();
+    assert_eq!(msg_and_enc(&frame.body).1, None);
+}
+
 proptest! {
     #![proptest_config(config(128))]
 
     #[test]
-    fn send_request_round_trips_and_uses_base64_only_for_non_utf8(
+    fn send_request_round_trips_and_uses_base64_only_where_protocol_says(
         from in any::<i32>(),
         to in any::<i32>(),
         msg in msg_strategy(300),
@@ -975,12 +1006,12 @@ proptest! {
 
         let body = req.encode(WireMode::Json);
         let (text, enc) = msg_and_enc(&body);
-        match std::str::from_utf8(&msg) {
-            Ok(s) => {
+        match std::str::from_utf8(&msg).ok().filter(|_| !expect_base64(&msg)) {
+            Some(s) => {
                 prop_assert_eq!(enc, None);
                 prop_assert_eq!(text, s);
             }
-            Err(_) => {
+            None => {
                 prop_assert_eq!(enc.as_deref(), Some("base64"));
                 use base64::Engine as _;
                 let raw = base64::engine::general_purpose::STANDARD.decode(&text).unwrap();
@@ -1014,7 +1045,7 @@ proptest! {
         let frame = json::decode_frame(txt).unwrap();
         prop_assert_eq!((frame.ver, frame.op, frame.seq), (1, d.op, 0));
         let (text, enc) = msg_and_enc(&frame.body);
-        prop_assert_eq!(enc.is_some(), std::str::from_utf8(&d.msg).is_err());
+        prop_assert_eq!(enc.is_some(), expect_base64(&d.msg));
         if enc.is_none() {
             prop_assert_eq!(text.as_bytes(), &d.msg[..]);
         }
@@ -1024,7 +1055,7 @@ proptest! {
     }
 
     #[test]
-    fn base64_sent_utf8_is_delivered_as_plain_text(text in "(?s).{0,80}") {
+    fn base64_sent_utf8_is_delivered_as_plain_text_unless_escaping_is_longer(text in "(?s).{0,80}") {
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::STANDARD.encode(text.as_bytes());
         let body = serde_json::json!({"from": 1, "to": 2, "msg": b64, "enc": "base64"}).to_string();
@@ -1034,10 +1065,14 @@ proptest! {
         let d = delivered(op::SEND_TO_USER, 1, req.from, req.to, req.msg.clone());
         let frame = json::decode_frame(d.encode_frame(WireMode::Json)).unwrap();
         let (msg, enc) = msg_and_enc(&frame.body);
-        prop_assert_eq!(enc, None);
-        prop_assert_eq!(msg, text);
-        // And the client's request, re-encoded, is not base64 either.
-        prop_assert_eq!(msg_and_enc(&req.encode(WireMode::Json)).1, None);
+        let plain = !expect_base64(text.as_bytes());
+        prop_assert_eq!(enc.is_none(), plain);
+        if plain {
+            prop_assert_eq!(msg, text.clone());
+        }
+        prop_assert_eq!(Delivered::decode(WireMode::Json, &frame).unwrap().msg, req.msg.clone());
+        // And the client's request, re-encoded, follows the same rule.
+        prop_assert_eq!(msg_and_enc(&req.encode(WireMode::Json)).1.is_none(), plain);
     }
 }
 

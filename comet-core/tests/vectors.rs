@@ -6,7 +6,7 @@
 use bytes::{Bytes, BytesMut};
 use comet_core::codec::{self, json, read_batch, BatchWriter, TcpCodec};
 use comet_core::frame::{op, Frame, WireMode};
-use comet_core::payload::{AuthReply, Delivered, SendReply, SendRequest};
+use comet_core::payload::{AuthReply, Delivered, SendReply, SendRequest, SyncReply, SyncRequest};
 use serde_json::Value;
 use tokio_util::codec::Decoder;
 
@@ -224,5 +224,126 @@ fn batch_vector() {
             .map(|f| Delivered::decode(mode, f).unwrap())
             .collect();
         assert_eq!(decoded, items);
+    }
+}
+
+#[test]
+fn sync_request_vectors() {
+    for (name, want) in [
+        (
+            "sync_request_direct",
+            SyncRequest {
+                kind: 18,
+                to: 2,
+                after: 41,
+                limit: Some(100),
+            },
+        ),
+        (
+            "sync_request_group",
+            SyncRequest {
+                kind: 20,
+                to: 100,
+                after: 0,
+                limit: Some(0),
+            },
+        ),
+    ] {
+        let v = vector(name);
+        let bin = decode_tcp(&v.tcp);
+        assert_eq!((bin.op, bin.body.len()), (op::SYNC, 17), "{name}");
+        assert_eq!(
+            SyncRequest::decode(WireMode::Binary, &bin.body).unwrap(),
+            want
+        );
+        let txt = json::decode_frame(v.json.clone().into()).unwrap();
+        assert_eq!(
+            SyncRequest::decode(WireMode::Json, &txt.body).unwrap(),
+            want
+        );
+        // A client encoding the request produces the vector's bytes.
+        let frame = Frame::new(1, op::SYNC, bin.seq, want.encode(WireMode::Binary));
+        assert_eq!(codec::frame_to_bytes(&frame).to_vec(), v.tcp, "{name}");
+        let frame = Frame::new(1, op::SYNC, bin.seq, want.encode(WireMode::Json));
+        json_eq(&json::frame_to_bytes(&frame), v.json.as_bytes());
+    }
+}
+
+#[test]
+fn sync_reply_vectors() {
+    let ok = vector("sync_reply_ok");
+    let req = Frame::new(1, op::SYNC, 5, "");
+    for mode in [WireMode::Binary, WireMode::Json] {
+        let reply = req.reply(op::SYNC_REPLY, SyncReply::ok(12, 57).encode(mode));
+        match mode {
+            WireMode::Binary => assert_eq!(codec::to_bytes(mode, &reply).to_vec(), ok.tcp),
+            WireMode::Json => json_eq(&codec::to_bytes(mode, &reply), ok.json.as_bytes()),
+        }
+        assert_eq!(
+            SyncReply::decode(mode, &reply.body).unwrap(),
+            SyncReply::ok(12, 57)
+        );
+    }
+    let failed = vector("sync_reply_failed");
+    let req = Frame::new(1, op::SYNC, 6, "");
+    let reason = comet_core::SyncError::NotMember(100).to_string();
+    let bin = req.reply(
+        op::SYNC_REPLY,
+        SyncReply::failed(&reason).encode(WireMode::Binary),
+    );
+    assert_eq!(codec::frame_to_bytes(&bin).to_vec(), failed.tcp);
+    let txt = req.reply(
+        op::SYNC_REPLY,
+        SyncReply::failed(&reason).encode(WireMode::Json),
+    );
+    json_eq(&json::frame_to_bytes(&txt), failed.json.as_bytes());
+    let back = SyncReply::decode(WireMode::Json, &txt.body).unwrap();
+    assert_eq!((back.ret, back.oldest, back.head), (-1, 0, 0));
+}
+
+#[test]
+fn sync_request_rules() {
+    let bad = |mode, body: &str| SyncRequest::decode(mode, body.as_bytes()).is_err();
+    let json = WireMode::Json;
+    // Absent after = 0, absent limit = the server's cap (None).
+    assert_eq!(
+        SyncRequest::decode(json, br#"{"kind":20,"to":7}"#).unwrap(),
+        SyncRequest {
+            kind: 20,
+            to: 7,
+            after: 0,
+            limit: None
+        }
+    );
+    for body in [
+        r#"{"kind":19,"to":2}"#,
+        r#"{"kind":18,"to":0}"#,
+        r#"{"kind":18,"to":2,"after":-1}"#,
+        r#"{"kind":18,"to":2,"limit":-1}"#,
+        r#"{"to":2}"#,
+        r#"{"kind":"18","to":2}"#,
+        r#"[18,2]"#,
+        "",
+    ] {
+        assert!(bad(json, body), "{body}");
+    }
+    let bin = |kind: i8, to: i32, after: i64, limit: i32| {
+        let mut b = vec![kind as u8];
+        b.extend_from_slice(&to.to_be_bytes());
+        b.extend_from_slice(&after.to_be_bytes());
+        b.extend_from_slice(&limit.to_be_bytes());
+        b
+    };
+    let binary = WireMode::Binary;
+    assert!(SyncRequest::decode(binary, &bin(18, 2, 0, 5)).is_ok());
+    for body in [
+        bin(21, 2, 0, 5),
+        bin(18, 0, 0, 5),
+        bin(18, 2, -1, 5),
+        bin(18, 2, 0, -1),
+        bin(18, 2, 0, 5)[..16].to_vec(),
+        [bin(18, 2, 0, 5), vec![0]].concat(),
+    ] {
+        assert!(SyncRequest::decode(binary, &body).is_err(), "{body:?}");
     }
 }

@@ -9,14 +9,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use argon2::password_hash::{self, PasswordHasher, PasswordVerifier};
 use argon2::{Algorithm, Argon2, Params, PasswordHash, Version};
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use comet::core::{
-    async_trait, AuthOutcome, AuthRequest, Authenticator, BoxError, ConnInfo, Identity, Mid,
-    SendError,
+    async_trait, AuthOutcome, AuthRequest, Authenticator, BoxError, ConnInfo, Conversation,
+    Identity, Mid, SendError,
 };
 use comet::plugins::memory::{MemoryGroups, MemoryStore};
 use comet::transports::axum::CometWs;
@@ -204,6 +204,7 @@ pub(crate) fn app(comet: Comet, users: Arc<SqlUsers>) -> Router {
         .route("/users", post(register))
         .route("/users/{mid}/online", get(online))
         .route("/users/{mid}/notify", post(notify))
+        .route("/users/{mid}/history/{with}", get(direct_history))
         .with_state(AppState {
             comet: comet.clone(),
             users,
@@ -278,5 +279,70 @@ async fn notify(
             error(StatusCode::SERVICE_UNAVAILABLE, e)
         }
         Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+/// The page a history route asks for: `?after=41&limit=50`.
+#[derive(Deserialize)]
+struct Page {
+    /// Messages with a chatId above this one (default 0: from the start).
+    #[serde(default)]
+    after: i64,
+    /// At most this many (default 50, at most 500).
+    #[serde(default = "Page::default_limit")]
+    limit: usize,
+}
+
+impl Page {
+    fn default_limit() -> usize {
+        50
+    }
+}
+
+/// `GET /users/{mid}/history/{with}?after=0&limit=50` → the conversation
+/// of `mid` and `with`, oldest first: `{"oldest": 1, "head": 9, "messages":
+/// [{"chatId": 1, "from": 1, "to": 2, "msg": "hi"}, ...]}` (the read behind
+/// op 22; bytes that are not UTF-8 come as base64 with `"enc": "base64"`).
+async fn direct_history(
+    State(state): State<AppState>,
+    Path((mid, with)): Path<(Mid, Mid)>,
+    Query(page): Query<Page>,
+) -> Response {
+    if page.after < 0 {
+        return error(StatusCode::BAD_REQUEST, "after must not be negative");
+    }
+    let conversation = Conversation::direct(mid, with);
+    match state
+        .comet
+        .history(conversation, page.after, page.limit.min(500))
+        .await
+    {
+        Ok(history) => {
+            let messages: Vec<_> = history
+                .messages
+                .iter()
+                .map(|m| {
+                    let d = m.delivered();
+                    let mut item = json!({"chatId": d.chat_id, "from": d.from, "to": d.to});
+                    match std::str::from_utf8(&d.msg) {
+                        Ok(text) => item["msg"] = json!(text),
+                        Err(_) => {
+                            use base64::Engine as _;
+                            let b64 = base64::engine::general_purpose::STANDARD.encode(&d.msg);
+                            item["msg"] = json!(b64);
+                            item["enc"] = json!("base64");
+                        }
+                    }
+                    item
+                })
+                .collect();
+            Json(json!({
+                "oldest": history.oldest,
+                "head": history.head,
+                "messages": messages,
+            }))
+            .into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
     }
 }

@@ -59,6 +59,15 @@ pub struct Ack {
     pub error: Option<String>,
 }
 
+/// A sync reply (op 23).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncAck {
+    pub ret: i64,
+    pub oldest: i64,
+    pub head: i64,
+    pub error: Option<String>,
+}
+
 /// How the server ended the connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Closed {
@@ -330,6 +339,97 @@ impl Client {
                 }
             }
         }
+    }
+
+    /// An op 22 body for this client's mode, packed by hand (PROTOCOL.md
+    /// 2.7); `limit: None` leaves it out in JSON and sends `i32::MAX` in
+    /// binary.
+    pub fn sync_body(
+        &self,
+        kind: i8,
+        to: i32,
+        after: i64,
+        limit: Option<i32>,
+    ) -> (Option<Value>, Vec<u8>) {
+        match self.kind {
+            Kind::WsJson => {
+                let mut body = json!({"kind": kind, "to": to, "after": after});
+                if let Some(limit) = limit {
+                    body["limit"] = json!(limit);
+                }
+                (Some(body), Vec::new())
+            }
+            _ => {
+                let mut body = vec![kind as u8];
+                body.extend_from_slice(&to.to_be_bytes());
+                body.extend_from_slice(&after.to_be_bytes());
+                body.extend_from_slice(&limit.unwrap_or(i32::MAX).to_be_bytes());
+                (None, body)
+            }
+        }
+    }
+
+    /// op 22; returns its op 23 and every message that arrived before it
+    /// (the replay, after whatever was already delivered and not read).
+    pub async fn sync(
+        &mut self,
+        kind: i8,
+        to: i32,
+        after: i64,
+        limit: Option<i32>,
+    ) -> (SyncAck, Vec<Msg>) {
+        let seq = self.next_seq();
+        let (json_body, raw) = self.sync_body(kind, to, after, limit);
+        self.send_frame(
+            22,
+            seq,
+            json_body,
+            Some(&raw).filter(|r| !r.is_empty()).map(|r| &r[..]),
+        )
+        .await;
+        let ack = self.sync_ack(seq).await;
+        (ack, self.msgs.drain(..).collect())
+    }
+
+    /// Reads the op 23 with `seq`, checking its shape.
+    pub async fn sync_ack(&mut self, seq: u32) -> SyncAck {
+        let reply = self.reply().await.expect("op 23 before close");
+        assert_eq!((reply.op, reply.seq), (23, seq), "reply {reply:?}");
+        let ack = match self.kind {
+            Kind::WsJson => {
+                let b = &reply.json;
+                SyncAck {
+                    ret: b["ret"].as_i64().expect("integer ret"),
+                    oldest: b["oldest"].as_i64().expect("integer oldest"),
+                    head: b["head"].as_i64().expect("integer head"),
+                    error: b.get("error").and_then(Value::as_str).map(str::to_owned),
+                }
+            }
+            _ => {
+                assert_eq!(reply.bytes.len(), 17, "op 23 is exactly 17 bytes");
+                SyncAck {
+                    ret: reply.bytes[0] as i8 as i64,
+                    oldest: i64::from_be_bytes(reply.bytes[1..9].try_into().unwrap()),
+                    head: i64::from_be_bytes(reply.bytes[9..17].try_into().unwrap()),
+                    error: None,
+                }
+            }
+        };
+        if ack.ret != 0 {
+            assert_eq!((ack.oldest, ack.head), (0, 0), "a failed sync reports 0, 0");
+            if self.kind == Kind::WsJson {
+                assert!(
+                    ack.error.as_deref().is_some_and(|e| !e.is_empty()),
+                    "failure without reason: {ack:?}"
+                );
+            }
+        }
+        ack
+    }
+
+    /// Messages delivered and not yet taken with [`msg`](Self::msg).
+    pub fn take_msgs(&mut self) -> Vec<Msg> {
+        self.msgs.drain(..).collect()
     }
 
     /// A heartbeat round trip (everything queued before it has arrived).

@@ -12,11 +12,11 @@ use super::{Handler, Request, Response};
 use crate::comet::Engine;
 use crate::error::BoxError;
 use crate::frame::op;
-use crate::payload::{SendReply, SendRequest};
+use crate::payload::{SendReply, SendRequest, SyncReply, SyncRequest};
 
 pub(crate) type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
 
-/// Handles ops 2, 18 and 20, routes application ops to their handlers, and
+/// Handles ops 2, 18, 20 and 22, routes application ops to their handlers, and
 /// ignores (and counts) any other op.
 #[derive(Clone)]
 pub(crate) struct Router {
@@ -37,7 +37,7 @@ impl Service<Request> for Router {
         let engine = self.engine.clone();
         // Only application ops look up (and clone) a handler.
         let handler = match req.frame.op {
-            op::HEARTBEAT | op::SEND_TO_USER | op::SEND_TO_GROUP => None,
+            op::HEARTBEAT | op::SEND_TO_USER | op::SEND_TO_GROUP | op::SYNC => None,
             op => self.handlers.get(&op).cloned(),
         };
         Box::pin(async move {
@@ -68,6 +68,36 @@ impl Service<Request> for Router {
                         }
                     };
                     Ok(Some(req.frame.reply(reply_op, reply.encode(mode))))
+                }
+                op::SYNC => {
+                    let mode = req.ctx.conn.mode;
+                    let result = match SyncRequest::decode(mode, &req.frame.body) {
+                        Ok(sync) => engine.sync(req.ctx.mid(), &sync).await,
+                        Err(e) => Err(e.into()),
+                    };
+                    let reply = match result {
+                        Ok(page) => {
+                            engine.stats.sync();
+                            // Paced by what the client reads: at most two
+                            // full op 9 batches wait in the queue at once.
+                            let window = 2 * engine.config.max_body;
+                            let handle = &req.ctx.handle;
+                            for msg in &page.messages {
+                                if !handle.push_replay(msg, window).await {
+                                    // The session is gone: nobody to answer.
+                                    return Ok(None);
+                                }
+                            }
+                            engine.stats.replayed(page.messages.len() as u64);
+                            SyncReply::ok(page.oldest, page.head)
+                        }
+                        Err(e) => {
+                            engine.stats.sync_failure();
+                            tracing::debug!(peer = %req.ctx.conn.peer, mid = req.ctx.mid(), cause = %e, "sync refused");
+                            SyncReply::failed(e.to_string())
+                        }
+                    };
+                    Ok(Some(req.frame.reply(op::SYNC_REPLY, reply.encode(mode))))
                 }
                 _ => match handler {
                     Some(handler) => handler.oneshot(req).await,
