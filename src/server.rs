@@ -478,7 +478,6 @@ impl ServerConfig {
             shutdown_timeout: Duration::from_millis(s.shutdown_timeout_ms),
             max_sessions_per_mid: s.max_sessions_per_mid,
             sync_limit: s.sync_limit,
-            ..Config::default()
         }
     }
 }

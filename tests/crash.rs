@@ -71,6 +71,25 @@ fn random_below(n: u64) -> u64 {
     (nanos.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33) % n.max(1)
 }
 
+/// A temp directory removed on success, kept (and named) on a failure.
+struct ScopeDir(Option<tempfile::TempDir>);
+
+impl ScopeDir {
+    fn path(&self) -> &Path {
+        self.0.as_ref().expect("dir").path()
+    }
+}
+
+impl Drop for ScopeDir {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            if std::thread::panicking() {
+                eprintln!("crash test files kept in {}", dir.keep().display());
+            }
+        }
+    }
+}
+
 struct Server {
     child: Child,
     addr: SocketAddr,
@@ -98,9 +117,9 @@ impl Server {
         let child = Command::new(chat_server_binary())
             .arg("--config")
             .arg(&config_path)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,comet_core=debug")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("chat_server starts");
@@ -260,6 +279,8 @@ async fn acknowledged_sends_survive_sigkill() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(4);
     let dir = tempfile::tempdir().unwrap();
+    // The server logs (server-N.log) and the store are kept on failure.
+    let dir = ScopeDir(Some(dir));
     let mut acked = Acked::new();
     let mut total = 0;
     for round in 0..rounds {
@@ -288,5 +309,6 @@ async fn acknowledged_sends_survive_sigkill() {
         server.kill();
     }
     assert!(total > 0, "no send was acknowledged before the kills");
+    drop(dir);
     eprintln!("{rounds} rounds, {total} acknowledged sends checked");
 }

@@ -13,6 +13,7 @@ cd "$(dirname "$0")/../.."
 rounds=${1:-50}
 repeats=${2:-1}
 # Builds the chat_server example too.
+cargo build --example chat_server
 cargo test --test crash --no-run
 for i in $(seq 1 "$repeats"); do
     echo "crash run $i/$repeats: $rounds rounds"
