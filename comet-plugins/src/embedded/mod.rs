@@ -49,7 +49,7 @@
 //! use comet_plugins::embedded::{EmbeddedConfig, EmbeddedStore};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 //! # let dir = std::env::temp_dir().join(format!("comet-doc-{}", std::process::id()));
 //! let store = EmbeddedStore::open(EmbeddedConfig::new(&dir))?;
 //! let opened = store.opened();
