@@ -623,6 +623,7 @@ pub fn assemble(
     }
     let mut builder = Comet::builder()
         .authenticator(auth.clone())
+        .users(auth.clone())
         .store(store.as_dyn())
         .groups(groups.clone())
         .config(config.engine_config());

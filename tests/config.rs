@@ -3,7 +3,6 @@
 
 use std::fmt::Write as _;
 
-use comet::core::MessageStore as _;
 use comet::server::{FsyncMode, ServerConfig, StoreBackend, DEFAULT_CONFIG};
 
 #[test]

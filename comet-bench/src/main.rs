@@ -79,6 +79,9 @@ enum Command {
         /// Users 1..=N with mkey "k{mid}" (comet and peer).
         #[arg(long, default_value_t = 20_000)]
         users: i32,
+        /// Messages comet keeps per conversation.
+        #[arg(long, default_value_t = 100)]
+        history: usize,
         #[command(flatten)]
         layout: Layout,
     },
@@ -147,6 +150,22 @@ enum Scenario {
         #[arg(long, default_value_t = 32)]
         msg_bytes: usize,
     },
+    /// One client stores notes to itself, then replays them with op 22 page
+    /// by page: replayed messages/s (serve with --history at least --messages).
+    Sync {
+        #[arg(long, default_value_t = 1000)]
+        messages: u64,
+        #[arg(long, default_value_t = 50)]
+        rounds: u32,
+        /// Messages per sync (the server caps it; 100 by default).
+        #[arg(long, default_value_t = 100)]
+        page: u32,
+        /// Sends, then syncs, in flight at once.
+        #[arg(long, default_value_t = 8)]
+        depth: usize,
+        #[arg(long, default_value_t = 32)]
+        msg_bytes: usize,
+    },
     /// Many users in many groups, 1:1 and group traffic at a fixed load.
     Mixed {
         #[arg(long, default_value_t = 50)]
@@ -189,8 +208,9 @@ fn main() -> ExitCode {
                 tcp,
                 ws,
                 users,
+                history,
                 layout,
-            } => serve(server, tcp, ws, users, layout).await,
+            } => serve(server, tcp, ws, users, history, layout).await,
             Command::Run {
                 scenario,
                 addr,
@@ -220,6 +240,7 @@ async fn serve(
     tcp: SocketAddr,
     ws: Option<SocketAddr>,
     users: i32,
+    history: usize,
     layout: Layout,
 ) -> ExitCode {
     match kind {
@@ -252,7 +273,7 @@ async fn serve(
             config.server.max_frames_per_sec = 0;
             config.server.max_connections = 1_000_000;
             config.server.max_connections_per_ip = 1_000_000;
-            config.store.history_limit = 100;
+            config.store.history_limit = history;
             // The memory store, as before the embedded one became the
             // default; set "embedded" (and a path) to measure that one.
             config.store.backend = comet::server::StoreBackend::Memory;
@@ -311,6 +332,16 @@ async fn run(ctx: &scenarios::Ctx, scenario: Scenario, labels: Vec<String>) -> E
         } => (
             "pairs",
             scenarios::pairs(ctx, pairs, Duration::from_secs(seconds), msg_bytes).await,
+        ),
+        Scenario::Sync {
+            messages,
+            rounds,
+            page,
+            depth,
+            msg_bytes,
+        } => (
+            "sync",
+            scenarios::sync(ctx, messages, rounds, page, depth, msg_bytes).await,
         ),
         Scenario::Mixed {
             groups,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use comet::core::codec::{self, json, read_batch, TcpCodec};
 use comet::core::frame::{op, Frame, WireMode};
-use comet::core::payload::{AuthReply, Delivered, SendReply, SendRequest};
+use comet::core::payload::{AuthReply, Delivered, SendReply, SendRequest, SyncReply, SyncRequest};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
@@ -41,6 +41,8 @@ pub(crate) enum Event {
     Ack { ret: i8 },
     /// Messages delivered in one op 9.
     Msgs(Vec<Delivered>),
+    /// A sync reply (op 23).
+    Synced { ret: i8, oldest: i64, head: i64 },
     /// Anything else (op 3, op 8, ...).
     Other,
 }
@@ -145,6 +147,26 @@ impl Tx {
         self.send(&Frame::new(1, op, seq, body)).await
     }
 
+    /// op 22: replay conversation `(kind, to)` after `after`, at most
+    /// `limit` messages.
+    pub(crate) async fn sync(
+        &mut self,
+        seq: u32,
+        kind: u32,
+        to: i32,
+        after: i64,
+        limit: u32,
+    ) -> std::io::Result<()> {
+        let body = SyncRequest {
+            kind,
+            to,
+            after,
+            limit: Some(limit),
+        }
+        .encode(self.mode());
+        self.send(&Frame::new(1, op::SYNC, seq, body)).await
+    }
+
     /// op 2 (nothing for socket.io: the server pings, [`Rx`] answers).
     pub(crate) async fn heartbeat(&mut self, seq: u32) -> std::io::Result<()> {
         if let Tx::SocketIo(_) = self {
@@ -211,6 +233,14 @@ impl Rx {
                 op::SEND_TO_USER_REPLY | op::SEND_TO_GROUP_REPLY => {
                     let r = SendReply::decode(mode, &f.body).ok()?;
                     Event::Ack { ret: r.ret }
+                }
+                op::SYNC_REPLY => {
+                    let r = SyncReply::decode(mode, &f.body).ok()?;
+                    Event::Synced {
+                        ret: r.ret,
+                        oldest: r.oldest,
+                        head: r.head,
+                    }
                 }
                 _ => Event::Other,
             });

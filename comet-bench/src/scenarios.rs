@@ -1,4 +1,4 @@
-//! The benchmark scenarios: idle, fanout, pairs, mixed. Each returns one
+//! The benchmark scenarios: idle, fanout, pairs, mixed, sync. Each returns one
 //! JSON object of results; every message carries its send time so latency
 //! is measured end to end, and every receiver checks chatIds for loss,
 //! duplication and reordering.
@@ -553,5 +553,130 @@ pub(crate) async fn mixed(
         "latency": latency_json(&h),
         "reordered": order.reordered,
         "ok": order.reordered == 0 && failed == 0 && got > 0,
+    }))
+}
+
+/// `sync`: user 1 stores `messages` notes to itself (acks pipelined,
+/// `depth` in flight), then replays that conversation `rounds` times page by
+/// page (`page` messages a sync, `depth` syncs in flight): replayed
+/// messages/s to one client, every page checked chatId by chatId.
+pub(crate) async fn sync(
+    ctx: &Ctx,
+    messages: u64,
+    rounds: u32,
+    page: u32,
+    depth: usize,
+    size: usize,
+) -> std::io::Result<Value> {
+    let (mut conns, _) = connect_all(ctx, vec![1], "connected").await?;
+    let (_, mut tx, mut rx) = conns
+        .pop()
+        .ok_or_else(|| std::io::Error::other("no connection"))?;
+    let mut events = Vec::new();
+    let mut seq = 2u32;
+    // Where the conversation stands (a server may have served runs before).
+    // Notes to oneself: they reach no other session and no inbox, so the
+    // run leaves nothing behind for the scenarios after it.
+    tx.sync(seq, comet::core::op::SEND_TO_USER, 1, 0, 0).await?;
+    let base = loop {
+        rx.next(&mut events)
+            .await
+            .ok_or_else(|| std::io::Error::other("closed before op 23"))?;
+        if let Some(head) = events.drain(..).find_map(|e| match e {
+            Event::Synced { head, .. } => Some(head),
+            _ => None,
+        }) {
+            break head;
+        }
+    };
+    // Fill: acks pipelined, `depth` unacknowledged at most.
+    let (mut sent, mut acked, mut refused) = (0u64, 0u64, 0u64);
+    let fill_started = Instant::now();
+    while acked < messages {
+        while sent < messages && sent - acked < depth as u64 {
+            seq += 1;
+            tx.send_msg(comet::core::op::SEND_TO_USER, seq, 1, 1, stamped(size))
+                .await?;
+            sent += 1;
+        }
+        rx.next(&mut events)
+            .await
+            .ok_or_else(|| std::io::Error::other("closed while filling"))?;
+        for e in events.drain(..) {
+            if let Event::Ack { ret } = e {
+                acked += 1;
+                refused += u64::from(ret != 0);
+            }
+        }
+    }
+    let fill_secs = fill_started.elapsed().as_secs_f64();
+    // The pages of one round: after base, base + page, ...
+    let head = base + messages as i64;
+    let afters: Vec<i64> = (base..head).step_by(page.max(1) as usize).collect();
+    let expected: u64 = u64::from(rounds) * messages;
+    let replayed_count = Arc::new(AtomicU64::new(0));
+    let bar = progress(ctx, "replayed", replayed_count.clone(), expected);
+    let meter = Meter::start(ctx.server_pid);
+    let (mut asked, mut answered) = (0usize, 0usize);
+    let total_syncs = afters.len() * rounds as usize;
+    let mut next_id = base + 1; // the chatId the replay must deliver next
+    let (mut bad_pages, mut out_of_order) = (0u64, 0u64);
+    let mut replayed = 0u64;
+    while answered < total_syncs {
+        while asked < total_syncs && asked - answered < depth {
+            seq += 1;
+            let after = afters[asked % afters.len()];
+            tx.sync(seq, comet::core::op::SEND_TO_USER, 1, after, page)
+                .await?;
+            asked += 1;
+        }
+        rx.next(&mut events)
+            .await
+            .ok_or_else(|| std::io::Error::other("closed while syncing"))?;
+        for e in events.drain(..) {
+            match e {
+                Event::Msgs(msgs) => {
+                    for m in msgs {
+                        out_of_order += u64::from(m.chat_id != next_id);
+                        next_id = if m.chat_id >= head {
+                            base + 1
+                        } else {
+                            m.chat_id + 1
+                        };
+                        replayed += 1;
+                    }
+                    replayed_count.store(replayed, Ordering::Relaxed);
+                }
+                Event::Synced {
+                    ret,
+                    oldest,
+                    head: h,
+                } => {
+                    bad_pages += u64::from(ret != 0 || oldest > base + 1 || h != head);
+                    answered += 1;
+                }
+                _ => {}
+            }
+        }
+    }
+    let secs = meter.t0.elapsed().as_secs_f64();
+    bar.abort();
+    if !ctx.quiet {
+        eprintln!();
+    }
+    Ok(json!({
+        "messages": messages,
+        "msg_bytes": size,
+        "page": page,
+        "depth": depth,
+        "rounds": rounds,
+        "fill_sends_per_s": (messages as f64 / fill_secs).round(),
+        "replayed": replayed,
+        "replayed_per_s": (replayed as f64 / secs).round(),
+        "server_cpu_ns_per_replayed": meter.cpu_ns().map(|c| (c as f64 / replayed.max(1) as f64).round()),
+        "refused": refused,
+        "bad_pages": bad_pages,
+        "out_of_order": out_of_order,
+        "ok": refused == 0 && bad_pages == 0 && out_of_order == 0 && replayed == expected,
     }))
 }

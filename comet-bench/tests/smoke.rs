@@ -88,6 +88,7 @@ fn run(addr: &str, pid: u32, transport: &str, scenario: &[&str]) -> serde_json::
 
 const FANOUT: &[&str] = &["fanout", "--members", "50", "--messages", "50"];
 const PAIRS: &[&str] = &["pairs", "--pairs", "5", "--seconds", "1"];
+const SYNC: &[&str] = &["sync", "--messages", "60", "--rounds", "3", "--page", "25"];
 const IDLE: &[&str] = &["idle", "--connections", "100", "--hold-secs", "1"];
 const MIXED: &[&str] = &[
     "mixed",
@@ -119,6 +120,10 @@ fn every_scenario_against_comet_on_every_transport() {
     let ws = ws.unwrap();
     for (addr, transport) in [(&tcp, "tcp"), (&ws, "ws-json"), (&ws, "ws-binary")] {
         every_scenario(addr, pid, transport);
+        // The replay of op 22 (comet only): 60 messages (the server keeps
+        // 100) replayed 3 times in pages of 25, each chatId checked.
+        let sync = run(addr, pid, transport, SYNC);
+        assert_eq!(sync["replayed"], 180, "{sync}");
     }
 }
 

@@ -83,7 +83,9 @@ pub type GroupId = i32;
 pub use async_trait::async_trait;
 
 #[doc(inline)]
-pub use crate::auth::{AuthOutcome, AuthRequest, Authenticator, ConnId, ConnInfo, Identity};
+pub use crate::auth::{
+    AuthOutcome, AuthRequest, Authenticator, ConnId, ConnInfo, Identity, UserDirectory,
+};
 #[doc(inline)]
 pub use crate::comet::{BuildError, Comet, CometBuilder, Event};
 #[doc(inline)]
