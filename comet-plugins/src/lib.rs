@@ -6,7 +6,9 @@
 //! - [`memory::MemoryAuth`]: a mid → mkey table, keys compared in constant time;
 //! - [`memory::MemoryStore`]: chatId sequencing per conversation, bounded
 //!   history, bounded offline inboxes;
-//! - [`memory::MemoryGroups`]: group membership with join and leave.
+//! - [`memory::MemoryGroups`]: group membership with join and leave;
+//! - `embedded::EmbeddedStore` (cargo feature `embedded`): the same store,
+//!   crash-safe on disk (SQLite in WAL mode).
 //!
 //! ```
 //! use comet_plugins::memory::{MemoryAuth, MemoryGroups, MemoryStore};
@@ -27,4 +29,6 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+#[cfg(feature = "embedded")]
+pub mod embedded;
 pub mod memory;

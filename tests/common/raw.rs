@@ -554,6 +554,11 @@ impl Client {
         }
     }
 
+    /// A delivered message already received, if any (no waiting).
+    pub fn try_msg(&mut self) -> Option<Msg> {
+        self.msgs.pop_front()
+    }
+
     /// The next delivered message.
     pub async fn msg(&mut self) -> Msg {
         loop {
