@@ -190,7 +190,10 @@ async fn refused_sends_answer_ret_minus_one_and_keep_the_connection() {
         assert_eq!(ack.ret, 0);
         // Nothing was stored for the stranger: no chatId, no conversation.
         let (sync, replay) = c.sync(18, 9999, 0, None).await;
-        assert_eq!((sync.ret, sync.oldest, sync.head, replay.len()), (0, 0, 0, 0));
+        assert_eq!(
+            (sync.ret, sync.oldest, sync.head, replay.len()),
+            (0, 0, 0, 0)
+        );
         w.still_fine().await;
     }
     assert!(srv.shutdown().await);

@@ -719,8 +719,13 @@ async fn batches_coalesce_pending_messages_within_max_body() {
         batches += 1;
     }
     assert_eq!(count, 40);
-    // 132-byte inner frames, at most 3 per 512-byte body.
-    assert_eq!(batches, 14);
+    // 132-byte inner frames, at most 3 per 512-byte body: 14 op 9s when
+    // packed perfectly. The inbox goes at the client's pace (two op 9s'
+    // worth queued at a time), so a batch may close early at that edge.
+    assert!(
+        (14..=20).contains(&batches),
+        "{batches} op 9s for 40 messages"
+    );
 }
 
 #[tokio::test]

@@ -262,7 +262,11 @@ async fn big_messages_to_users_who_never_read_stay_within_the_store_budget() {
     })
     .await;
     let tcp = srv.tcp_addr.unwrap();
-    let limits = srv.store.limits().clone();
+    let comet::server::Store::Memory(store) = &srv.store else {
+        panic!("start_config assembles the memory backend");
+    };
+    let store = store.clone();
+    let limits = store.limits().clone();
     let rss_before = rss_kib();
     let mut senders = tokio::task::JoinSet::new();
     for mid in 1..=BIG_SENDERS {
@@ -288,7 +292,7 @@ async fn big_messages_to_users_who_never_read_stay_within_the_store_budget() {
         done.unwrap();
     }
     let grown_mib = rss_kib().saturating_sub(rss_before) / 1024;
-    let usage = srv.store.usage();
+    let usage = store.usage();
     let sent_mib = (BIG_SENDERS * BIG_EACH) as usize * BIG_MSG / (1024 * 1024);
     eprintln!(
         "big-message crowd: {sent_mib} MiB sent, RSS +{grown_mib} MiB, store {usage:?}, limits {limits:?}"
@@ -302,7 +306,7 @@ async fn big_messages_to_users_who_never_read_stay_within_the_store_budget() {
     );
     // Each fixed recipient's inbox stays within its byte budget.
     for to in NEVER_ONLINE..NEVER_ONLINE + 10 {
-        let kept = srv.store.inbox_len(to);
+        let kept = store.inbox_len(to);
         assert!(
             kept * BIG_MSG <= limits.inbox_bytes,
             "{to} keeps {kept} messages of {BIG_MSG} bytes"

@@ -273,7 +273,10 @@ async fn serve(
             config.server.max_frames_per_sec = 0;
             config.server.max_connections = 1_000_000;
             config.server.max_connections_per_ip = 1_000_000;
-            config.server.history_limit = history;
+            config.store.history_limit = history;
+            // The memory store, as before the embedded one became the
+            // default; set "embedded" (and a path) to measure that one.
+            config.store.backend = comet::server::StoreBackend::Memory;
             config.users = (1..=users)
                 .map(|mid| comet::server::UserEntry {
                     mid,

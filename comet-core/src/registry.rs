@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::task::{Context, Poll};
 
@@ -76,6 +76,19 @@ pub(crate) enum Outbound {
     Frame(Box<Frame>),
     /// A delivered message, batched into op 9 by the writer.
     Message(Arc<Message>),
+    /// A message of the session's offline inbox and its entry's seq: once
+    /// written, the entry leaves the store.
+    Inbox(Arc<Message>, u64),
+}
+
+impl Outbound {
+    #[cfg(test)]
+    pub(crate) fn into_message(self) -> Arc<Message> {
+        match self {
+            Outbound::Message(m) | Outbound::Inbox(m, _) => m,
+            Outbound::Frame(_) => unreachable!("a frame"),
+        }
+    }
 }
 
 /// Why a session was told to close from outside its own task.
@@ -95,6 +108,9 @@ pub(crate) struct Shared {
     /// Why the session was told to close (`Kick` as `u8`); set once, and
     /// announced through the queue's waker.
     kick: AtomicU8,
+    /// The seq of the newest offline-inbox entry the writer has written
+    /// (0: none yet): entries up to it may leave the store.
+    pub(crate) inbox_written: AtomicU64,
 }
 
 impl Shared {
@@ -141,6 +157,7 @@ impl SessionHandle {
         let shared = Arc::new(Shared {
             queue: Queue::new(limit),
             kick: AtomicU8::new(0),
+            inbox_written: AtomicU64::new(0),
         });
         SessionHandle {
             conn_id,
@@ -188,19 +205,39 @@ impl SessionHandle {
         self.push(Outbound::Message(msg.clone()), size)
     }
 
-    /// Queues a replayed message (op 22) once fewer than `window` replayed
-    /// bytes wait to be written: a replay goes at the pace the client reads
-    /// it and is never counted against the live bound. `false` if the
-    /// session is gone.
-    pub(crate) async fn push_replay(&self, msg: &Arc<Message>, window: usize) -> bool {
+    /// Queues a replayed message (op 22; with `inbox_seq`, an entry of the
+    /// session's offline inbox) once fewer than `window` replayed bytes wait
+    /// to be written: a replay goes at the pace the client reads it and is
+    /// never counted against the live bound. `false` if the session is gone.
+    pub(crate) async fn push_replay(
+        &self,
+        msg: &Arc<Message>,
+        inbox_seq: Option<u64>,
+        window: usize,
+    ) -> bool {
         let queue = &self.shared.queue;
         if !std::future::poll_fn(|cx| queue.poll_replay_room(cx, window)).await {
             return false;
         }
-        let size = msg.wire(self.mode).len();
-        queue
-            .push_replay(Outbound::Message(msg.clone()), size)
-            .is_ok()
+        // For pacing only: an inbox message is encoded without filling the
+        // message's encoding cache, so its size is estimated.
+        let len = msg.delivered().msg.len();
+        let size = match self.mode {
+            WireMode::Binary => HEADER_LEN + 16 + len,
+            WireMode::Json => len * 4 / 3 + 128,
+        };
+        let item = match inbox_seq {
+            Some(seq) => Outbound::Inbox(msg.clone(), seq),
+            None => Outbound::Message(msg.clone()),
+        };
+        queue.push_replay(item, size).is_ok()
+    }
+
+    /// Waits until every replayed message queued so far is written;
+    /// `false` if the session is gone.
+    pub(crate) async fn replay_written(&self) -> bool {
+        let queue = &self.shared.queue;
+        std::future::poll_fn(|cx| queue.poll_replay_room(cx, 1)).await
     }
 
     /// Queues a frame whose body is in this session's mode.
@@ -484,6 +521,37 @@ impl Registry {
                 chat_id = msg.chat_id(),
                 "message not kept in the offline inbox"
             );
+        }
+    }
+}
+
+impl Registry {
+    /// Keeps `msgs` (live messages a session held back while it was still
+    /// writing its inbox, and never wrote) in `mid`'s inbox, behind what is
+    /// left of it, if `mid` has no session left: otherwise its other
+    /// sessions have their own copies, and this device can sync.
+    pub(crate) async fn put_back(&self, mid: Mid, msgs: impl IntoIterator<Item = Arc<Message>>) {
+        let shard = self.shard(mid);
+        {
+            let mut map = shard.write();
+            if map.get(&mid).is_some_and(|e| !e.sessions.is_empty()) {
+                return;
+            }
+            map.entry(mid).or_default().offline_inflight += 1;
+        }
+        let _inflight = Inflight { shard, mid };
+        for msg in msgs {
+            let push = self.store.push_offline(mid, msg.clone());
+            if crate::stats::bounded(&self.stats, self.hook_timeout, "offline inbox", push)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    mid,
+                    chat_id = msg.chat_id(),
+                    "message not kept in the offline inbox"
+                );
+            }
         }
     }
 }
