@@ -8,6 +8,7 @@ mod common;
 
 use std::time::Duration;
 
+use comet::server::StoreBackend;
 use common::raw::{Client, Kind, Msg};
 
 /// 300 messages of 60,000 bytes: 18 MB, far more than loopback socket
@@ -35,12 +36,32 @@ fn ids(msgs: &[Msg]) -> Vec<i64> {
     msgs.iter().map(|m| m.chat_id).collect()
 }
 
+/// A server whose inbox holds the whole test inbox, on `backend` (the
+/// embedded store in `dir`).
+async fn start(
+    backend: StoreBackend,
+    dir: &std::path::Path,
+    heartbeat_ms: u64,
+) -> comet::server::Running {
+    common::server::start_edit(|c| {
+        c.server.heartbeat_timeout_ms = heartbeat_ms;
+        c.store.backend = backend;
+        c.store.path = dir.to_owned();
+        c.store.inbox_limit = 10_000;
+        c.store.inbox_bytes = 64 << 20;
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_cut_off_half_way_delivers_nothing_twice_and_loses_nothing() {
-    let running = common::server::start_with(|s| {
-        s.inbox_limit = 10_000;
-    })
-    .await;
+    for backend in [StoreBackend::Memory, StoreBackend::Embedded] {
+        let dir = tempfile::tempdir().unwrap();
+        cut_off_half_way(start(backend, dir.path(), 90_000).await).await;
+    }
+}
+
+async fn cut_off_half_way(running: comet::server::Running) {
     let tcp = running.tcp_addr.unwrap();
     let mut sender = Client::login(Kind::Tcp, tcp, 2, "k2").await;
     let sent = fill_inbox(&mut sender, 1).await;
@@ -101,11 +122,8 @@ async fn a_slow_download_lives_on_heartbeats_past_the_heartbeat_timeout() {
     // well more than that, while the client beats every 300 ms. The old
     // login flush had one fixed budget (the heartbeat timeout) and read no
     // frames meanwhile.
-    let running = common::server::start_with(|s| {
-        s.heartbeat_timeout_ms = 1_500;
-        s.inbox_limit = 10_000;
-    })
-    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(StoreBackend::Embedded, dir.path(), 1_500).await;
     for kind in [Kind::Tcp, Kind::WsBinary, Kind::WsJson] {
         let addr = match kind {
             Kind::Tcp => running.tcp_addr.unwrap(),
