@@ -34,27 +34,29 @@ const MIB: usize = 1024 * 1024;
 /// assert_eq!(store.limits().total_bytes, 64 << 20);
 /// ```
 ///
-/// Bytes are *charged* bytes: per message its body, both wire encodings it
-/// may cache (binary: body + 32; JSON: at most 4/3 of the body + 128, its
-/// base64 form) and a fixed overhead (the shared [`Message`] and its
-/// bookkeeping, about 250 bytes); per kept entry its queue slot; per
-/// conversation and per inbox its record (see [`MemoryStore`]). A message
-/// is charged about 3.4 times its length, which is what it holds once
-/// delivered to both binary and JSON clients, so the budgets bound real
-/// memory rather than payload bytes.
+/// The per-conversation and per-inbox byte bounds count message bodies (the
+/// `msg` bytes), like the embedded store's and the server's `[store]
+/// history_bytes` / `inbox_bytes`. The store-wide
+/// [`total_bytes`](Self::total_bytes) counts *charged* bytes, memory really
+/// held: per message its body, both wire encodings it may cache (binary:
+/// body + 32; JSON: at most 4/3 of the body + 128, its base64 form) and a
+/// fixed overhead (the shared [`Message`] and its bookkeeping, about 250
+/// bytes), about 3.4 times its length, which is what it holds once
+/// delivered to both binary and JSON clients; per kept entry its queue
+/// slot; per conversation and per inbox its record (see [`MemoryStore`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct MemoryLimits {
     /// Messages of history kept per conversation (default 1,000, the
     /// PROTOCOL.md 2.7 promise for small messages).
     pub history: usize,
-    /// Charged bytes of history kept per conversation (default 2 MiB: the
-    /// last 1,000 messages of up to ~500 bytes, or the last ~10 of 64 KiB).
+    /// Bytes of message bodies kept per conversation (default 4 MiB, as
+    /// the embedded store: 1,000 messages of up to 4 KiB, or the last 64 of
+    /// 64 KiB).
     pub history_bytes: usize,
     /// Messages kept per offline inbox (default 1,000).
     pub inbox: usize,
-    /// Charged bytes kept per offline inbox (default 2 MiB, like
-    /// [`history_bytes`](Self::history_bytes)).
+    /// Bytes of message bodies kept per offline inbox (default 4 MiB).
     pub inbox_bytes: usize,
     /// Charged bytes of the whole store: histories, inboxes and records
     /// (default 256 MiB).
@@ -72,15 +74,15 @@ pub struct MemoryLimits {
 }
 
 impl Default for MemoryLimits {
-    /// 1,000 messages / 2 MiB per conversation and per inbox, 256 MiB for the
+    /// 1,000 messages / 4 MiB per conversation and per inbox, 256 MiB for the
     /// whole store, 1,000,000 conversations and inboxes, inboxes unread for
     /// 30 days deleted.
     fn default() -> Self {
         MemoryLimits {
             history: 1000,
-            history_bytes: 2 * MIB,
+            history_bytes: 4 * MIB,
             inbox: 1000,
-            inbox_bytes: 2 * MIB,
+            inbox_bytes: 4 * MIB,
             total_bytes: 256 * MIB,
             conversations: 1_000_000,
             inboxes: 1_000_000,
@@ -179,7 +181,7 @@ fn charge(msg: &Message) -> usize {
 struct Conv {
     last: i64,
     history: VecDeque<Arc<Message>>,
-    /// Charged bytes of `history`.
+    /// Message body bytes of `history`.
     bytes: usize,
     /// When it was last appended to (its key in the shard's `lru`).
     stamp: u64,
@@ -195,7 +197,7 @@ struct ConvShard {
 #[derive(Debug)]
 struct Inbox {
     entries: VecDeque<Offline>,
-    /// Charged bytes of `entries`.
+    /// Message body bytes of `entries`.
     bytes: usize,
     /// Store time (ms) of its creation or last read.
     read_at: u64,
@@ -235,7 +237,8 @@ enum Gone {
 /// - **per conversation**, [`history`](MemoryLimits::history) messages and
 ///   [`history_bytes`](MemoryLimits::history_bytes): the oldest are
 ///   forgotten (a sync then answers `oldest` above them, PROTOCOL.md 2.7);
-///   a single message over the byte bound is delivered but not kept;
+///   a single message over the byte bound is delivered but not kept
+///   (bodies count here, see [`MemoryLimits`]);
 /// - **per inbox**, [`inbox`](MemoryLimits::inbox) messages and
 ///   [`inbox_bytes`](MemoryLimits::inbox_bytes): the oldest are dropped;
 /// - **the whole store**, [`total_bytes`](MemoryLimits::total_bytes): when
@@ -323,12 +326,16 @@ fn shards<T: Default>() -> Box<[Mutex<T>]> {
 
 impl MemoryStore {
     /// A store keeping `history_limit` messages per conversation and
-    /// `inbox_limit` messages per offline user; every other bound is
-    /// [`MemoryLimits::default`]'s.
+    /// `inbox_limit` messages per offline user, with no byte bound per
+    /// conversation or inbox (as before byte bounds existed); the store-wide
+    /// bounds are [`MemoryLimits::default`]'s, so memory stays bounded.
+    /// [`with_limits`](Self::with_limits) sets every bound.
     pub fn new(history_limit: usize, inbox_limit: usize) -> Self {
         MemoryStore::with_limits(MemoryLimits {
             history: history_limit,
             inbox: inbox_limit,
+            history_bytes: usize::MAX,
+            inbox_bytes: usize::MAX,
             ..MemoryLimits::default()
         })
     }
@@ -495,7 +502,7 @@ impl MemoryStore {
         let Some(msg) = conv.history.pop_front() else {
             return;
         };
-        conv.bytes -= charge(&msg);
+        conv.bytes -= msg.delivered().msg.len();
         self.sub_bytes(self.release(&msg) + HISTORY_ENTRY);
         self.history_messages.fetch_sub(1, Ordering::Relaxed);
         self.dropped_history.fetch_add(1, Ordering::Relaxed);
@@ -518,7 +525,7 @@ impl MemoryStore {
             return true;
         };
         if let Some(e) = inbox.entries.pop_front() {
-            inbox.bytes -= charge(&e.msg);
+            inbox.bytes -= e.msg.delivered().msg.len();
             self.sub_bytes(self.release(&e.msg) + INBOX_ENTRY);
             self.inbox_messages.fetch_sub(1, Ordering::Relaxed);
             match why {
@@ -686,7 +693,7 @@ impl MessageStore for MemoryStore {
         }
         conv.stamp = self.clock.fetch_add(1, Ordering::Relaxed);
         conv.history.push_back(msg.clone());
-        conv.bytes += charge(&msg);
+        conv.bytes += msg.delivered().msg.len();
         self.add_bytes(self.hold(&msg) + HISTORY_ENTRY);
         self.history_messages.fetch_add(1, Ordering::Relaxed);
         lru.insert((conv.stamp, key));
@@ -735,7 +742,7 @@ impl MessageStore for MemoryStore {
     async fn push_offline(&self, mid: Mid, msg: Arc<Message>) -> Result<(), BoxError> {
         let now = self.now();
         self.sweep(now);
-        let cost = charge(&msg);
+        let cost = msg.delivered().msg.len();
         if self.limits.inbox == 0 || cost > self.limits.inbox_bytes {
             self.count_dropped(mid);
             return Ok(());
@@ -889,8 +896,8 @@ mod tests {
         let one = charge(&draft(Conversation::Group(1), 1, 1, 10_000).into_message(1));
         let store = MemoryStore::with_limits(
             MemoryLimits::default()
-                .with_history(1000, 3 * one)
-                .with_inbox(1000, 2 * one),
+                .with_history(1000, 30_000)
+                .with_inbox(1000, 20_000),
         );
         let g = Conversation::Group(7);
         for _ in 0..5 {
