@@ -174,7 +174,8 @@ pub(super) fn open_writer(file: &Path) -> Result<(Connection, State, bool), Open
         // In a rollback journal, so the id is in the file itself before
         // the log exists (the check before opening reads it there).
         conn.execute_batch(&format!(
-            "BEGIN IMMEDIATE;
+            "PRAGMA page_size=1024;
+             BEGIN IMMEDIATE;
              PRAGMA application_id={APPLICATION_ID};
              PRAGMA user_version={FORMAT};
              {SCHEMA}
