@@ -51,7 +51,7 @@ use std::time::Duration;
 use comet_core::middleware::FrameRateLimitLayer;
 use comet_core::{Comet, Config, MessageStore};
 use comet_plugins::embedded::{EmbeddedConfig, EmbeddedStore, Fsync};
-use comet_plugins::memory::{MemoryAuth, MemoryGroups, MemoryStore};
+use comet_plugins::memory::{MemoryAuth, MemoryGroups, MemoryLimits, MemoryStore};
 use comet_transports::{tcp, tls, ws, Limits};
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -184,13 +184,13 @@ pub struct StoreSection {
     /// Messages kept per conversation (default 1,000).
     #[serde(default = "defaults::history_limit")]
     pub history_limit: usize,
-    /// Message bytes kept per conversation (default 4 MiB; embedded only).
+    /// Message bytes kept per conversation (default 4 MiB).
     #[serde(default = "defaults::store_bytes")]
     pub history_bytes: usize,
     /// Offline messages kept per user (default 1,000).
     #[serde(default = "defaults::inbox_limit")]
     pub inbox_limit: usize,
-    /// Offline message bytes kept per user (default 4 MiB; embedded only).
+    /// Offline message bytes kept per user (default 4 MiB).
     #[serde(default = "defaults::store_bytes")]
     pub inbox_bytes: usize,
 }
@@ -547,9 +547,10 @@ impl Store {
 pub fn open_store(config: &ServerConfig) -> io::Result<Store> {
     let st = &config.store;
     match st.backend {
-        StoreBackend::Memory => Ok(Store::Memory(Arc::new(MemoryStore::new(
-            st.history_limit,
-            st.inbox_limit,
+        StoreBackend::Memory => Ok(Store::Memory(Arc::new(MemoryStore::with_limits(
+            MemoryLimits::default()
+                .with_history(st.history_limit, st.history_bytes)
+                .with_inbox(st.inbox_limit, st.inbox_bytes),
         )))),
         StoreBackend::Embedded => {
             let store = EmbeddedStore::open(st.embedded_config()).map_err(|e| {

@@ -373,3 +373,18 @@ fn fsync_modes_parse() {
     assert!("sometimes".parse::<Fsync>().is_err());
     assert_eq!(Fsync::default(), Fsync::Interval);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_store_conforms() {
+    // One directory per store the kit asks for, kept until the end.
+    let dirs = std::sync::Mutex::new(Vec::new());
+    comet_core::testing::store_conformance(|limits| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = EmbeddedConfig::new(dir.path());
+        config.history_limit = limits.history;
+        config.inbox_limit = limits.inbox;
+        dirs.lock().unwrap().push(dir);
+        async move { Arc::new(EmbeddedStore::open(config).unwrap()) }
+    })
+    .await;
+}
