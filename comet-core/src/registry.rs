@@ -68,6 +68,10 @@ impl std::hash::Hasher for MidHash {
     }
 }
 
+/// Bytes of one queue slot, counted against the outbound bound with
+/// whatever the slot holds.
+const SLOT: usize = std::mem::size_of::<Outbound>();
+
 /// What a session's writer has to send.
 #[derive(Debug)]
 pub(crate) enum Outbound {
@@ -201,7 +205,8 @@ impl SessionHandle {
 
     /// Queues a delivered message (sent inside op 9).
     pub fn push_message(&self, msg: &Arc<Message>) -> bool {
-        let size = msg.wire(self.mode).len();
+        // The message is shared; this session holds a queue slot of it.
+        let size = msg.wire(self.mode).len() + SLOT;
         self.push(Outbound::Message(msg.clone()), size)
     }
 
@@ -242,7 +247,11 @@ impl SessionHandle {
 
     /// Queues a frame whose body is in this session's mode.
     pub fn push_frame(&self, frame: Frame) -> bool {
-        let size = HEADER_LEN + frame.body.len();
+        // What the reply really holds: its wire bytes, the boxed frame and
+        // the queue slot (a heartbeat reply is 16 bytes on the wire and
+        // about 80 in memory; counting 16 let a client that sends
+        // heartbeats and never reads hold several times the bound).
+        let size = HEADER_LEN + frame.body.len() + std::mem::size_of::<Frame>() + SLOT;
         self.push(Outbound::Frame(Box::new(frame)), size)
     }
 
