@@ -398,18 +398,30 @@ impl Registry {
             entry.sessions.push(handle);
         }
         self.sessions.fetch_add(1, Ordering::Relaxed);
-        loop {
-            let settled = shard.settled.notified();
-            tokio::pin!(settled);
-            settled.as_mut().enable();
-            let busy = shard
-                .read()
-                .get(&mid)
-                .is_some_and(|e| e.offline_inflight > 0);
-            if !busy {
-                return;
+        let settle = async {
+            loop {
+                let settled = shard.settled.notified();
+                tokio::pin!(settled);
+                settled.as_mut().enable();
+                let busy = shard
+                    .read()
+                    .get(&mid)
+                    .is_some_and(|e| e.offline_inflight > 0);
+                if !busy {
+                    return;
+                }
+                settled.await;
             }
-            settled.await;
+        };
+        // Each push is bounded by the hook timeout; the wait for all of
+        // them is bounded too, so no store can hold a login back for long.
+        // Past it, a late push lands in the inbox after this session read
+        // it: the message stays in history for a sync.
+        if tokio::time::timeout(2 * self.hook_timeout, settle)
+            .await
+            .is_err()
+        {
+            tracing::warn!(mid, "login went on while offline pushes were still under way");
         }
     }
 
