@@ -622,6 +622,42 @@ async fn a_hanging_inbox_and_a_vanished_sender_never_lock_the_recipient_out() {
     assert!(comet.stats().plugin_errors >= 1);
 }
 
+#[tokio::test]
+async fn a_group_send_to_offline_members_is_bounded_as_a_whole() {
+    // Group 1 is mids 1..=20; only 1 is online, and every inbox push hangs.
+    // Each push used to get its own hook timeout under the conversation's
+    // lock: 19 x 300 ms. One send now gets one timeout for all of them.
+    let auth = Arc::new(comet::plugins::memory::MemoryAuth::from_iter([(1, "k1")]));
+    let comet = Comet::builder()
+        .authenticator(auth)
+        .store(Arc::new(StuckInbox(
+            comet::plugins::memory::MemoryStore::default(),
+        )))
+        .groups(Arc::new(Divisors))
+        .config(Config {
+            hook_timeout: Duration::from_millis(300),
+            ..Config::default()
+        })
+        .build()
+        .unwrap();
+    let mut a = Conn::login(&comet, WireMode::Binary, 1).await;
+    let started = tokio::time::Instant::now();
+    assert_eq!(
+        a.send_msg(op::SEND_TO_GROUP, 1, 1, "to the offline").await,
+        SendReply::ok(1)
+    );
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(3_000),
+        "the send took {took:?}"
+    );
+    // The next send of the conversation is not held up either.
+    assert_eq!(
+        a.send_msg(op::SEND_TO_GROUP, 1, 1, "again").await,
+        SendReply::ok(2)
+    );
+}
+
 /// A store whose appends wait until the test opens its gate.
 struct GatedStore {
     inner: comet::plugins::memory::MemoryStore,

@@ -421,7 +421,10 @@ impl Registry {
             .await
             .is_err()
         {
-            tracing::warn!(mid, "login went on while offline pushes were still under way");
+            tracing::warn!(
+                mid,
+                "login went on while offline pushes were still under way"
+            );
         }
     }
 
@@ -518,7 +521,16 @@ impl Registry {
         !entry.sessions.is_empty()
     }
 
-    async fn push_offline(&self, mid: Mid, msg: &Arc<Message>, except: Option<ConnId>) {
+    /// Keeps `msg` in `mid`'s inbox unless a session of `mid` arrived;
+    /// `stored` is the copy the inbox keeps. Gives up at `deadline`.
+    async fn push_offline(
+        &self,
+        mid: Mid,
+        msg: &Arc<Message>,
+        stored: &Arc<Message>,
+        except: Option<ConnId>,
+        deadline: tokio::time::Instant,
+    ) {
         let shard = self.shard(mid);
         {
             let mut map = shard.write();
@@ -532,8 +544,9 @@ impl Registry {
         // Settled however this ends, even if the future is dropped mid-way:
         // a login of `mid` waits for the count to reach zero.
         let _inflight = Inflight { shard, mid };
-        let push = self.store.push_offline(mid, msg.clone());
-        if crate::stats::bounded(&self.stats, self.hook_timeout, "offline inbox", push)
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let push = self.store.push_offline(mid, stored.clone());
+        if crate::stats::bounded(&self.stats, left, "offline inbox", push)
             .await
             .is_err()
         {
@@ -624,12 +637,21 @@ impl Registry {
         if let Some(mid) = echo {
             self.push_live(mid, msg, except);
         }
+        // Every offline push of one send shares one hook timeout, so a
+        // group send to many offline members holds its conversation's
+        // order lock for one timeout at most, not one per member (past it,
+        // the rest keep the message in history only, for a sync).
+        let deadline = tokio::time::Instant::now() + self.hook_timeout;
+        // Inboxes keep a copy without the live message's per-mode
+        // encodings, shared by every offline recipient of this send.
+        let mut stored: Option<Arc<Message>> = None;
         for &mid in recipients {
             if Some(mid) == echo {
                 continue;
             }
             if !self.push_live(mid, msg, except) {
-                self.push_offline(mid, msg, except).await;
+                let stored = stored.get_or_insert_with(|| Message::new(msg.delivered().clone()));
+                self.push_offline(mid, msg, stored, except, deadline).await;
             }
         }
     }
