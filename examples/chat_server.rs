@@ -1,5 +1,6 @@
-//! The example chat server: comet on its in-memory plug-ins, configured by a
-//! TOML file.
+//! The example chat server: comet with in-memory users and groups and a
+//! crash-safe embedded message store (`[store]`, default `./comet-data`),
+//! configured by a TOML file.
 //!
 //! ```text
 //! cargo run --release --example chat_server                 # shipped examples/chat_server.toml
@@ -9,7 +10,9 @@
 //! TCP (binary frames) listens on `server.tcp`, WebSocket (JSON or goim
 //! binary frames) on `server.websocket` at `server.ws_path`. Ctrl-C shuts
 //! down gracefully: listeners stop, sessions flush their queues and close.
-//! Set `RUST_LOG=debug` for per-session logs.
+//! Set `RUST_LOG=debug` for per-session logs. Exit codes: 2 for a bad
+//! config, 1 when the listeners or the store cannot start (e.g. a file in
+//! the store's directory that is not a comet store; the message names it).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,7 +22,7 @@ use clap::Parser;
 use comet::server::{self, ServerConfig};
 
 #[derive(Parser, Debug)]
-#[command(about = "comet example chat server (in-memory users, groups and messages)")]
+#[command(about = "comet example chat server (in-memory users and groups, embedded message store)")]
 struct Args {
     /// TOML configuration file; without it the shipped examples/chat_server.toml is used.
     #[arg(long)]
@@ -50,7 +53,7 @@ async fn main() -> ExitCode {
     let running = match server::start(config).await {
         Ok(running) => running,
         Err(e) => {
-            eprintln!("error: could not start listeners: {e}");
+            eprintln!("error: could not start: {e}");
             return ExitCode::FAILURE;
         }
     };

@@ -513,7 +513,8 @@ pub async fn soak(args: Args) -> std::io::Result<Verdict> {
     config.server.max_frames_per_sec = 0;
     // A small history bound so the store reaches its steady size early; a
     // reconnecting client syncs at once, well within it.
-    config.server.history_limit = 200;
+    config.store.history_limit = 200;
+    config.store.backend = comet::server::StoreBackend::Memory;
     let running = comet::server::start(config).await?;
     let addr = running
         .tcp_addr

@@ -10,6 +10,17 @@
 //! handshake_timeout_ms = 10000
 //! heartbeat_timeout_ms = 90000
 //! max_body = 65536
+//! sync_limit = 100
+//!
+//! [store]
+//! backend = "embedded"      # or "memory"
+//! path = "comet-data"       # a directory, created if missing
+//! fsync = "interval"        # or "always"
+//! fsync_interval_ms = 1000
+//! history_limit = 1000      # messages per conversation
+//! history_bytes = 4194304   # message bytes per conversation
+//! inbox_limit = 1000        # messages per offline user
+//! inbox_bytes = 4194304     # message bytes per offline user
 //!
 //! [[users]]
 //! mid = 1
@@ -38,8 +49,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use comet_core::middleware::FrameRateLimitLayer;
-use comet_core::{Comet, Config};
-use comet_plugins::memory::{MemoryAuth, MemoryGroups, MemoryStore};
+use comet_core::{Comet, Config, MessageStore};
+use comet_plugins::embedded::{EmbeddedConfig, EmbeddedStore, Fsync};
+use comet_plugins::memory::{MemoryAuth, MemoryGroups, MemoryLimits, MemoryStore};
 use comet_transports::{tcp, tls, ws, Limits};
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -51,6 +63,9 @@ use tokio::task::JoinHandle;
 pub struct ServerConfig {
     /// Listeners and limits.
     pub server: ServerSection,
+    /// The message store (default: embedded, in `comet-data`).
+    #[serde(default)]
+    pub store: StoreSection,
     /// Users and their keys (for the in-memory authenticator).
     #[serde(default)]
     pub users: Vec<UserEntry>,
@@ -121,12 +136,97 @@ pub struct ServerSection {
     /// Frames a connection may send in one burst (default 2,000).
     #[serde(default = "defaults::frame_burst")]
     pub frame_burst: u32,
-    /// Offline messages kept per user (default 1,000).
-    #[serde(default = "defaults::inbox_limit")]
-    pub inbox_limit: usize,
+    /// The most messages one op 22 sync replays (default 100; PROTOCOL.md
+    /// 2.7).
+    #[serde(default = "defaults::sync_limit")]
+    pub sync_limit: usize,
+}
+
+/// Which message store the server runs on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// [`EmbeddedStore`]: on disk in `path`, crash-safe (the default).
+    #[default]
+    Embedded,
+    /// [`MemoryStore`]: lost at exit.
+    Memory,
+}
+
+/// When the embedded store fsyncs (see [`Fsync`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncMode {
+    /// Acknowledge once written to the OS; fsync within `fsync_interval_ms`.
+    #[default]
+    Interval,
+    /// Acknowledge once fsynced (concurrent sends share one fsync).
+    Always,
+}
+
+/// The `[store]` table.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// `"embedded"` (default) or `"memory"`.
+    #[serde(default)]
+    pub backend: StoreBackend,
+    /// The embedded store's directory, created if missing (default
+    /// `comet-data`, relative to the working directory).
+    #[serde(default = "defaults::store_path")]
+    pub path: PathBuf,
+    /// `"interval"` (default) or `"always"`.
+    #[serde(default)]
+    pub fsync: FsyncMode,
+    /// The longest wait for an fsync in `"interval"` mode (default 1,000 ms).
+    #[serde(default = "defaults::fsync_interval_ms")]
+    pub fsync_interval_ms: u64,
     /// Messages kept per conversation (default 1,000).
     #[serde(default = "defaults::history_limit")]
     pub history_limit: usize,
+    /// Message bytes kept per conversation (default 4 MiB).
+    #[serde(default = "defaults::store_bytes")]
+    pub history_bytes: usize,
+    /// Offline messages kept per user (default 1,000).
+    #[serde(default = "defaults::inbox_limit")]
+    pub inbox_limit: usize,
+    /// Offline message bytes kept per user (default 4 MiB).
+    #[serde(default = "defaults::store_bytes")]
+    pub inbox_bytes: usize,
+}
+
+impl Default for StoreSection {
+    /// The embedded store in `comet-data` with the documented defaults.
+    fn default() -> Self {
+        StoreSection {
+            backend: StoreBackend::default(),
+            path: defaults::store_path(),
+            fsync: FsyncMode::default(),
+            fsync_interval_ms: defaults::fsync_interval_ms(),
+            history_limit: defaults::history_limit(),
+            history_bytes: defaults::store_bytes(),
+            inbox_limit: defaults::inbox_limit(),
+            inbox_bytes: defaults::store_bytes(),
+        }
+    }
+}
+
+impl StoreSection {
+    /// The embedded store's settings this table asks for.
+    pub fn embedded_config(&self) -> EmbeddedConfig {
+        EmbeddedConfig {
+            path: self.path.clone(),
+            fsync: match self.fsync {
+                FsyncMode::Interval => Fsync::Interval,
+                FsyncMode::Always => Fsync::Always,
+            },
+            fsync_interval: Duration::from_millis(self.fsync_interval_ms),
+            history_limit: self.history_limit,
+            history_bytes: self.history_bytes,
+            inbox_limit: self.inbox_limit,
+            inbox_bytes: self.inbox_bytes,
+        }
+    }
 }
 
 mod defaults {
@@ -171,6 +271,18 @@ mod defaults {
     }
     pub(super) fn history_limit() -> usize {
         1_000
+    }
+    pub(super) fn sync_limit() -> usize {
+        100
+    }
+    pub(super) fn store_path() -> std::path::PathBuf {
+        "comet-data".into()
+    }
+    pub(super) fn fsync_interval_ms() -> u64 {
+        1_000
+    }
+    pub(super) fn store_bytes() -> usize {
+        4 * 1024 * 1024
     }
 }
 
@@ -302,6 +414,16 @@ impl ServerConfig {
         if s.max_outbound_bytes < s.max_body {
             return bad("server.max_outbound_bytes", "must be at least max_body");
         }
+        if s.sync_limit == 0 {
+            return bad("server.sync_limit", "must be greater than 0");
+        }
+        let st = &self.store;
+        if st.backend == StoreBackend::Embedded && st.path.as_os_str().is_empty() {
+            return bad("store.path", "must not be empty");
+        }
+        if st.fsync_interval_ms == 0 {
+            return bad("store.fsync_interval_ms", "must be greater than 0");
+        }
         let mut mids = HashSet::with_capacity(self.users.len());
         for (i, u) in self.users.iter().enumerate() {
             if u.mid <= 0 {
@@ -355,6 +477,7 @@ impl ServerConfig {
             hook_timeout: Duration::from_millis(s.hook_timeout_ms),
             shutdown_timeout: Duration::from_millis(s.shutdown_timeout_ms),
             max_sessions_per_mid: s.max_sessions_per_mid,
+            sync_limit: s.sync_limit,
             ..Config::default()
         }
     }
@@ -398,6 +521,58 @@ impl Default for ServerConfig {
     }
 }
 
+/// The message store a server runs on.
+#[derive(Clone, Debug)]
+pub enum Store {
+    /// `backend = "memory"`.
+    Memory(Arc<MemoryStore>),
+    /// `backend = "embedded"`.
+    Embedded(Arc<EmbeddedStore>),
+}
+
+impl Store {
+    /// The store as the engine uses it.
+    pub fn as_dyn(&self) -> Arc<dyn MessageStore> {
+        match self {
+            Store::Memory(s) => s.clone(),
+            Store::Embedded(s) => s.clone(),
+        }
+    }
+}
+
+/// Opens the store `config.store` describes. Blocking: the embedded store
+/// reads its conversation table (at most a few hundred milliseconds for a
+/// million messages). A file in `store.path` that is not a comet store is
+/// an error naming it (kind [`io::ErrorKind::InvalidData`]), and the file
+/// is left untouched.
+pub fn open_store(config: &ServerConfig) -> io::Result<Store> {
+    let st = &config.store;
+    match st.backend {
+        StoreBackend::Memory => Ok(Store::Memory(Arc::new(MemoryStore::with_limits(
+            MemoryLimits::default()
+                .with_history(st.history_limit, st.history_bytes)
+                .with_inbox(st.inbox_limit, st.inbox_bytes),
+        )))),
+        StoreBackend::Embedded => {
+            let store = EmbeddedStore::open(st.embedded_config()).map_err(|e| {
+                io::Error::new(io::ErrorKind::InvalidData, format!("message store: {e}"))
+            })?;
+            let opened = store.opened();
+            tracing::info!(
+                path = %st.path.display(),
+                created = opened.created,
+                conversations = opened.conversations,
+                messages = opened.messages,
+                inbox_messages = opened.inbox_messages,
+                open_ms = opened.elapsed.as_millis() as u64,
+                fsync = %st.embedded_config().fsync,
+                "message store opened"
+            );
+            Ok(Store::Embedded(Arc::new(store)))
+        }
+    }
+}
+
 /// A started server: its comet, its plug-ins and its bound addresses.
 #[derive(Debug)]
 pub struct Running {
@@ -406,7 +581,7 @@ pub struct Running {
     /// The authenticator (add users at run time).
     pub auth: Arc<MemoryAuth>,
     /// The message store.
-    pub store: Arc<MemoryStore>,
+    pub store: Store,
     /// The group directory (join and leave at run time).
     pub groups: Arc<MemoryGroups>,
     /// Where the TCP listener is bound.
@@ -435,16 +610,14 @@ impl Running {
     }
 }
 
-/// The comet and plug-ins a configuration describes, not yet listening.
+/// The comet and plug-ins a configuration describes, on `store` (see
+/// [`open_store`]), not yet listening.
 pub fn assemble(
     config: &ServerConfig,
-) -> (Comet, Arc<MemoryAuth>, Arc<MemoryStore>, Arc<MemoryGroups>) {
+    store: &Store,
+) -> (Comet, Arc<MemoryAuth>, Arc<MemoryGroups>) {
     let auth = Arc::new(MemoryAuth::from_iter(
         config.users.iter().map(|u| (u.mid, u.mkey.as_bytes())),
-    ));
-    let store = Arc::new(MemoryStore::new(
-        config.server.history_limit,
-        config.server.inbox_limit,
     ));
     let groups = Arc::new(MemoryGroups::default());
     for g in &config.groups {
@@ -452,7 +625,8 @@ pub fn assemble(
     }
     let mut builder = Comet::builder()
         .authenticator(auth.clone())
-        .store(store.clone())
+        .users(auth.clone())
+        .store(store.as_dyn())
         .groups(groups.clone())
         .config(config.engine_config());
     if config.server.max_frames_per_sec > 0 {
@@ -464,12 +638,13 @@ pub fn assemble(
     let comet = builder
         .build()
         .unwrap_or_else(|e| panic!("checked config refused by the builder: {e}"));
-    (comet, auth, store, groups)
+    (comet, auth, groups)
 }
 
-/// Assembles the server and binds its listeners (port 0 picks a free port).
+/// Binds the server's listeners (port 0 picks a free port), opens its store
+/// and starts serving. The store is opened after every listener is bound,
+/// so a taken port leaves the store's directory untouched.
 pub async fn start(config: ServerConfig) -> io::Result<Running> {
-    let (comet, auth, store, groups) = assemble(&config);
     let limits = Limits::new(config.server.max_connections)
         .with_per_ip(config.server.max_connections_per_ip);
     let s = &config.server;
@@ -490,6 +665,14 @@ pub async fn start(config: ServerConfig) -> io::Result<Running> {
     let local = |l: &Option<TcpListener>| l.as_ref().map(TcpListener::local_addr).transpose();
     let (tcp_addr, ws_addr) = (local(&tcp_listener)?, local(&ws_listener)?);
     let (tcp_tls_addr, ws_tls_addr) = (local(&tcp_tls_listener)?, local(&ws_tls_listener)?);
+
+    let store = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || open_store(&config))
+            .await
+            .map_err(io::Error::other)??
+    };
+    let (comet, auth, groups) = assemble(&config, &store);
 
     let options = ws::WsOptions {
         path: s.ws_path.clone(),

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use comet::server::{ServerConfig, DEFAULT_CONFIG};
+use comet::server::{FsyncMode, ServerConfig, StoreBackend, DEFAULT_CONFIG};
 
 #[test]
 fn the_shipped_config_is_valid_and_as_documented() {
@@ -20,6 +20,95 @@ fn the_shipped_config_is_valid_and_as_documented() {
     let engine = config.engine_config();
     assert_eq!(engine.heartbeat_timeout.as_secs(), 90);
     assert_eq!(engine.handshake_timeout.as_secs(), 10);
+    assert_eq!(engine.sync_limit, 100);
+    // Durable by default, in ./comet-data.
+    let store = &config.store;
+    assert_eq!(store.backend, StoreBackend::Embedded);
+    assert_eq!(store.path, std::path::Path::new("comet-data"));
+    assert_eq!(store.fsync, FsyncMode::Interval);
+    assert_eq!(store.fsync_interval_ms, 1000);
+    assert_eq!((store.history_limit, store.inbox_limit), (1000, 1000));
+    assert_eq!((store.history_bytes, store.inbox_bytes), (4 << 20, 4 << 20));
+}
+
+#[test]
+fn an_absent_store_table_means_the_documented_defaults() {
+    let config = ServerConfig::parse("[server]\ntcp = \"127.0.0.1:0\"\n", "t.toml").unwrap();
+    let shipped = ServerConfig::parse(DEFAULT_CONFIG, "examples/chat_server.toml").unwrap();
+    let (a, b) = (&config.store, &shipped.store);
+    assert_eq!(a.backend, b.backend);
+    assert_eq!(a.path, b.path);
+    assert_eq!(a.fsync, b.fsync);
+    assert_eq!(a.fsync_interval_ms, b.fsync_interval_ms);
+    assert_eq!(
+        (a.history_limit, a.history_bytes),
+        (b.history_limit, b.history_bytes)
+    );
+    assert_eq!(
+        (a.inbox_limit, a.inbox_bytes),
+        (b.inbox_limit, b.inbox_bytes)
+    );
+    assert_eq!(config.server.sync_limit, 100);
+    let always = ServerConfig::parse(
+        "[server]\ntcp = \"127.0.0.1:0\"\nsync_limit = 7\n[store]\nbackend = \"memory\"\nfsync = \"always\"\n",
+        "t.toml",
+    )
+    .unwrap();
+    assert_eq!(always.store.backend, StoreBackend::Memory);
+    assert_eq!(always.store.fsync, FsyncMode::Always);
+    assert_eq!(always.engine_config().sync_limit, 7);
+}
+
+#[tokio::test]
+async fn a_foreign_file_in_the_store_path_stops_the_start_and_stays_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(comet::plugins::embedded::DB_FILE);
+    std::fs::write(&file, b"my notes, not a database").unwrap();
+    let text = format!(
+        "[server]\ntcp = \"127.0.0.1:0\"\n[store]\npath = {:?}\n",
+        dir.path().display().to_string()
+    );
+    let config = ServerConfig::parse(&text, "store.toml").unwrap();
+    let err = comet::server::start(config).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    assert!(
+        err.to_string().contains(&file.display().to_string()),
+        "{err}"
+    );
+    assert!(err.to_string().contains("not a comet store"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"my notes, not a database");
+}
+
+#[tokio::test]
+async fn the_embedded_backend_keeps_messages_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[server]\ntcp = \"127.0.0.1:0\"\n[store]\npath = {:?}\n",
+        dir.path().display().to_string()
+    );
+    let config = ServerConfig::parse(&text, "store.toml").unwrap();
+    let running = comet::server::start(config.clone()).await.unwrap();
+    let store = running.store.as_dyn();
+    let chat = comet::core::Conversation::Group(5);
+    let draft = comet::core::Draft {
+        conversation: chat,
+        op: 20,
+        from: 1,
+        to: 5,
+        msg: "kept".into(),
+    };
+    assert_eq!(store.append(draft).await.unwrap().chat_id(), 1);
+    drop(store);
+    assert!(running.shutdown().await);
+    let running = comet::server::start(config).await.unwrap();
+    let comet::server::Store::Embedded(store) = &running.store else {
+        panic!("embedded backend expected");
+    };
+    assert_eq!(store.opened().messages, 1);
+    let page = running.store.as_dyn().history(chat, 0, 10).await.unwrap();
+    assert_eq!(page.head, 1);
+    assert_eq!(&page.messages[0].delivered().msg[..], b"kept");
+    assert!(running.shutdown().await);
 }
 
 #[test]
@@ -43,7 +132,8 @@ fn twenty_thousand_users_and_ten_thousand_member_groups_load() {
     std::fs::remove_file(&path).unwrap();
     assert_eq!(config.users.len(), 20_000);
     assert_eq!(config.groups.len(), 4);
-    let (comet, auth, _store, groups) = comet::server::assemble(&config);
+    let store = comet::server::Store::Memory(Default::default());
+    let (comet, auth, groups) = comet::server::assemble(&config, &store);
     assert_eq!(auth.len(), 20_000);
     assert_eq!(groups.len(3), 10_000);
     assert_eq!(comet.session_count(), 0);
@@ -110,6 +200,30 @@ fn bad_configs_are_refused_with_file_key_and_problem() {
             &["groups[0].members[1]", "positive"],
         ),
         ("no = [valid\n".into(), &["bad.toml", "line 1"]),
+        (
+            format!("{ok_server}[store]\nbackend = \"redis\"\n"),
+            &["bad.toml", "store.backend", "unknown variant `redis`"],
+        ),
+        (
+            format!("{ok_server}[store]\nfsync = \"sometimes\"\n"),
+            &["store.fsync", "unknown variant `sometimes`"],
+        ),
+        (
+            format!("{ok_server}[store]\nfsync_interval_ms = 0\n"),
+            &["store.fsync_interval_ms", "greater than 0"],
+        ),
+        (
+            format!("{ok_server}[store]\npath = \"\"\n"),
+            &["store.path", "empty"],
+        ),
+        (
+            format!("{ok_server}sync_limit = 0\n"),
+            &["server.sync_limit", "greater than 0"],
+        ),
+        (
+            format!("{ok_server}[store]\nhistory = 5\n"),
+            &["store.history", "unknown field `history`"],
+        ),
         ("".into(), &["missing field `server`"]),
     ];
     for (text, wants) in cases {
@@ -138,7 +252,8 @@ async fn a_taken_port_fails_the_start_and_leaves_nothing_listening() {
         "[server]\ntcp = \"{free}\"\nwebsocket = \"{}\"\n",
         taken.local_addr().unwrap()
     );
-    let config = ServerConfig::parse(&text, "ports.toml").unwrap();
+    let mut config = ServerConfig::parse(&text, "ports.toml").unwrap();
+    config.store.backend = comet::server::StoreBackend::Memory;
     let err = comet::server::start(config).await.unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
     // The TCP listener that was bound first is gone again: its port is free.

@@ -158,13 +158,15 @@ async fn refused_sends_answer_ret_minus_one_and_keep_the_connection() {
     let mut w = Witness::new(&srv).await;
     for kind in KINDS {
         let mut c = Client::login(kind, addr(&srv, kind), 4, "k4").await;
-        let cases: [(u32, i32, i32, Vec<u8>, &str); 6] = [
+        let cases: [(u32, i32, i32, Vec<u8>, &str); 7] = [
             (18, 5, 1, b"spoof".to_vec(), "from does not match"),
             (20, 4, 100, b"not a member".to_vec(), "not a member"),
             (20, 4, 999, b"no such group".to_vec(), "not a member"),
             (18, 4, 1, Vec::new(), "empty"),
             (18, 4, 1, vec![b'x'; 1024 - 32 + 1], "exceeds"),
             (18, 4, 0, b"to nobody".to_vec(), "positive"),
+            // The server knows its users (MemoryAuth is its UserDirectory).
+            (18, 4, 9999, b"to a stranger".to_vec(), "unknown user 9999"),
         ];
         for (op, from, to, msg, reason) in cases {
             let ack = c.send_msg(op, from, to, &msg).await;
@@ -186,6 +188,12 @@ async fn refused_sends_answer_ret_minus_one_and_keep_the_connection() {
         // Still connected, and nothing was consumed: the first real message is chatId 1.
         let ack = c.send_msg(18, 4, 5, b"real").await;
         assert_eq!(ack.ret, 0);
+        // Nothing was stored for the stranger: no chatId, no conversation.
+        let (sync, replay) = c.sync(18, 9999, 0, None).await;
+        assert_eq!(
+            (sync.ret, sync.oldest, sync.head, replay.len()),
+            (0, 0, 0, 0)
+        );
         w.still_fine().await;
     }
     assert!(srv.shutdown().await);

@@ -101,6 +101,7 @@ async fn a_missing_certificate_is_refused_at_start() {
     config.server.tcp_tls = Some("127.0.0.1:0".parse().unwrap());
     config.server.tls_cert = Some("/nonexistent/cert.pem".into());
     config.server.tls_key = Some("/nonexistent/key.pem".into());
+    config.store.backend = comet::server::StoreBackend::Memory;
     let err = comet::server::start(config).await.unwrap_err();
     assert!(err.to_string().contains("/nonexistent/cert.pem"), "{err}");
 }

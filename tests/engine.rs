@@ -536,6 +536,28 @@ async fn slow_consumer_is_closed_without_blocking_the_sender_or_others() {
     assert_eq!(s.store.last_chat_id(Conversation::Group(100)), 100);
 }
 
+#[tokio::test]
+async fn replies_count_what_they_hold_against_the_outbound_bound() {
+    // 900 heartbeats from a client that reads nothing: 14,400 bytes of op 3
+    // on the wire, under the 16 KiB bound, but each queued reply also holds
+    // a boxed frame and a queue slot, which the bound counts too.
+    let s = setup(Config {
+        max_outbound_bytes: 16 * 1024,
+        ..Config::default()
+    });
+    let mut stuck = Conn::connect_with(&s.comet, WireMode::Binary, 1);
+    let reply = stuck.auth(r#"{"mid":3,"mkey":"k3"}"#).await;
+    assert_eq!(reply, AuthReply::Ok { mid: 3 });
+    for _ in 0..900 {
+        let seq = stuck.next_seq();
+        stuck.send(Frame::new(1, op::HEARTBEAT, seq, "")).await;
+    }
+    let end = common::within("the slow consumer's task", stuck.task)
+        .await
+        .unwrap();
+    assert_eq!(end, SessionEnd::SlowConsumer);
+}
+
 #[tokio::test(start_paused = true)]
 async fn handshake_timeout_closes_silent_connections() {
     let s = setup(Config {
@@ -825,8 +847,13 @@ async fn batches_coalesce_pending_messages_within_max_body() {
         batches += 1;
     }
     assert_eq!(count, 40);
-    // 132-byte inner frames, at most 3 per 512-byte body.
-    assert_eq!(batches, 14);
+    // 132-byte inner frames, at most 3 per 512-byte body: 14 op 9s when
+    // packed perfectly. The inbox goes at the client's pace (two op 9s'
+    // worth queued at a time), so a batch may close early at that edge.
+    assert!(
+        (14..=20).contains(&batches),
+        "{batches} op 9s for 40 messages"
+    );
 }
 
 #[tokio::test]

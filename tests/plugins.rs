@@ -85,16 +85,15 @@ impl MessageStore for LogStore {
         })
     }
     async fn push_offline(&self, mid: i32, msg: Arc<Message>) -> Result<(), BoxError> {
+        // The seq is taken under the inbox lock: taken before it, two
+        // concurrent pushes could queue seq 5 before seq 4, and a peek of
+        // one entry followed by remove_offline(through 5) would lose seq 4
+        // (the conformance kit caught this).
+        let mut inbox = self.inbox.lock().unwrap();
         let seq = self
             .next_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let entry = Offline { seq, msg };
-        self.inbox
-            .lock()
-            .unwrap()
-            .entry(mid)
-            .or_default()
-            .push(entry);
+        inbox.entry(mid).or_default().push(Offline { seq, msg });
         Ok(())
     }
     async fn offline(&self, mid: i32, limit: usize) -> Result<Vec<Offline>, BoxError> {
@@ -165,6 +164,23 @@ async fn an_application_swaps_all_three_plugins() {
     assert_eq!(store.inbox.lock().unwrap().get(&8).map(Vec::len), Some(1));
     let mut eight = token_login(&comet, 8).await;
     assert_eq!(&eight.delivered().await.msg[..], b"evens");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_application_stores_pass_the_conformance_kit() {
+    // LogStore keeps everything: the kit checks it also loses nothing.
+    comet::core::testing::store_conformance_unbounded(|| async { Arc::new(LogStore::default()) })
+        .await;
+    // A wrapper with its gate open is its inner store.
+    comet::core::testing::store_conformance(|limits| async move {
+        Arc::new(GatedStore {
+            inner: comet::plugins::memory::MemoryStore::new(limits.history, limits.inbox),
+            gate: Arc::new(tokio::sync::Semaphore::new(
+                tokio::sync::Semaphore::MAX_PERMITS,
+            )),
+        })
+    })
+    .await;
 }
 
 fn setup_with(builder: comet::core::CometBuilder) -> Comet {
@@ -604,6 +620,42 @@ async fn a_hanging_inbox_and_a_vanished_sender_never_lock_the_recipient_out() {
     assert!(comet.is_online(2));
     drop(b);
     assert!(comet.stats().plugin_errors >= 1);
+}
+
+#[tokio::test]
+async fn a_group_send_to_offline_members_is_bounded_as_a_whole() {
+    // Group 1 is mids 1..=20; only 1 is online, and every inbox push hangs.
+    // Each push used to get its own hook timeout under the conversation's
+    // lock: 19 x 300 ms. One send now gets one timeout for all of them.
+    let auth = Arc::new(comet::plugins::memory::MemoryAuth::from_iter([(1, "k1")]));
+    let comet = Comet::builder()
+        .authenticator(auth)
+        .store(Arc::new(StuckInbox(
+            comet::plugins::memory::MemoryStore::default(),
+        )))
+        .groups(Arc::new(Divisors))
+        .config(Config {
+            hook_timeout: Duration::from_millis(300),
+            ..Config::default()
+        })
+        .build()
+        .unwrap();
+    let mut a = Conn::login(&comet, WireMode::Binary, 1).await;
+    let started = tokio::time::Instant::now();
+    assert_eq!(
+        a.send_msg(op::SEND_TO_GROUP, 1, 1, "to the offline").await,
+        SendReply::ok(1)
+    );
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(3_000),
+        "the send took {took:?}"
+    );
+    // The next send of the conversation is not held up either.
+    assert_eq!(
+        a.send_msg(op::SEND_TO_GROUP, 1, 1, "again").await,
+        SendReply::ok(2)
+    );
 }
 
 /// A store whose appends wait until the test opens its gate.

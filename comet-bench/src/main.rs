@@ -20,6 +20,7 @@ mod procfs;
 mod proto;
 mod report;
 mod scenarios;
+mod store_fill;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -59,6 +60,32 @@ enum ServerKind {
     Peer,
 }
 
+/// Which message store comet runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum StoreArg {
+    /// `MemoryStore`.
+    Memory,
+    /// `EmbeddedStore` (SQLite), in `--store-path`.
+    Embedded,
+}
+
+/// The embedded store's fsync mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum FsyncArg {
+    /// Acknowledged once written to the OS; fsync within 1 s.
+    Interval,
+    /// Acknowledged once fsynced (group commit).
+    Always,
+}
+
+/// Where a `serve --server comet` keeps its messages.
+#[derive(Clone, Debug)]
+struct StoreChoice {
+    store: StoreArg,
+    path: std::path::PathBuf,
+    fsync: FsyncArg,
+}
+
 #[derive(Parser, Debug)]
 #[command(about = "comet load generator and reference servers")]
 struct Cli {
@@ -82,8 +109,30 @@ enum Command {
         /// Messages comet keeps per conversation.
         #[arg(long, default_value_t = 100)]
         history: usize,
+        /// comet's message store.
+        #[arg(long, value_enum, default_value_t = StoreArg::Memory)]
+        store: StoreArg,
+        /// The embedded store's directory (emptied first).
+        #[arg(long, default_value = "target/bench/store")]
+        store_path: std::path::PathBuf,
+        /// The embedded store's fsync mode.
+        #[arg(long, value_enum, default_value_t = FsyncArg::Interval)]
+        fsync: FsyncArg,
         #[command(flatten)]
         layout: Layout,
+    },
+    /// Fills an embedded store with N messages of B bytes over C
+    /// conversations, closes it and opens it again: appends/s, open time,
+    /// disk bytes per message (one JSON line).
+    StoreFill {
+        #[arg(long, default_value = "target/bench/fill")]
+        path: std::path::PathBuf,
+        #[arg(long, default_value_t = 1_000_000)]
+        messages: u64,
+        #[arg(long, default_value_t = 100)]
+        msg_bytes: usize,
+        #[arg(long, default_value_t = 1000)]
+        conversations: i32,
     },
     /// Turns a results file (JSON lines) into markdown tables on stdout and
     /// SVG plots.
@@ -166,6 +215,16 @@ enum Scenario {
         #[arg(long, default_value_t = 32)]
         msg_bytes: usize,
     },
+    /// N clients each sending notes to themselves, one unacknowledged send
+    /// at a time: acknowledged sends/s (the store's commit path).
+    Senders {
+        #[arg(long, default_value_t = 100)]
+        senders: i32,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 100)]
+        msg_bytes: usize,
+    },
     /// Many users in many groups, 1:1 and group traffic at a fixed load.
     Mixed {
         #[arg(long, default_value_t = 50)]
@@ -209,8 +268,33 @@ fn main() -> ExitCode {
                 ws,
                 users,
                 history,
+                store,
+                store_path,
+                fsync,
                 layout,
-            } => serve(server, tcp, ws, users, history, layout).await,
+            } => {
+                let store = StoreChoice {
+                    store,
+                    path: store_path,
+                    fsync,
+                };
+                serve(server, tcp, ws, users, history, store, layout).await
+            }
+            Command::StoreFill {
+                path,
+                messages,
+                msg_bytes,
+                conversations,
+            } => match store_fill::run(&path, messages, msg_bytes, conversations).await {
+                Ok(value) => {
+                    println!("{value}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            },
             Command::Run {
                 scenario,
                 addr,
@@ -241,6 +325,7 @@ async fn serve(
     ws: Option<SocketAddr>,
     users: i32,
     history: usize,
+    store: StoreChoice,
     layout: Layout,
 ) -> ExitCode {
     match kind {
@@ -273,7 +358,20 @@ async fn serve(
             config.server.max_frames_per_sec = 0;
             config.server.max_connections = 1_000_000;
             config.server.max_connections_per_ip = 1_000_000;
-            config.server.history_limit = history;
+            config.store.history_limit = history;
+            config.store.backend = match store.store {
+                StoreArg::Memory => comet::server::StoreBackend::Memory,
+                StoreArg::Embedded => {
+                    // Every run starts from an empty store.
+                    let _ = std::fs::remove_dir_all(&store.path);
+                    comet::server::StoreBackend::Embedded
+                }
+            };
+            config.store.path = store.path;
+            config.store.fsync = match store.fsync {
+                FsyncArg::Interval => comet::server::FsyncMode::Interval,
+                FsyncArg::Always => comet::server::FsyncMode::Always,
+            };
             config.users = (1..=users)
                 .map(|mid| comet::server::UserEntry {
                     mid,
@@ -329,6 +427,14 @@ async fn run(ctx: &scenarios::Ctx, scenario: Scenario, labels: Vec<String>) -> E
         } => (
             "pairs",
             scenarios::pairs(ctx, pairs, Duration::from_secs(seconds), msg_bytes).await,
+        ),
+        Scenario::Senders {
+            senders,
+            seconds,
+            msg_bytes,
+        } => (
+            "senders",
+            scenarios::senders(ctx, senders, Duration::from_secs(seconds), msg_bytes).await,
         ),
         Scenario::Sync {
             messages,

@@ -680,3 +680,82 @@ pub(crate) async fn sync(
         "ok": refused == 0 && bad_pages == 0 && out_of_order == 0 && replayed == expected,
     }))
 }
+
+/// `senders`: `n` clients each sending notes to themselves (no deliveries,
+/// no inbox), one unacknowledged send at a time, for `duration`:
+/// acknowledged sends/s, i.e. how fast the store commits under `n`
+/// concurrent appends.
+pub(crate) async fn senders(
+    ctx: &Ctx,
+    n: i32,
+    duration: Duration,
+    size: usize,
+) -> std::io::Result<Value> {
+    let (conns, _) = connect_all(ctx, (1..=n).collect(), "connected").await?;
+    let acked = Arc::new(AtomicU64::new(0));
+    let bar = progress(ctx, "acknowledged", acked.clone(), 0);
+    let meter = Meter::start(ctx.server_pid);
+    let stop = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for (mid, mut tx, mut rx) in conns {
+        let acked = acked.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut h = histogram();
+            let (mut seq, mut ok, mut refused) = (1u32, 0u64, 0u64);
+            let mut events = Vec::new();
+            while Instant::now() < stop {
+                seq += 1;
+                let sent = Instant::now();
+                if tx
+                    .send_msg(comet::core::op::SEND_TO_USER, seq, mid, mid, stamped(size))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                let mut answered = false;
+                while !answered {
+                    if rx.next(&mut events).await.is_none() {
+                        return (h, ok, refused);
+                    }
+                    for e in events.drain(..) {
+                        if let Event::Ack { ret } = e {
+                            answered = true;
+                            if ret == 0 {
+                                ok += 1;
+                                acked.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                refused += 1;
+                            }
+                        }
+                    }
+                }
+                let _ = h.record((sent.elapsed().as_nanos() as u64).max(1));
+            }
+            (h, ok, refused)
+        }));
+    }
+    let mut h = histogram();
+    let (mut ok, mut refused) = (0u64, 0u64);
+    for t in tasks {
+        let (th, tok, tref) = t.await.map_err(std::io::Error::other)?;
+        let _ = h.add(&th);
+        ok += tok;
+        refused += tref;
+    }
+    bar.abort();
+    if !ctx.quiet {
+        eprintln!();
+    }
+    let secs = meter.t0.elapsed().as_secs_f64();
+    Ok(json!({
+        "senders": n,
+        "msg_bytes": size,
+        "acknowledged": ok,
+        "acknowledged_per_s": (ok as f64 / secs).round(),
+        "server_cpu_ns_per_send": meter.cpu_ns().map(|c| (c as f64 / ok.max(1) as f64).round()),
+        "ack_latency": latency_json(&h),
+        "refused": refused,
+        "ok": refused == 0 && ok > 0,
+    }))
+}

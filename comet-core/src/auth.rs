@@ -128,3 +128,18 @@ pub trait Authenticator: Send + Sync + 'static {
         conn: &ConnInfo,
     ) -> Result<AuthOutcome, BoxError>;
 }
+
+/// Knows which users exist: an optional hook
+/// ([`CometBuilder::users`](crate::CometBuilder::users)).
+///
+/// Without it, op 18 accepts any positive `to`, and a message to a mid that
+/// never logs in is kept in an inbox nobody drains (within the store's
+/// bounds). With it, op 18 to a user that does not exist answers ret -1
+/// "unknown user N" and consumes no chatId; notes to oneself are never
+/// checked. An `Err` answers ret -1 too ("user directory unavailable"),
+/// and calls are bounded by [`crate::Config::hook_timeout`].
+#[async_trait]
+pub trait UserDirectory: Send + Sync + 'static {
+    /// Whether `mid` is a user of the application.
+    async fn exists(&self, mid: Mid) -> Result<bool, BoxError>;
+}

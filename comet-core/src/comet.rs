@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tower::{Layer, Service, ServiceExt as _};
 
-use crate::auth::{Authenticator, ConnId, ConnInfo};
+use crate::auth::{Authenticator, ConnId, ConnInfo, UserDirectory};
 use crate::config::Config;
 use crate::error::{BoxError, FrameError, SendError, SyncError};
 use crate::frame::{op, Frame, Transport, WireMode};
@@ -108,6 +108,7 @@ pub struct CometBuilder {
     auth: Option<Arc<dyn Authenticator>>,
     store: Option<Arc<dyn MessageStore>>,
     groups: Option<Arc<dyn GroupDirectory>>,
+    users: Option<Arc<dyn UserDirectory>>,
     layers: Vec<LayerFn>,
     handlers: HashMap<u32, Handler>,
     reserved: Option<u32>,
@@ -141,6 +142,14 @@ impl CometBuilder {
     /// The [`GroupDirectory`] (required).
     pub fn groups(mut self, groups: Arc<dyn GroupDirectory>) -> Self {
         self.groups = Some(groups);
+        self
+    }
+
+    /// The application's [`UserDirectory`] (optional): with it, op 18 to a
+    /// user that does not exist is refused ("unknown user N") instead of
+    /// filling an inbox nobody will ever read.
+    pub fn users(mut self, users: Arc<dyn UserDirectory>) -> Self {
+        self.users = Some(users);
         self
     }
 
@@ -236,6 +245,7 @@ impl CometBuilder {
                 auth,
                 store,
                 groups,
+                users: self.users,
                 delivery,
                 registry,
                 stats,
@@ -259,6 +269,7 @@ pub(crate) struct Engine {
     pub(crate) auth: Arc<dyn Authenticator>,
     pub(crate) store: Arc<dyn MessageStore>,
     pub(crate) groups: Arc<dyn GroupDirectory>,
+    users: Option<Arc<dyn UserDirectory>>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) delivery: Option<Arc<dyn Delivery>>,
     pub(crate) stats: Arc<Stats>,
@@ -342,6 +353,15 @@ impl Engine {
                 .map_err(SendError::Groups)?;
             (Conversation::Group(req.to), Some(members))
         } else {
+            if let Some(users) = self.users.as_ref().filter(|_| req.to != req.from) {
+                let exists = self
+                    .bounded("user directory", users.exists(req.to))
+                    .await
+                    .map_err(SendError::Users)?;
+                if !exists {
+                    return Err(SendError::UnknownUser(req.to));
+                }
+            }
             (Conversation::direct(req.from, req.to), None)
         };
         let draft = Draft {
@@ -450,6 +470,7 @@ impl Comet {
             auth: None,
             store: None,
             groups: None,
+            users: None,
             layers: Vec::new(),
             handlers: HashMap::default(),
             reserved: None,

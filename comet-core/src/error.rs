@@ -86,6 +86,13 @@ pub enum SendError {
     /// The sender is not a member of the target group (or it does not exist).
     #[error("sender is not a member of group {0}")]
     NotMember(i32),
+    /// The recipient is not a user, as the application's
+    /// [`UserDirectory`](crate::UserDirectory) says.
+    #[error("unknown user {0}")]
+    UnknownUser(i32),
+    /// The user directory failed or timed out.
+    #[error("user directory unavailable: {0}")]
+    Users(String),
     /// `msg` is empty.
     #[error("msg must not be empty")]
     EmptyMessage,

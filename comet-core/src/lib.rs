@@ -14,7 +14,8 @@
 //!   [`MessageStore`], [`GroupDirectory`];
 //! - [`registry`]: live sessions and the [`Delivery`] seam;
 //! - [`session`]: one connection's life; [`middleware`]: the tower stack;
-//! - [`comet`]: the [`Comet`] handle and its builder.
+//! - [`comet`]: the [`Comet`] handle and its builder;
+//! - [`testing`]: conformance kits for store and group-directory authors.
 //!
 //! ## Quick start
 //!
@@ -73,6 +74,7 @@ pub mod registry;
 pub mod session;
 pub mod stats;
 pub mod store;
+pub mod testing;
 
 /// A user id (signed 32-bit on the wire).
 pub type Mid = i32;
@@ -83,7 +85,9 @@ pub type GroupId = i32;
 pub use async_trait::async_trait;
 
 #[doc(inline)]
-pub use crate::auth::{AuthOutcome, AuthRequest, Authenticator, ConnId, ConnInfo, Identity};
+pub use crate::auth::{
+    AuthOutcome, AuthRequest, Authenticator, ConnId, ConnInfo, Identity, UserDirectory,
+};
 #[doc(inline)]
 pub use crate::comet::{BuildError, Comet, CometBuilder, Event};
 #[doc(inline)]

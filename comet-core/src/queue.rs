@@ -35,6 +35,12 @@ struct Inner {
     /// than bounded: a replay never closes a session as a slow consumer.
     replay: usize,
     replay_in_flight: usize,
+    /// Live messages that arrived while the session was still writing its
+    /// offline inbox: they wait here, counted against the bound, and join
+    /// `items` when the inbox is done (PROTOCOL.md 2.1: the inbox comes
+    /// before any message sent after op 8).
+    held: Option<VecDeque<Outbound>>,
+    held_bytes: usize,
     closed: bool,
 }
 
@@ -59,9 +65,14 @@ pub(crate) struct Queue {
 }
 
 impl Queue {
+    /// A queue that holds live messages back until
+    /// [`release_held`](Self::release_held).
     pub(crate) fn new(limit: usize) -> Self {
         Queue {
-            inner: Mutex::default(),
+            inner: Mutex::new(Inner {
+                held: Some(VecDeque::new()),
+                ..Inner::default()
+            }),
             waker: AtomicWaker::new(),
             room: AtomicWaker::new(),
             limit,
@@ -73,14 +84,20 @@ impl Queue {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `item` of `size` bytes.
+    /// Queues `item` of `size` bytes (a delivered message waits while the
+    /// queue holds them back).
     pub(crate) fn push(&self, item: Outbound, size: usize) -> Result<(), Refused> {
         let mut inner = self.lock();
         if inner.closed {
             return Err(Refused::Closed);
         }
-        if inner.bytes + inner.in_flight + size > self.limit {
+        if inner.bytes + inner.in_flight + inner.held_bytes + size > self.limit {
             return Err(Refused::Full);
+        }
+        if let (Some(held), Outbound::Message(_)) = (inner.held.as_mut(), &item) {
+            held.push_back(item);
+            inner.held_bytes += size;
+            return Ok(());
         }
         inner.bytes += size;
         inner.items.push_back(item);
@@ -121,6 +138,32 @@ impl Queue {
             Poll::Ready(true)
         } else {
             Poll::Pending
+        }
+    }
+
+    /// The messages held back, if the queue still holds them (the inbox was
+    /// not done); it holds no more after this.
+    pub(crate) fn take_held(&self) -> Option<VecDeque<Outbound>> {
+        let mut inner = self.lock();
+        inner.held_bytes = 0;
+        inner.held.take()
+    }
+
+    /// Lets the messages held back join the queue, and stops holding.
+    pub(crate) fn release_held(&self) {
+        let mut inner = self.lock();
+        let Some(held) = inner.held.take() else {
+            return;
+        };
+        if held.is_empty() {
+            return;
+        }
+        let first = inner.items.is_empty();
+        inner.items.extend(held);
+        inner.bytes += std::mem::take(&mut inner.held_bytes);
+        drop(inner);
+        if first {
+            self.waker.wake();
         }
     }
 
@@ -185,6 +228,7 @@ impl Queue {
         inner.in_flight = 0;
         inner.replay = 0;
         inner.replay_in_flight = 0;
+        inner.held_bytes = 0;
         let items = std::mem::take(&mut inner.items);
         drop(inner);
         self.room.wake();
@@ -207,9 +251,53 @@ mod tests {
         Outbound::Frame(Box::new(Frame::new(1, 3, 0, "")))
     }
 
+    fn message(chat_id: i64) -> Outbound {
+        Outbound::Message(crate::message::Message::new(crate::payload::Delivered {
+            op: 18,
+            chat_id,
+            from: 1,
+            to: 2,
+            msg: bytes::Bytes::from_static(b"m"),
+        }))
+    }
+
+    fn chat_ids(items: &VecDeque<Outbound>) -> Vec<i64> {
+        items
+            .iter()
+            .map(|i| match i {
+                Outbound::Message(m) | Outbound::Inbox(m, _) => m.chat_id(),
+                Outbound::Frame(_) => 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn live_messages_wait_for_the_inbox_but_replies_do_not() {
+        let queue = Queue::new(100);
+        let cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        assert_eq!(queue.push(message(7), 30), Ok(()));
+        assert_eq!(queue.push(item(), 10), Ok(()));
+        assert_eq!(
+            queue.push_replay(Outbound::Inbox(message(1).into_message(), 1), 10),
+            Ok(())
+        );
+        // Held bytes count against the bound.
+        assert_eq!(queue.push(message(8), 61), Err(Refused::Full));
+        let mut taken = VecDeque::new();
+        assert_eq!(queue.poll_take(&cx, &mut taken), Poll::Ready(true));
+        assert_eq!(chat_ids(&taken), vec![0, 1]);
+        taken.clear();
+        queue.written();
+        queue.release_held();
+        assert_eq!(queue.push(message(8), 30), Ok(()));
+        assert_eq!(queue.poll_take(&cx, &mut taken), Poll::Ready(true));
+        assert_eq!(chat_ids(&taken), vec![7, 8]);
+    }
+
     #[test]
     fn bytes_taken_but_not_written_count_against_the_bound() {
         let queue = Queue::new(100);
+        queue.release_held();
         let cx = Context::from_waker(futures_util::task::noop_waker_ref());
         assert_eq!(queue.push(item(), 60), Ok(()));
         let mut taken = VecDeque::new();
@@ -229,6 +317,7 @@ mod tests {
     #[test]
     fn replayed_bytes_are_paced_not_bounded() {
         let queue = Queue::new(100);
+        queue.release_held();
         let cx = Context::from_waker(futures_util::task::noop_waker_ref());
         assert_eq!(queue.poll_replay_room(&cx, 50), Poll::Ready(true));
         // Past the live bound, and the live bound still holds for live items.

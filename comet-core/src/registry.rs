@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::task::{Context, Poll};
 
@@ -68,6 +68,10 @@ impl std::hash::Hasher for MidHash {
     }
 }
 
+/// Bytes of one queue slot, counted against the outbound bound with
+/// whatever the slot holds.
+const SLOT: usize = std::mem::size_of::<Outbound>();
+
 /// What a session's writer has to send.
 #[derive(Debug)]
 pub(crate) enum Outbound {
@@ -76,6 +80,19 @@ pub(crate) enum Outbound {
     Frame(Box<Frame>),
     /// A delivered message, batched into op 9 by the writer.
     Message(Arc<Message>),
+    /// A message of the session's offline inbox and its entry's seq: once
+    /// written, the entry leaves the store.
+    Inbox(Arc<Message>, u64),
+}
+
+impl Outbound {
+    #[cfg(test)]
+    pub(crate) fn into_message(self) -> Arc<Message> {
+        match self {
+            Outbound::Message(m) | Outbound::Inbox(m, _) => m,
+            Outbound::Frame(_) => unreachable!("a frame"),
+        }
+    }
 }
 
 /// Why a session was told to close from outside its own task.
@@ -95,6 +112,9 @@ pub(crate) struct Shared {
     /// Why the session was told to close (`Kick` as `u8`); set once, and
     /// announced through the queue's waker.
     kick: AtomicU8,
+    /// The seq of the newest offline-inbox entry the writer has written
+    /// (0: none yet): entries up to it may leave the store.
+    pub(crate) inbox_written: AtomicU64,
 }
 
 impl Shared {
@@ -141,6 +161,7 @@ impl SessionHandle {
         let shared = Arc::new(Shared {
             queue: Queue::new(limit),
             kick: AtomicU8::new(0),
+            inbox_written: AtomicU64::new(0),
         });
         SessionHandle {
             conn_id,
@@ -184,28 +205,53 @@ impl SessionHandle {
 
     /// Queues a delivered message (sent inside op 9).
     pub fn push_message(&self, msg: &Arc<Message>) -> bool {
-        let size = msg.wire(self.mode).len();
+        // The message is shared; this session holds a queue slot of it.
+        let size = msg.wire(self.mode).len() + SLOT;
         self.push(Outbound::Message(msg.clone()), size)
     }
 
-    /// Queues a replayed message (op 22) once fewer than `window` replayed
-    /// bytes wait to be written: a replay goes at the pace the client reads
-    /// it and is never counted against the live bound. `false` if the
-    /// session is gone.
-    pub(crate) async fn push_replay(&self, msg: &Arc<Message>, window: usize) -> bool {
+    /// Queues a replayed message (op 22; with `inbox_seq`, an entry of the
+    /// session's offline inbox) once fewer than `window` replayed bytes wait
+    /// to be written: a replay goes at the pace the client reads it and is
+    /// never counted against the live bound. `false` if the session is gone.
+    pub(crate) async fn push_replay(
+        &self,
+        msg: &Arc<Message>,
+        inbox_seq: Option<u64>,
+        window: usize,
+    ) -> bool {
         let queue = &self.shared.queue;
         if !std::future::poll_fn(|cx| queue.poll_replay_room(cx, window)).await {
             return false;
         }
-        let size = msg.wire(self.mode).len();
-        queue
-            .push_replay(Outbound::Message(msg.clone()), size)
-            .is_ok()
+        // For pacing only: an inbox message is encoded without filling the
+        // message's encoding cache, so its size is estimated.
+        let len = msg.delivered().msg.len();
+        let size = match self.mode {
+            WireMode::Binary => HEADER_LEN + 16 + len,
+            WireMode::Json => len * 4 / 3 + 128,
+        };
+        let item = match inbox_seq {
+            Some(seq) => Outbound::Inbox(msg.clone(), seq),
+            None => Outbound::Message(msg.clone()),
+        };
+        queue.push_replay(item, size).is_ok()
+    }
+
+    /// Waits until every replayed message queued so far is written;
+    /// `false` if the session is gone.
+    pub(crate) async fn replay_written(&self) -> bool {
+        let queue = &self.shared.queue;
+        std::future::poll_fn(|cx| queue.poll_replay_room(cx, 1)).await
     }
 
     /// Queues a frame whose body is in this session's mode.
     pub fn push_frame(&self, frame: Frame) -> bool {
-        let size = HEADER_LEN + frame.body.len();
+        // What the reply really holds: its wire bytes, the boxed frame and
+        // the queue slot (a heartbeat reply is 16 bytes on the wire and
+        // about 80 in memory; counting 16 let a client that sends
+        // heartbeats and never reads hold several times the bound).
+        let size = HEADER_LEN + frame.body.len() + std::mem::size_of::<Frame>() + SLOT;
         self.push(Outbound::Frame(Box::new(frame)), size)
     }
 
@@ -352,18 +398,33 @@ impl Registry {
             entry.sessions.push(handle);
         }
         self.sessions.fetch_add(1, Ordering::Relaxed);
-        loop {
-            let settled = shard.settled.notified();
-            tokio::pin!(settled);
-            settled.as_mut().enable();
-            let busy = shard
-                .read()
-                .get(&mid)
-                .is_some_and(|e| e.offline_inflight > 0);
-            if !busy {
-                return;
+        let settle = async {
+            loop {
+                let settled = shard.settled.notified();
+                tokio::pin!(settled);
+                settled.as_mut().enable();
+                let busy = shard
+                    .read()
+                    .get(&mid)
+                    .is_some_and(|e| e.offline_inflight > 0);
+                if !busy {
+                    return;
+                }
+                settled.await;
             }
-            settled.await;
+        };
+        // Each push is bounded by the hook timeout; the wait for all of
+        // them is bounded too, so no store can hold a login back for long.
+        // Past it, a late push lands in the inbox after this session read
+        // it: the message stays in history for a sync.
+        if tokio::time::timeout(2 * self.hook_timeout, settle)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                mid,
+                "login went on while offline pushes were still under way"
+            );
         }
     }
 
@@ -460,7 +521,16 @@ impl Registry {
         !entry.sessions.is_empty()
     }
 
-    async fn push_offline(&self, mid: Mid, msg: &Arc<Message>, except: Option<ConnId>) {
+    /// Keeps `msg` in `mid`'s inbox unless a session of `mid` arrived;
+    /// `stored` is the copy the inbox keeps. Gives up at `deadline`.
+    async fn push_offline(
+        &self,
+        mid: Mid,
+        msg: &Arc<Message>,
+        stored: &Arc<Message>,
+        except: Option<ConnId>,
+        deadline: tokio::time::Instant,
+    ) {
         let shard = self.shard(mid);
         {
             let mut map = shard.write();
@@ -474,8 +544,9 @@ impl Registry {
         // Settled however this ends, even if the future is dropped mid-way:
         // a login of `mid` waits for the count to reach zero.
         let _inflight = Inflight { shard, mid };
-        let push = self.store.push_offline(mid, msg.clone());
-        if crate::stats::bounded(&self.stats, self.hook_timeout, "offline inbox", push)
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let push = self.store.push_offline(mid, stored.clone());
+        if crate::stats::bounded(&self.stats, left, "offline inbox", push)
             .await
             .is_err()
         {
@@ -484,6 +555,37 @@ impl Registry {
                 chat_id = msg.chat_id(),
                 "message not kept in the offline inbox"
             );
+        }
+    }
+}
+
+impl Registry {
+    /// Keeps `msgs` (live messages a session held back while it was still
+    /// writing its inbox, and never wrote) in `mid`'s inbox, behind what is
+    /// left of it, if `mid` has no session left: otherwise its other
+    /// sessions have their own copies, and this device can sync.
+    pub(crate) async fn put_back(&self, mid: Mid, msgs: impl IntoIterator<Item = Arc<Message>>) {
+        let shard = self.shard(mid);
+        {
+            let mut map = shard.write();
+            if map.get(&mid).is_some_and(|e| !e.sessions.is_empty()) {
+                return;
+            }
+            map.entry(mid).or_default().offline_inflight += 1;
+        }
+        let _inflight = Inflight { shard, mid };
+        for msg in msgs {
+            let push = self.store.push_offline(mid, msg.clone());
+            if crate::stats::bounded(&self.stats, self.hook_timeout, "offline inbox", push)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    mid,
+                    chat_id = msg.chat_id(),
+                    "message not kept in the offline inbox"
+                );
+            }
         }
     }
 }
@@ -535,12 +637,21 @@ impl Registry {
         if let Some(mid) = echo {
             self.push_live(mid, msg, except);
         }
+        // Every offline push of one send shares one hook timeout, so a
+        // group send to many offline members holds its conversation's
+        // order lock for one timeout at most, not one per member (past it,
+        // the rest keep the message in history only, for a sync).
+        let deadline = tokio::time::Instant::now() + self.hook_timeout;
+        // Inboxes keep a copy without the live message's per-mode
+        // encodings, shared by every offline recipient of this send.
+        let mut stored: Option<Arc<Message>> = None;
         for &mid in recipients {
             if Some(mid) == echo {
                 continue;
             }
             if !self.push_live(mid, msg, except) {
-                self.push_offline(mid, msg, except).await;
+                let stored = stored.get_or_insert_with(|| Message::new(msg.delivered().clone()));
+                self.push_offline(mid, msg, stored, except, deadline).await;
             }
         }
     }

@@ -21,6 +21,7 @@ use crate::frame::{op, Frame, WireMode};
 use crate::middleware::{ConnContext, Request, Stack};
 use crate::payload::AuthReply;
 use crate::registry::{Kick, Outbound, SessionHandle, Shared};
+use crate::store::Offline;
 use crate::Mid;
 
 /// Queue slots a writer keeps between bursts.
@@ -167,6 +168,9 @@ struct Writer {
     /// flush. A flush of heartbeat replies alone marks an idle connection,
     /// which then gives its buffers back; a busy one reuses them.
     busy: bool,
+    /// The seq of the newest offline-inbox entry encoded since the last
+    /// flush.
+    inbox_seq: Option<u64>,
 }
 
 impl Writer {
@@ -176,6 +180,14 @@ impl Writer {
             batch: BatchWriter::new(mode, max_body),
             units: Units::default(),
             busy: false,
+            inbox_seq: None,
+        }
+    }
+
+    /// After a flush: the inbox entries it carried are written.
+    fn mark_inbox_written(&mut self, shared: &Shared) {
+        if let Some(seq) = self.inbox_seq.take() {
+            shared.inbox_written.fetch_max(seq, Ordering::AcqRel);
         }
     }
 
@@ -186,7 +198,8 @@ impl Writer {
     }
 
     fn frame(&mut self, frame: &Frame) {
-        self.busy |= frame.op != op::HEARTBEAT_REPLY;
+        // A flush of op 8 or heartbeat replies alone leaves an idle session.
+        self.busy |= !matches!(frame.op, op::HEARTBEAT_REPLY | op::AUTH_REPLY);
         if self.mode == WireMode::Json {
             self.take_unit();
         }
@@ -197,8 +210,12 @@ impl Writer {
     }
 
     fn message(&mut self, msg: &crate::message::Message) {
+        self.encoded(msg.wire(self.mode));
+    }
+
+    /// Adds one encoded inner frame to the current op 9.
+    fn encoded(&mut self, wire: &Bytes) {
         self.busy = true;
-        let wire = msg.wire(self.mode);
         if !self.batch.push(wire) {
             match self.mode {
                 WireMode::Json => self.take_unit(),
@@ -212,6 +229,12 @@ impl Writer {
         match item {
             Outbound::Frame(f) => self.frame(f),
             Outbound::Message(m) => self.message(m),
+            // Encoded without filling the message's cache: an inbox keeps
+            // no per-mode copies.
+            Outbound::Inbox(m, seq) => {
+                self.encoded(&m.delivered().encode_frame(self.mode));
+                self.inbox_seq = Some(*seq);
+            }
         }
     }
 
@@ -441,7 +464,7 @@ where
     // The inbox's first page is read before op 8 is written: a store that
     // cannot answer refuses the login with a reason, rather than passing
     // for an empty inbox.
-    let mut page = match engine
+    let page = match engine
         .bounded("message store", engine.store.offline(mid, INBOX_PAGE))
         .await
     {
@@ -466,59 +489,10 @@ where
         }
     };
 
-    // op 8, then the inbox page by page, before anything queued since
-    // registration. A page leaves the store only once it is written, so a
-    // session that fails half-way (or a crash) leaves the rest for the next
-    // login instead of losing it.
+    // op 8 first; the inbox follows through the queue at the client's
+    // pace (see `deliver_inbox`), and live messages wait until it is done.
     let mut writer = Writer::new(conn.mode, cfg.max_body);
-    writer.frame(&auth_frame.reply(op::AUTH_REPLY, AuthReply::Ok { mid }.encode()));
-    loop {
-        let through = page.last().map(|e| e.seq);
-        let more = page.len() == INBOX_PAGE;
-        for entry in &page {
-            writer.message(&entry.msg);
-        }
-        drop(page);
-        // Each page is bounded like any silence (a client that logs in and
-        // never reads), and watches kicks (shutdown, a newer session), which
-        // the steady state's select is not yet there to see.
-        let flushed = tokio::select! {
-            flushed = tokio::time::timeout(cfg.heartbeat_timeout, writer.flush(outbound)) => {
-                match flushed {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(e)) => Err(SessionEnd::Transport(e)),
-                    Err(_) => Err(SessionEnd::HeartbeatTimeout),
-                }
-            }
-            why = std::future::poll_fn(|cx| handle.shared().poll_kicked(cx)) => Err(SessionEnd::kicked(why)),
-        };
-        if let Err(end) = flushed {
-            return end;
-        }
-        let Some(through) = through else { break };
-        if let Err(cause) = engine
-            .bounded("message store", engine.store.remove_offline(mid, through))
-            .await
-        {
-            // Written but still stored: the next login gets them again
-            // (the client drops them by chatId).
-            tracing::warn!(mid, cause = %cause, "could not remove written inbox messages");
-        }
-        if !more {
-            break;
-        }
-        page = match engine
-            .bounded("message store", engine.store.offline(mid, INBOX_PAGE))
-            .await
-        {
-            Ok(page) => page,
-            // The rest stays stored; going on would deliver live messages
-            // ahead of it.
-            Err(cause) => return SessionEnd::Store(cause),
-        };
-    }
-    // Most sessions go quiet after logging in.
-    writer.release();
+    handle.push_frame(auth_frame.reply(op::AUTH_REPLY, AuthReply::Ok { mid }.encode()));
     engine.emit(Event::Authenticated {
         conn: conn.clone(),
         mid,
@@ -537,15 +511,31 @@ where
         // Kicks are watched on their own, so a writer stuck on a peer that
         // stopped reading is still cut off.
         let kicked = std::future::poll_fn(|cx| shared.poll_kicked(cx));
+        let inbox = async {
+            match deliver_inbox(engine, mid, &handle, page).await {
+                Ok(()) => std::future::pending().await,
+                Err(end) => end,
+            }
+        };
         tokio::select! {
             end = reader => end,
             end = writing => end,
             why = kicked => SessionEnd::kicked(why),
+            end = inbox => end,
         }
     };
     // No new deliveries from here on.
     drop(registered);
     drop(ctx);
+    // Live messages held back behind an inbox that was not done go to the
+    // inbox, behind its rest, when this was the mid's last session.
+    if let Some(held) = shared.queue.take_held().filter(|h| !h.is_empty()) {
+        let msgs = held.into_iter().filter_map(|item| match item {
+            Outbound::Message(m) => Some(m),
+            _ => None,
+        });
+        engine.registry.put_back(mid, msgs).await;
+    }
     if matches!(
         end,
         SessionEnd::Shutdown | SessionEnd::Disconnected | SessionEnd::PeerClosed
@@ -554,9 +544,82 @@ where
         for item in shared.queue.close() {
             writer.item(&item);
         }
-        let _ = tokio::time::timeout(cfg.shutdown_timeout, writer.flush(outbound)).await;
+        let flushed = tokio::time::timeout(cfg.shutdown_timeout, writer.flush(outbound)).await;
+        if matches!(flushed, Ok(Ok(_))) {
+            writer.mark_inbox_written(&shared);
+        }
     }
+    // Inbox entries written before the end leave the store; the rest stay
+    // for the next login.
+    let mut removed = 0;
+    let _ = remove_written_inbox(engine, mid, &shared, &mut removed).await;
     end
+}
+
+/// Writes the offline inbox, `page` first, through the session's queue at
+/// the client's pace (at most two op 9s of it wait to be written), while
+/// the session reads frames, answers heartbeats and replays syncs as usual.
+/// Entries leave the store as the writer writes them, so a session that
+/// ends half-way leaves exactly the unwritten rest for the next login.
+/// Live messages are held back until the inbox is done (PROTOCOL.md 2.1).
+/// Returns only on failure (or when the session is closing).
+async fn deliver_inbox(
+    engine: &Engine,
+    mid: Mid,
+    handle: &SessionHandle,
+    mut page: Vec<Offline>,
+) -> Result<(), SessionEnd> {
+    let shared = handle.shared();
+    let window = 2 * engine.config.max_body;
+    let mut removed = 0;
+    loop {
+        let more = page.len() == INBOX_PAGE;
+        for entry in &page {
+            if !handle
+                .push_replay(&entry.msg, Some(entry.seq), window)
+                .await
+            {
+                return Ok(());
+            }
+            remove_written_inbox(engine, mid, shared, &mut removed).await?;
+        }
+        drop(page);
+        if !handle.replay_written().await {
+            return Ok(());
+        }
+        remove_written_inbox(engine, mid, shared, &mut removed).await?;
+        if !more {
+            break;
+        }
+        page = engine
+            .bounded("message store", engine.store.offline(mid, INBOX_PAGE))
+            .await
+            .map_err(SessionEnd::Store)?;
+    }
+    shared.queue.release_held();
+    Ok(())
+}
+
+/// Removes from the store the inbox entries the writer has written since
+/// `removed`.
+async fn remove_written_inbox(
+    engine: &Engine,
+    mid: Mid,
+    shared: &Shared,
+    removed: &mut u64,
+) -> Result<(), SessionEnd> {
+    let written = shared.inbox_written.load(Ordering::Acquire);
+    if written > *removed {
+        engine
+            .bounded("message store", engine.store.remove_offline(mid, written))
+            .await
+            // Written but still stored: the next login gets them again (the
+            // client drops them by chatId); this session stops here rather
+            // than deliver live messages ahead of an inbox it cannot drain.
+            .map_err(SessionEnd::Store)?;
+        *removed = written;
+    }
+    Ok(())
 }
 
 async fn read_loop<St>(
@@ -684,6 +747,7 @@ where
         match writer.flush(outbound).await {
             Err(e) => return SessionEnd::Transport(e),
             Ok(idle) => {
+                writer.mark_inbox_written(shared);
                 shared.queue.written();
                 if idle {
                     // Neither deque stays allocated on an idle session.

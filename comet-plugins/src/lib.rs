@@ -4,9 +4,12 @@
 //! application's own:
 //!
 //! - [`memory::MemoryAuth`]: a mid → mkey table, keys compared in constant time;
-//! - [`memory::MemoryStore`]: chatId sequencing per conversation, bounded
-//!   history, bounded offline inboxes;
-//! - [`memory::MemoryGroups`]: group membership with join and leave.
+//! - [`memory::MemoryStore`]: chatId sequencing per conversation, history
+//!   and offline inboxes bounded in messages and bytes, a byte budget for
+//!   the whole store ([`memory::MemoryLimits`]);
+//! - [`memory::MemoryGroups`]: group membership with join and leave;
+//! - `embedded::EmbeddedStore` (cargo feature `embedded`): the same store,
+//!   crash-safe on disk (SQLite in WAL mode).
 //!
 //! ```
 //! use comet_plugins::memory::{MemoryAuth, MemoryGroups, MemoryStore};
@@ -27,4 +30,6 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+#[cfg(feature = "embedded")]
+pub mod embedded;
 pub mod memory;

@@ -554,6 +554,11 @@ impl Client {
         }
     }
 
+    /// A delivered message already received, if any (no waiting).
+    pub fn try_msg(&mut self) -> Option<Msg> {
+        self.msgs.pop_front()
+    }
+
     /// The next delivered message.
     pub async fn msg(&mut self) -> Msg {
         loop {
@@ -566,6 +571,22 @@ impl Client {
         }
     }
 
+    /// The next delivered message, skipping heartbeat replies (op 3) that
+    /// arrive among the batches.
+    pub async fn msg_skipping_beats(&mut self) -> Msg {
+        loop {
+            if let Some(m) = self.msgs.pop_front() {
+                return m;
+            }
+            let f = self.recv().await.expect("closed before a delivery");
+            match f.op {
+                9 => self.unpack_batch(&f),
+                3 => continue,
+                _ => panic!("expected op 9 or op 3, got {f:?}"),
+            }
+        }
+    }
+
     /// Asserts nothing was delivered (after a heartbeat round trip).
     pub async fn no_msg(&mut self) {
         self.heartbeat().await;
@@ -574,6 +595,18 @@ impl Client {
             "unexpected deliveries: {:?}",
             self.msgs
         );
+    }
+
+    /// Every message delivered until the server closes the connection (a
+    /// frame cut short by the close is dropped, as a real client would).
+    pub async fn msgs_until_closed(&mut self) -> (Vec<Msg>, Closed) {
+        loop {
+            match self.recv().await {
+                Ok(f) if f.op == 9 => self.unpack_batch(&f),
+                Ok(_) => continue,
+                Err(closed) => return (self.msgs.drain(..).collect(), closed),
+            }
+        }
     }
 
     /// Waits for the server to close the connection, skipping frames.

@@ -83,7 +83,7 @@ impl Service<Request> for Router {
                             let window = 2 * engine.config.max_body;
                             let handle = &req.ctx.handle;
                             for msg in &page.messages {
-                                if !handle.push_replay(msg, window).await {
+                                if !handle.push_replay(msg, None, window).await {
                                     // The session is gone: nobody to answer.
                                     return Ok(None);
                                 }

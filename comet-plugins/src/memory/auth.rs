@@ -3,10 +3,12 @@ use std::sync::RwLock;
 
 use comet_core::{
     async_trait, AuthOutcome, AuthRequest, Authenticator, BoxError, ConnInfo, Identity, Mid,
+    UserDirectory,
 };
 use subtle::ConstantTimeEq;
 
-/// Authenticates op 7 against an in-memory mid → mkey table.
+/// Authenticates op 7 against an in-memory mid → mkey table, and tells the
+/// engine which users exist ([`UserDirectory`]: the mids of the table).
 ///
 /// Keys are compared in constant time (for keys of equal length), and the
 /// refusal never says whether the mid exists. Extra fields of the op 7 body
@@ -57,6 +59,14 @@ impl MemoryAuth {
             Some(expected) => bool::from(expected.as_ref().ct_eq(mkey)),
             None => false,
         }
+    }
+}
+
+#[async_trait]
+impl UserDirectory for MemoryAuth {
+    async fn exists(&self, mid: Mid) -> Result<bool, BoxError> {
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        Ok(keys.contains_key(&mid))
     }
 }
 

@@ -114,6 +114,29 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn memory_groups_conform() {
+        comet_core::testing::groups_conformance(|fixture| async move {
+            let groups = MemoryGroups::default();
+            for (group, members) in fixture {
+                groups.set_members(group, members);
+            }
+            Arc::new(groups)
+        })
+        .await;
+        // The same fixture built one join at a time.
+        comet_core::testing::groups_conformance(|fixture| async move {
+            let groups = MemoryGroups::default();
+            for (group, members) in fixture {
+                for mid in members {
+                    groups.join(group, mid);
+                }
+            }
+            Arc::new(groups)
+        })
+        .await;
+    }
+
+    #[tokio::test]
     async fn join_leave_and_unknown_groups() {
         let groups = MemoryGroups::default();
         assert!(!groups.is_member(5, 1).await.unwrap());

@@ -6,4 +6,4 @@ mod store;
 
 pub use auth::MemoryAuth;
 pub use groups::MemoryGroups;
-pub use store::MemoryStore;
+pub use store::{MemoryLimits, MemoryStore, MemoryUsage};
