@@ -610,11 +610,11 @@ async fn the_handshake_deadline_counts_from_the_accept_not_the_session_start() {
 }
 
 /// The transports rely on this order: after op 7 the engine asks its
-/// inbound stream for nothing more until op 8 is written (or never, when
-/// the login fails), so the first request for a second frame marks the
-/// login (comet-transports' `LoginGuard` lifts the pre-login limits then).
+/// inbound stream for nothing more until the login is accepted (or never,
+/// when it fails), so the first request for a second frame marks the login
+/// (comet-transports' `LoginGuard` lifts the pre-login limits then).
 #[tokio::test]
-async fn the_engine_reads_nothing_after_op7_until_op8_is_written() {
+async fn the_engine_reads_nothing_after_op7_until_the_login_is_accepted() {
     use std::pin::Pin;
     use std::task::{Context, Poll};
     type Log = Arc<Mutex<Vec<&'static str>>>;
@@ -635,34 +635,29 @@ async fn the_engine_reads_nothing_after_op7_until_op8_is_written() {
             }
         }
     }
-    struct Outbound(Log);
-    impl futures_util::Sink<comet::core::Outgoing> for Outbound {
-        type Error = std::io::Error;
-        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-        fn start_send(self: Pin<&mut Self>, item: comet::core::Outgoing) -> std::io::Result<()> {
-            if let comet::core::Outgoing::Data(unit) = item {
-                if unit.len() >= 12 && unit[8..12] == op::AUTH_REPLY.to_be_bytes() {
-                    self.0.lock().unwrap().push("op 8");
+    let log = Log::default();
+    let comet = comet::core::Comet::builder()
+        .authenticator(Arc::new(comet::plugins::memory::MemoryAuth::from_iter([(
+            1, "k1",
+        )])))
+        .store(Arc::new(comet::plugins::memory::MemoryStore::default()))
+        .groups(Arc::new(comet::plugins::memory::MemoryGroups::default()))
+        .on_event({
+            let log = log.clone();
+            move |event| {
+                if matches!(event, Event::Authenticated { .. }) {
+                    log.lock().unwrap().push("login");
                 }
             }
-            Ok(())
-        }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-    let s = setup(Config::default());
+        })
+        .build()
+        .unwrap();
     for (body, logs_in) in [
         (r#"{"mid":1,"mkey":"k1"}"#, true),
         (r#"{"mid":1,"mkey":"no"}"#, false),
     ] {
-        let log = Log::default();
-        let info = s.comet.conn_info(
+        log.lock().unwrap().clear();
+        let info = comet.conn_info(
             comet::core::Transport::Local,
             WireMode::Binary,
             "127.0.0.1:9".parse().unwrap(),
@@ -671,14 +666,22 @@ async fn the_engine_reads_nothing_after_op7_until_op8_is_written() {
             first: Some(Frame::new(1, op::AUTH, 1, body)),
             log: log.clone(),
         };
-        let end = s.comet.serve(info, inbound, Outbound(log.clone())).await;
-        let log = log.lock().unwrap().clone();
+        let (out_tx, mut out_rx) = tokio::sync::mpsc::channel(64);
+        let drain = tokio::spawn(async move { while out_rx.recv().await.is_some() {} });
+        let end = comet
+            .serve(info, inbound, tokio_util::sync::PollSender::new(out_tx))
+            .await;
+        drain.await.unwrap();
+        let seen = log.lock().unwrap().clone();
         if logs_in {
             assert_eq!(end, SessionEnd::PeerClosed);
-            assert_eq!(log, ["op 8", "read"]);
+            assert_eq!(seen, ["login", "read"]);
         } else {
             assert!(matches!(end, SessionEnd::AuthFailed(_)), "{end:?}");
-            assert_eq!(log, ["op 8"], "a failed login reads nothing more");
+            assert!(
+                seen.is_empty(),
+                "a failed login reads nothing more: {seen:?}"
+            );
         }
     }
 }
