@@ -1,8 +1,8 @@
 //! What the transports hold back until a connection has logged in.
 //!
 //! [`Comet::serve`](comet_core::Comet::serve) reads the first frame (which
-//! must be op 7), authenticates, writes op 8 and the offline inbox, and
-//! only then asks the inbound stream for another frame; a connection whose
+//! must be op 7), authenticates, and only once the login is accepted (op 8
+//! queued) asks the inbound stream for another frame; a connection whose
 //! login fails is closed without another read. So the first request for a
 //! frame after the first one has been handed over marks the login: the
 //! [`LoginGuard`] then gives back the connection's place among the
