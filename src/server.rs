@@ -140,6 +140,18 @@ pub struct ServerSection {
     /// 2.7).
     #[serde(default = "defaults::sync_limit")]
     pub sync_limit: usize,
+    /// Largest frame body before op 8, i.e. what op 7 may take (default
+    /// 4,096 bytes; above `max_body` it acts as `max_body`).
+    #[serde(default = "defaults::max_auth_body")]
+    pub max_auth_body: usize,
+    /// Connections at once that have not authenticated yet, all listeners
+    /// together (default 10,000).
+    #[serde(default = "defaults::max_unauthenticated")]
+    pub max_unauthenticated: usize,
+    /// IPv6 peers count against `max_connections_per_ip` per prefix of
+    /// this many bits (default 64; 128: per address).
+    #[serde(default = "defaults::ipv6_prefix_len")]
+    pub ipv6_prefix_len: u8,
 }
 
 /// Which message store the server runs on.
@@ -274,6 +286,15 @@ mod defaults {
     }
     pub(super) fn sync_limit() -> usize {
         100
+    }
+    pub(super) fn max_auth_body() -> usize {
+        4_096
+    }
+    pub(super) fn max_unauthenticated() -> usize {
+        10_000
+    }
+    pub(super) fn ipv6_prefix_len() -> u8 {
+        64
     }
     pub(super) fn store_path() -> std::path::PathBuf {
         "comet-data".into()
@@ -414,6 +435,15 @@ impl ServerConfig {
         if s.max_outbound_bytes < s.max_body {
             return bad("server.max_outbound_bytes", "must be at least max_body");
         }
+        if s.max_auth_body == 0 {
+            return bad("server.max_auth_body", "must be greater than 0");
+        }
+        if s.max_unauthenticated == 0 {
+            return bad("server.max_unauthenticated", "must be greater than 0");
+        }
+        if s.ipv6_prefix_len > 128 {
+            return bad("server.ipv6_prefix_len", "must be between 0 and 128");
+        }
         if s.sync_limit == 0 {
             return bad("server.sync_limit", "must be greater than 0");
         }
@@ -478,7 +508,7 @@ impl ServerConfig {
             shutdown_timeout: Duration::from_millis(s.shutdown_timeout_ms),
             max_sessions_per_mid: s.max_sessions_per_mid,
             sync_limit: s.sync_limit,
-            ..Config::default()
+            max_auth_body: s.max_auth_body,
         }
     }
 }
@@ -646,7 +676,9 @@ pub fn assemble(
 /// so a taken port leaves the store's directory untouched.
 pub async fn start(config: ServerConfig) -> io::Result<Running> {
     let limits = Limits::new(config.server.max_connections)
-        .with_per_ip(config.server.max_connections_per_ip);
+        .with_per_ip(config.server.max_connections_per_ip)
+        .with_max_unauthenticated(config.server.max_unauthenticated)
+        .with_ipv6_prefix(config.server.ipv6_prefix_len);
     let s = &config.server;
     let acceptor = match (&s.tls_cert, &s.tls_key) {
         (Some(cert), Some(key)) if s.tcp_tls.is_some() || s.websocket_tls.is_some() => {

@@ -225,6 +225,12 @@ impl CometBuilder {
         if self.config.max_body <= crate::frame::MSG_OVERHEAD {
             return Err(BuildError::Config("max_body must be larger than 32"));
         }
+        if self.config.max_auth_body == 0 {
+            return Err(BuildError::Config("max_auth_body must be greater than 0"));
+        }
+        if self.config.sync_limit == 0 {
+            return Err(BuildError::Config("sync_limit must be greater than 0"));
+        }
         let stats = Arc::new(Stats::default());
         let registry = Arc::new(
             Registry::new(store.clone(), stats.clone()).with_hook_timeout(self.config.hook_timeout),
