@@ -15,7 +15,6 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use comet::server::{GroupEntry, UserEntry};
 use common::raw::{pack, Client, Closed, Kind};
