@@ -228,7 +228,10 @@ async fn mixed_crowd() {
     let big = vec![b'f'; 16 * 1024];
     let mut fed = 0;
     while (1..=p.bad).any(|i| srv.comet.is_online(NEVER_READ + i)) {
-        assert!(fed < 2_000, "never-reading clients still open after {fed} big messages");
+        assert!(
+            fed < 2_000,
+            "never-reading clients still open after {fed} big messages"
+        );
         assert_eq!(feeder.send_msg(20, FEEDER, 3, &big).await.ret, 0);
         fed += 1;
     }
