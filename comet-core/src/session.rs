@@ -511,17 +511,23 @@ where
         // Kicks are watched on their own, so a writer stuck on a peer that
         // stopped reading is still cut off.
         let kicked = std::future::poll_fn(|cx| shared.poll_kicked(cx));
-        let inbox = async {
-            match deliver_inbox(engine, mid, &handle, page).await {
-                Ok(()) => std::future::pending().await,
-                Err(end) => end,
-            }
+        tokio::pin!(reader, writing, kicked);
+        // The inbox runs beside them, boxed and dropped once done: an idle
+        // session keeps no room for it in its future.
+        let inbox = Box::pin(deliver_inbox(engine, mid, &handle, page));
+        let first = tokio::select! {
+            end = &mut reader => Some(end),
+            end = &mut writing => Some(end),
+            why = &mut kicked => Some(SessionEnd::kicked(why)),
+            done = inbox => done.err(),
         };
-        tokio::select! {
-            end = reader => end,
-            end = writing => end,
-            why = kicked => SessionEnd::kicked(why),
-            end = inbox => end,
+        match first {
+            Some(end) => end,
+            None => tokio::select! {
+                end = reader => end,
+                end = writing => end,
+                why = kicked => SessionEnd::kicked(why),
+            },
         }
     };
     // No new deliveries from here on.
