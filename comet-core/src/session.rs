@@ -464,10 +464,10 @@ where
     // The inbox's first page is read before op 8 is written: a store that
     // cannot answer refuses the login with a reason, rather than passing
     // for an empty inbox.
-    let page = match engine
-        .bounded("message store", engine.store.offline(mid, INBOX_PAGE))
-        .await
-    {
+    // Boxed, like the refusal below: the session's future keeps room only
+    // for what its steady state awaits.
+    let first_page = engine.bounded("message store", engine.store.offline(mid, INBOX_PAGE));
+    let page = match Box::pin(first_page).await {
         Ok(page) => page,
         Err(cause) => {
             drop(registered);
@@ -484,7 +484,7 @@ where
                     .encode(),
                 ),
             );
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer.flush(outbound)).await;
+            let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, writer.flush(outbound))).await;
             return SessionEnd::AuthFailed(reason);
         }
     };
@@ -540,7 +540,8 @@ where
             Outbound::Message(m) => Some(m),
             _ => None,
         });
-        engine.registry.put_back(mid, msgs).await;
+        // Boxed: the session's future keeps no room for this rare call.
+        Box::pin(engine.registry.put_back(mid, msgs)).await;
     }
     if matches!(
         end,
@@ -550,15 +551,21 @@ where
         for item in shared.queue.close() {
             writer.item(&item);
         }
-        let flushed = tokio::time::timeout(cfg.shutdown_timeout, writer.flush(outbound)).await;
+        let flushed = Box::pin(tokio::time::timeout(
+            cfg.shutdown_timeout,
+            writer.flush(outbound),
+        ))
+        .await;
         if matches!(flushed, Ok(Ok(_))) {
             writer.mark_inbox_written(&shared);
         }
     }
     // Inbox entries written before the end leave the store; the rest stay
     // for the next login.
-    let mut removed = 0;
-    let _ = remove_written_inbox(engine, mid, &shared, &mut removed).await;
+    if shared.inbox_written.load(Ordering::Acquire) > 0 {
+        let mut removed = 0;
+        let _ = Box::pin(remove_written_inbox(engine, mid, &shared, &mut removed)).await;
+    }
     end
 }
 
