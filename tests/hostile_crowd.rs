@@ -15,6 +15,7 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use comet::server::{GroupEntry, UserEntry};
 use common::raw::{pack, Client, Closed, Kind};
@@ -54,8 +55,6 @@ const NEVER_READ: i32 = 10_000;
 const STORM: i32 = 20_000;
 const SPOOF: i32 = 30_000;
 const OUTSIDER: i32 = 40_000;
-/// Floods group 3 (itself and the never-reading clients) with big messages.
-const FEEDER: i32 = 50_001;
 
 /// Both phases measure the process's RSS, so they run one after the other
 /// in one test, the mixed crowd first: memory the big-message phase frees
@@ -71,10 +70,7 @@ async fn mixed_crowd() {
     let half = p.good / 2;
     let srv = common::server::start_config(|c| {
         c.server.handshake_timeout_ms = 2_000;
-        // Small enough that the never-reading clients reach it.
-        c.server.max_outbound_bytes = 256 * 1024;
         let mut mids: Vec<i32> = (1..=p.good).collect();
-        mids.push(FEEDER);
         for base in [NEVER_READ, STORM, SPOOF, OUTSIDER] {
             mids.extend((1..=p.bad).map(|i| base + i));
         }
@@ -93,12 +89,6 @@ async fn mixed_crowd() {
                 id: 2,
                 members: (half + 1..=p.good).collect(),
             },
-            GroupEntry {
-                id: 3,
-                members: std::iter::once(FEEDER)
-                    .chain((1..=p.bad).map(|i| NEVER_READ + i))
-                    .collect(),
-            },
         ];
     })
     .await;
@@ -115,11 +105,10 @@ async fn mixed_crowd() {
 
     // The bad crowd, all at once, while the good clients talk.
     let mut bad = tokio::task::JoinSet::new();
-    let mut silent = tokio::task::JoinSet::new();
     for i in 1..=p.bad {
         bad.spawn(garbage(tcp, ws, i));
         bad.spawn(slowloris(tcp, i));
-        silent.spawn(never_read(tcp, NEVER_READ + i));
+        bad.spawn(never_read(tcp, NEVER_READ + i));
         bad.spawn(storm(addr(kind_of(i)), kind_of(i), STORM + i));
         bad.spawn(spoofer(addr(kind_of(i)), kind_of(i), SPOOF + i));
         bad.spawn(outsider(addr(kind_of(i)), kind_of(i), OUTSIDER + i));
@@ -217,30 +206,6 @@ async fn mixed_crowd() {
     while let Some(done) = bad.join_next().await {
         done.unwrap();
     }
-    // The never-reading clients stay connected, reading nothing, until the
-    // server closes them as slow consumers: big group messages pile up for
-    // them past the outbound bound. Their senders are never refused.
-    let mut never_readers = Vec::new();
-    while let Some(done) = silent.join_next().await {
-        never_readers.push(done.unwrap());
-    }
-    let mut feeder = Client::login(Kind::Tcp, tcp, FEEDER, &format!("k{FEEDER}")).await;
-    let big = vec![b'f'; 16 * 1024];
-    let mut fed = 0;
-    while (1..=p.bad).any(|i| srv.comet.is_online(NEVER_READ + i)) {
-        assert!(
-            fed < 2_000,
-            "never-reading clients still open after {fed} big messages"
-        );
-        assert_eq!(feeder.send_msg(20, FEEDER, 3, &big).await.ret, 0);
-        fed += 1;
-    }
-    for c in &mut never_readers {
-        // Closed by the server: what it had written, then the end.
-        let _ = c.msgs_until_closed().await;
-    }
-    drop(never_readers);
-    drop(feeder);
     for mid in 1..=p.good {
         assert!(
             srv.comet.is_online(mid),
@@ -254,10 +219,6 @@ async fn mixed_crowd() {
     assert_eq!(stats.timeouts, p.bad as u64, "{stats:?}");
     assert_eq!(stats.send_failures, 6 * p.bad as u64, "{stats:?}");
     assert_eq!(stats.panics, 0);
-    assert!(
-        stats.slow_consumers >= p.bad as u64,
-        "every never-reading client closed as a slow consumer: {stats:?}"
-    );
     let grown_mib = rss_kib().saturating_sub(rss_before) / 1024;
     // Stated bound, for the whole test process (server and all clients):
     // 64 MiB plus 256 bytes per delivery, which the test's own clients hold
@@ -381,9 +342,8 @@ async fn slowloris(tcp: SocketAddr, _i: i32) {
     assert_eq!(c.closed().await, Closed::Eof);
 }
 
-/// Logs in, then never reads: it must not slow anyone down. The caller
-/// keeps the connection open until the server closes it.
-async fn never_read(tcp: SocketAddr, mid: i32) -> Client {
+/// Logs in, then never reads: it must not slow anyone down.
+async fn never_read(tcp: SocketAddr, mid: i32) {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut c = Client::from_tcp(socket.connect(tcp).await.unwrap());
@@ -393,7 +353,8 @@ async fn never_read(tcp: SocketAddr, mid: i32) -> Client {
             .0,
         0
     );
-    c
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(c);
 }
 
 /// Connects, logs in and drops, over and over.

@@ -545,8 +545,14 @@ impl Registry {
         // a login of `mid` waits for the count to reach zero.
         let _inflight = Inflight { shard, mid };
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let push = self.store.push_offline(mid, stored.clone());
-        if crate::stats::bounded(&self.stats, left, "offline inbox", push)
+        self.store_offline(mid, stored, left).await;
+    }
+
+    /// One bounded store call that keeps `msg` in `mid`'s inbox (a failure
+    /// is counted and logged: the message stays in history for a sync).
+    async fn store_offline(&self, mid: Mid, msg: &Arc<Message>, timeout: std::time::Duration) {
+        let push = self.store.push_offline(mid, msg.clone());
+        if crate::stats::bounded(&self.stats, timeout, "offline inbox", push)
             .await
             .is_err()
         {
@@ -575,17 +581,7 @@ impl Registry {
         }
         let _inflight = Inflight { shard, mid };
         for msg in msgs {
-            let push = self.store.push_offline(mid, msg.clone());
-            if crate::stats::bounded(&self.stats, self.hook_timeout, "offline inbox", push)
-                .await
-                .is_err()
-            {
-                tracing::warn!(
-                    mid,
-                    chat_id = msg.chat_id(),
-                    "message not kept in the offline inbox"
-                );
-            }
+            self.store_offline(mid, &msg, self.hook_timeout).await;
         }
     }
 }
