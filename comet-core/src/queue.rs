@@ -100,13 +100,19 @@ impl Queue {
             return Ok(());
         }
         inner.bytes += size;
+        self.enqueue(inner, item);
+        Ok(())
+    }
+
+    /// Appends `item` and releases the lock; wakes the session task if the
+    /// queue was empty (it is already awake otherwise).
+    fn enqueue(&self, mut inner: MutexGuard<'_, Inner>, item: Outbound) {
         inner.items.push_back(item);
         let first = inner.items.len() == 1;
         drop(inner);
         if first {
             self.waker.wake();
         }
-        Ok(())
     }
 
     /// Queues a replayed message of `size` bytes, outside the live bound;
@@ -118,12 +124,7 @@ impl Queue {
             return Err(Refused::Closed);
         }
         inner.replay += size;
-        inner.items.push_back(item);
-        let first = inner.items.len() == 1;
-        drop(inner);
-        if first {
-            self.waker.wake();
-        }
+        self.enqueue(inner, item);
         Ok(())
     }
 
