@@ -24,7 +24,8 @@ pub struct Config {
     /// `max_body` act as `max_body`.
     pub max_auth_body: usize,
     /// Bytes a session may have queued for writing before it is closed as a
-    /// slow consumer (default 4 MiB).
+    /// slow consumer (default 4 MiB; values above `u32::MAX` act as
+    /// `u32::MAX`).
     pub max_outbound_bytes: usize,
     /// Upper bound of every call into a plug-in (authenticator, store, group
     /// directory); past it the call counts as failed (default 5 s).

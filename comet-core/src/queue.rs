@@ -21,27 +21,41 @@ use futures_util::task::AtomicWaker;
 
 use crate::registry::Outbound;
 
+/// Every queue exists once per session, so its counters are `u32`: the
+/// byte bound itself is at most `u32::MAX` (see [`Queue::new`]), and a
+/// replay's pacing window is a few frames.
 #[derive(Debug, Default)]
 struct Inner {
     items: VecDeque<Outbound>,
     /// Bytes of `items`.
-    bytes: usize,
+    bytes: u32,
     /// Bytes the writer took and has not yet written: they count against
     /// the bound too, or a session whose peer stopped reading would hold
     /// twice the bound (a stuck flush plus a full queue).
-    in_flight: usize,
+    in_flight: u32,
     /// Bytes of replayed messages (op 22) queued, and taken but not yet
     /// written. They are paced (see [`Queue::poll_replay_room`]) rather
     /// than bounded: a replay never closes a session as a slow consumer.
-    replay: usize,
-    replay_in_flight: usize,
-    /// Live messages that arrived while the session was still writing its
-    /// offline inbox: they wait here, counted against the bound, and join
-    /// `items` when the inbox is done (PROTOCOL.md 2.1: the inbox comes
-    /// before any message sent after op 8).
-    held: Option<VecDeque<Outbound>>,
-    held_bytes: usize,
+    replay: u32,
+    replay_in_flight: u32,
+    /// Bytes of `held`.
+    held_bytes: u32,
+    /// Whether live messages are held back: the session is still writing
+    /// its offline inbox (PROTOCOL.md 2.1: the inbox comes before any
+    /// message sent after op 8).
+    holding: bool,
     closed: bool,
+    /// Live messages that arrived while holding: they wait here, counted
+    /// against the bound, and join `items` when the inbox is done. Boxed
+    /// and made only when the first one arrives: most logins never need it,
+    /// and every idle session would carry an empty deque's 32 bytes.
+    #[allow(clippy::box_collection)]
+    held: Option<Box<VecDeque<Outbound>>>,
+}
+
+/// `n` as a queue counter (saturating: a bound never exceeds `u32::MAX`).
+fn counted(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// Why a push was refused.
@@ -61,21 +75,21 @@ pub(crate) struct Queue {
     waker: AtomicWaker,
     /// The task replaying a sync, woken when the writer has written.
     room: AtomicWaker,
-    limit: usize,
+    limit: u32,
 }
 
 impl Queue {
-    /// A queue that holds live messages back until
-    /// [`release_held`](Self::release_held).
+    /// A queue of at most `limit` bytes (capped at `u32::MAX`) that holds
+    /// live messages back until [`release_held`](Self::release_held).
     pub(crate) fn new(limit: usize) -> Self {
         Queue {
             inner: Mutex::new(Inner {
-                held: Some(VecDeque::new()),
+                holding: true,
                 ..Inner::default()
             }),
             waker: AtomicWaker::new(),
             room: AtomicWaker::new(),
-            limit,
+            limit: counted(limit),
         }
     }
 
@@ -91,11 +105,15 @@ impl Queue {
         if inner.closed {
             return Err(Refused::Closed);
         }
-        if inner.bytes + inner.in_flight + inner.held_bytes + size > self.limit {
+        let queued =
+            u64::from(inner.bytes) + u64::from(inner.in_flight) + u64::from(inner.held_bytes);
+        if queued + size as u64 > u64::from(self.limit) {
             return Err(Refused::Full);
         }
-        if let (Some(held), Outbound::Message(_)) = (inner.held.as_mut(), &item) {
-            held.push_back(item);
+        // Within the bound, so within `u32`.
+        let size = size as u32;
+        if inner.holding && matches!(item, Outbound::Message(_)) {
+            inner.held.get_or_insert_with(Box::default).push_back(item);
             inner.held_bytes += size;
             return Ok(());
         }
@@ -123,7 +141,7 @@ impl Queue {
         if inner.closed {
             return Err(Refused::Closed);
         }
-        inner.replay += size;
+        inner.replay = inner.replay.saturating_add(counted(size));
         self.enqueue(inner, item);
         Ok(())
     }
@@ -135,7 +153,7 @@ impl Queue {
         let inner = self.lock();
         if inner.closed {
             Poll::Ready(false)
-        } else if inner.replay + inner.replay_in_flight < window {
+        } else if (u64::from(inner.replay) + u64::from(inner.replay_in_flight)) < window as u64 {
             Poll::Ready(true)
         } else {
             Poll::Pending
@@ -146,21 +164,22 @@ impl Queue {
     /// not done); it holds no more after this.
     pub(crate) fn take_held(&self) -> Option<VecDeque<Outbound>> {
         let mut inner = self.lock();
+        if !std::mem::take(&mut inner.holding) {
+            return None;
+        }
         inner.held_bytes = 0;
-        inner.held.take()
+        Some(inner.held.take().map(|held| *held).unwrap_or_default())
     }
 
     /// Lets the messages held back join the queue, and stops holding.
     pub(crate) fn release_held(&self) {
         let mut inner = self.lock();
+        inner.holding = false;
         let Some(held) = inner.held.take() else {
             return;
         };
-        if held.is_empty() {
-            return;
-        }
         let first = inner.items.is_empty();
-        inner.items.extend(held);
+        inner.items.extend(*held);
         inner.bytes += std::mem::take(&mut inner.held_bytes);
         drop(inner);
         if first {
@@ -192,7 +211,9 @@ impl Queue {
             // queue's, so a busy session reuses two buffers.
             std::mem::swap(&mut inner.items, into);
             inner.in_flight += std::mem::take(&mut inner.bytes);
-            inner.replay_in_flight += std::mem::take(&mut inner.replay);
+            inner.replay_in_flight = inner
+                .replay_in_flight
+                .saturating_add(std::mem::take(&mut inner.replay));
             return Poll::Ready(true);
         }
         if inner.closed {
@@ -239,7 +260,7 @@ impl Queue {
     /// Bytes queued or being written, not yet written.
     pub(crate) fn bytes(&self) -> usize {
         let inner = self.lock();
-        inner.bytes + inner.in_flight
+        inner.bytes as usize + inner.in_flight as usize
     }
 }
 

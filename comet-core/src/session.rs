@@ -10,7 +10,7 @@ use std::task::Poll;
 use bytes::Bytes;
 use futures_util::{FutureExt as _, Sink, SinkExt, Stream, StreamExt};
 use std::panic::AssertUnwindSafe;
-use tower::{Service, ServiceExt};
+use tower::Service;
 use tracing::Instrument;
 
 use crate::auth::{AuthOutcome, AuthRequest, ConnInfo, Identity};
@@ -301,23 +301,27 @@ where
         let engine_ref = &*engine;
         let _active = Active::new(engine_ref);
         engine_ref.stats.connection();
-        let (end, mid) = match handshake(engine_ref, &conn, &mut inbound, &mut outbound).await {
-            Ok((identity, auth_frame)) => {
-                tracing::Span::current().record("mid", identity.mid);
-                let mid = identity.mid;
-                let end = established(
-                    engine_ref,
-                    comet,
-                    &conn,
-                    identity,
-                    auth_frame,
-                    &mut inbound,
-                    &mut outbound,
-                )
-                .await;
-                (end, Some(mid))
-            }
-            Err(end) => (end, None),
+        let (end, mid) = 'session: {
+            // A statement of its own, so that the handshake's result is not
+            // kept in the session's future beside the established session.
+            let (identity, auth_frame) =
+                match handshake(engine_ref, &conn, &mut inbound, &mut outbound).await {
+                    Ok(login) => login,
+                    Err(end) => break 'session (end, None),
+                };
+            tracing::Span::current().record("mid", identity.mid);
+            let mid = identity.mid;
+            let end = established(
+                engine_ref,
+                comet,
+                &conn,
+                identity,
+                &auth_frame,
+                &mut inbound,
+                &mut outbound,
+            )
+            .await;
+            (end, Some(mid))
         };
         match &end {
             SessionEnd::Protocol(_, cause) => {
@@ -329,6 +333,7 @@ where
                 tracing::info!(peer = %conn.peer, reason = ?end, "closing silent connection");
             }
             SessionEnd::SlowConsumer => {
+                engine_ref.stats.slow_consumer();
                 tracing::warn!(peer = %conn.peer, mid, "closing slow consumer: outbound queue limit reached");
             }
             SessionEnd::Handler(cause) => {
@@ -435,7 +440,7 @@ async fn established<St, Si>(
     comet: Comet,
     conn: &ConnInfo,
     identity: Identity,
-    auth_frame: Frame,
+    auth_frame: &Frame,
     inbound: &mut St,
     outbound: &mut Si,
 ) -> SessionEnd
@@ -446,48 +451,14 @@ where
 {
     let cfg = &engine.config;
     let mid = identity.mid;
-    engine.stats.auth_ok();
-    let handle = SessionHandle::new(conn.conn_id, mid, conn.mode, cfg.max_outbound_bytes);
-    engine
-        .registry
-        .register(handle.clone(), cfg.max_sessions_per_mid)
-        .await;
-    let registered = Registered {
-        engine,
-        mid,
-        conn_id: conn.conn_id,
-    };
-    if engine.shutdown.is_cancelled() {
-        // Registered after `Comet::shutdown` swept the registry.
-        handle.shared().kick(Kick::Shutdown);
-    }
-    // The inbox's first page is read before op 8 is written: a store that
-    // cannot answer refuses the login with a reason, rather than passing
-    // for an empty inbox.
-    // Boxed, like the refusal below: the session's future keeps room only
-    // for what its steady state awaits.
-    let first_page = engine.bounded("message store", engine.store.offline(mid, INBOX_PAGE));
-    let page = match Box::pin(first_page).await {
-        Ok(page) => page,
-        Err(cause) => {
-            drop(registered);
-            engine.stats.auth_fail();
-            tracing::warn!(peer = %conn.peer, mid, cause = %cause, "login refused: offline inbox unreadable");
-            let reason = "message store unavailable".to_string();
-            let mut writer = Writer::new(conn.mode, cfg.max_body);
-            writer.frame(
-                &auth_frame.reply(
-                    op::AUTH_REPLY,
-                    AuthReply::Failed {
-                        error: reason.clone(),
-                    }
-                    .encode(),
-                ),
-            );
-            let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, writer.flush(outbound))).await;
-            return SessionEnd::AuthFailed(reason);
-        }
-    };
+    // Registration and the inbox's first page are awaited in a boxed future
+    // of their own, dropped before the steady state starts: the session's
+    // future keeps room only for what an established session awaits.
+    let (handle, registered, page) =
+        match Box::pin(login(engine, conn, mid, auth_frame, outbound)).await {
+            Ok(login) => login,
+            Err(end) => return end,
+        };
 
     // op 8 first; the inbox follows through the queue at the client's
     // pace (see `deliver_inbox`), and live messages wait until it is done.
@@ -567,6 +538,63 @@ where
         let _ = Box::pin(remove_written_inbox(engine, mid, &shared, &mut removed)).await;
     }
     end
+}
+
+/// Registers the session and reads the inbox's first page. The page is
+/// read before op 8 is written: a store that cannot answer refuses the
+/// login with a reason (op 8 written here), rather than passing for an
+/// empty inbox.
+async fn login<'e, Si>(
+    engine: &'e Engine,
+    conn: &ConnInfo,
+    mid: Mid,
+    auth_frame: &Frame,
+    outbound: &mut Si,
+) -> Result<(SessionHandle, Registered<'e>, Vec<Offline>), SessionEnd>
+where
+    Si: Sink<Outgoing> + Unpin + Send,
+    Si::Error: fmt::Display,
+{
+    let cfg = &engine.config;
+    engine.stats.auth_ok();
+    let handle = SessionHandle::new(conn.conn_id, mid, conn.mode, cfg.max_outbound_bytes);
+    engine
+        .registry
+        .register(handle.clone(), cfg.max_sessions_per_mid)
+        .await;
+    let registered = Registered {
+        engine,
+        mid,
+        conn_id: conn.conn_id,
+    };
+    if engine.shutdown.is_cancelled() {
+        // Registered after `Comet::shutdown` swept the registry.
+        handle.shared().kick(Kick::Shutdown);
+    }
+    match engine
+        .bounded("message store", engine.store.offline(mid, INBOX_PAGE))
+        .await
+    {
+        Ok(page) => Ok((handle, registered, page)),
+        Err(cause) => {
+            drop(registered);
+            engine.stats.auth_fail();
+            tracing::warn!(peer = %conn.peer, mid, cause = %cause, "login refused: offline inbox unreadable");
+            let reason = "message store unavailable".to_string();
+            let mut writer = Writer::new(conn.mode, cfg.max_body);
+            writer.frame(
+                &auth_frame.reply(
+                    op::AUTH_REPLY,
+                    AuthReply::Failed {
+                        error: reason.clone(),
+                    }
+                    .encode(),
+                ),
+            );
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer.flush(outbound)).await;
+            Err(SessionEnd::AuthFailed(reason))
+        }
+    }
 }
 
 /// Writes the offline inbox, `page` first, through the session's queue at
@@ -663,36 +691,39 @@ where
                 continue;
             }
         };
-        let frame = match next {
-            None => return SessionEnd::PeerClosed,
-            Some(Err(FrameError::Io(e))) => return SessionEnd::Transport(e.to_string()),
-            Some(Err(e)) => return SessionEnd::protocol(engine, &e),
-            Some(Ok(frame)) => frame,
+        // Scoped so that neither `next` nor `frame` outlives its move into
+        // the request: the future keeps no room for them across the call.
+        let mut request = {
+            let frame = match next {
+                None => return SessionEnd::PeerClosed,
+                Some(Err(FrameError::Io(e))) => return SessionEnd::Transport(e.to_string()),
+                Some(Err(e)) => return SessionEnd::protocol(engine, &e),
+                Some(Ok(frame)) => frame,
+            };
+            deadline = tokio::time::Instant::now() + silence;
+            tracing::trace!(
+                op = frame.op,
+                seq = frame.seq,
+                len = frame.body.len(),
+                "frame"
+            );
+            if frame.op == op::AUTH {
+                return SessionEnd::Protocol(1002, "op 7 on an authenticated connection".into());
+            }
+            Some(Request {
+                frame,
+                ctx: ctx.clone(),
+            })
         };
-        deadline = tokio::time::Instant::now() + silence;
-        tracing::trace!(
-            op = frame.op,
-            seq = frame.seq,
-            len = frame.body.len(),
-            "frame"
-        );
-        if frame.op == op::AUTH {
-            return SessionEnd::Protocol(1002, "op 7 on an authenticated connection".into());
-        }
-        let request = Request {
-            frame,
-            ctx: ctx.clone(),
-        };
-        let result = match call(&mut service, request).await {
+        let result = match call(&mut service, &mut request).await {
             Ok(result) => result,
             Err(panic) => return SessionEnd::Panic(panic),
         };
         match result {
             Ok(Some(reply)) => {
-                if !handle.push_frame(reply) {
-                    // Over its bound: the writer side ends the session.
-                    engine.stats.slow_consumer();
-                }
+                // Refused over the bound: the session has been kicked, and
+                // ends (and is counted) as a slow consumer.
+                handle.push_frame(reply);
             }
             Ok(None) => {}
             Err(e) if e.is::<crate::middleware::RateLimited>() => {
@@ -711,32 +742,46 @@ where
 /// some recipients never get. `Err` carries a panic's message.
 async fn call(
     service: &mut Stack,
-    request: Request,
+    request: &mut Option<Request>,
 ) -> Result<Result<crate::middleware::Response, crate::BoxError>, String> {
-    let ready = match AssertUnwindSafe(service.ready()).catch_unwind().await {
-        Ok(Ok(svc)) => svc,
-        Ok(Err(e)) => return Ok(Err(e)),
-        Err(panic) => return Err(panic_text(&panic)),
-    };
-    let mut job = match std::panic::catch_unwind(AssertUnwindSafe(|| ready.call(request))) {
-        Ok(job) => job,
-        Err(panic) => return Err(panic_text(&panic)),
-    };
+    // Readiness, the call and its first poll in one `poll_fn`, with the
+    // request in the caller's frame: the session's future holds it once,
+    // not a copy per stage. `Ready(None)`: the job has to wait.
+    let mut job: Option<<Stack as Service<Request>>::Future> = None;
     let first = std::future::poll_fn(|cx| {
-        Poll::Ready(std::panic::catch_unwind(AssertUnwindSafe(|| {
-            job.as_mut().poll(cx)
-        })))
-    })
-    .await;
-    match first {
-        Ok(Poll::Ready(result)) => Ok(result),
-        // The task keeps the session's span for its log lines.
-        Ok(Poll::Pending) => match tokio::spawn(job.in_current_span()).await {
-            Ok(result) => Ok(result),
-            Err(e) if e.is_panic() => Err(panic_text(&e.into_panic())),
-            Err(_) => Ok(Err("request cancelled".into())),
-        },
-        Err(panic) => Err(panic_text(&panic)),
+        let step = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            if job.is_none() {
+                match service.poll_ready(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
+                    Poll::Ready(Ok(())) => job = request.take().map(|r| service.call(r)),
+                }
+            }
+            match job.as_mut() {
+                Some(running) => match running.as_mut().poll(cx) {
+                    Poll::Ready(result) => Poll::Ready(Some(result)),
+                    Poll::Pending => Poll::Ready(None),
+                },
+                None => Poll::Ready(Some(Err("request already taken".into()))),
+            }
+        }));
+        match step {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(done)) => Poll::Ready(Ok(done)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    });
+    let job = match (first.await, job) {
+        (Ok(Some(result)), _) => return Ok(result),
+        (Ok(None), Some(job)) => job,
+        (Ok(None), None) => return Ok(Err("request already taken".into())),
+        (Err(panic), _) => return Err(panic_text(&panic)),
+    };
+    // The task keeps the session's span for its log lines.
+    match tokio::spawn(job.in_current_span()).await {
+        Ok(result) => Ok(result),
+        Err(e) if e.is_panic() => Err(panic_text(&e.into_panic())),
+        Err(_) => Ok(Err("request cancelled".into())),
     }
 }
 

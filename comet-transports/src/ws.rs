@@ -168,17 +168,20 @@ where
     let stream = Budgeted::new(stream, budget.clone());
     let handshake =
         tokio_tungstenite::accept_hdr_async_with_config(stream, check_path, Some(config));
-    match tokio::time::timeout_at(handshake_deadline(comet, &admission), handshake).await {
-        Ok(Ok(ws)) => Some(serve_upgraded(comet, ws, peer, admission, Some(budget)).await),
+    // A statement of its own, so that the connection's future keeps no
+    // room for the upgrade's result beside the session.
+    let ws = match tokio::time::timeout_at(handshake_deadline(comet, &admission), handshake).await {
+        Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
             tracing::warn!(%peer, cause = %e, "websocket upgrade failed");
-            None
+            return None;
         }
         Err(_) => {
             tracing::info!(%peer, "websocket upgrade not completed within the handshake timeout");
-            None
+            return None;
         }
-    }
+    };
+    Some(serve_upgraded(comet, ws, peer, admission, Some(budget)).await)
 }
 
 /// Serves one upgraded WebSocket connection to its end: waits for the
@@ -201,23 +204,60 @@ where
 }
 
 /// [`serve_websocket`], lifting `budget` (if any) at login.
-pub(crate) async fn serve_upgraded<S>(
-    comet: &Comet,
+///
+/// A plain function returning the future, not an `async fn`: an `async
+/// fn` keeps room for its arguments (the whole `WebSocketStream`, here)
+/// for as long as it runs, that is for the connection's life. The future
+/// holds the two halves instead, and the first message is awaited in a
+/// future of its own, gone before the session starts.
+pub(crate) fn serve_upgraded<'a, S>(
+    comet: &'a Comet,
     ws: WebSocketStream<S>,
     peer: SocketAddr,
     admission: Admission,
     budget: Option<ReadBudget>,
-) -> SessionEnd
+) -> impl std::future::Future<Output = SessionEnd> + Send + 'a
 where
-    S: AsyncRead + AsyncWrite + Send + Unpin,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'a,
 {
-    let (sink, mut stream) = ws.split();
-    let mut sink = WsSink {
+    let (sink, stream) = ws.split();
+    let sink = WsSink {
         inner: sink,
         mode: WireMode::Binary,
     };
-    let config = comet.config();
-    let deadline = handshake_deadline(comet, &admission);
+    async move {
+        let deadline = handshake_deadline(comet, &admission);
+        let (frames, sink) = match first_message(comet, stream, sink, deadline, peer).await {
+            Ok(halves) => halves,
+            Err(end) => return end,
+        };
+        let mut info = comet.conn_info(Transport::WebSocket, frames.mode, peer);
+        info.accepted_at = admission.accepted_at();
+        let max_body = comet.config().max_body;
+        let frames = LoginGuard::new(frames, admission, move |frames: &mut WsFrames<S>| {
+            frames.max_body = max_body;
+            frames.max_message = None;
+            if let Some(budget) = budget {
+                budget.lift();
+            }
+        });
+        comet.serve(info, frames, sink).await
+    }
+}
+
+/// Waits for the first data message, which fixes the wire mode, until
+/// `deadline`; returns the frame stream (holding that message) and the sink
+/// in that mode.
+async fn first_message<S>(
+    comet: &Comet,
+    mut stream: SplitStream<WebSocketStream<S>>,
+    mut sink: WsSink<S>,
+    deadline: tokio::time::Instant,
+    peer: SocketAddr,
+) -> Result<(WsFrames<S>, WsSink<S>), SessionEnd>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin,
+{
     let first = tokio::time::timeout_at(deadline, async {
         loop {
             match stream.next().await {
@@ -231,7 +271,7 @@ where
     .await;
     let first = match first {
         Ok(Some(first)) => first,
-        Ok(None) => return SessionEnd::PeerClosed,
+        Ok(None) => return Err(SessionEnd::PeerClosed),
         Err(_) => {
             tracing::info!(%peer, "no data frame within the handshake timeout");
             let _ = sink
@@ -240,7 +280,7 @@ where
                     reason: "no op 7 within the handshake timeout".into(),
                 })
                 .await;
-            return SessionEnd::HandshakeTimeout;
+            return Err(SessionEnd::HandshakeTimeout);
         }
     };
     let mode = match first {
@@ -248,6 +288,7 @@ where
         _ => WireMode::Binary,
     };
     sink.mode = mode;
+    let config = comet.config();
     let mut frames = WsFrames {
         inner: stream,
         mode,
@@ -263,17 +304,7 @@ where
         Ok(msg) => frames.accept(msg),
         Err(e) => frames.next = Some(Err(map_error(e))),
     }
-    let mut info = comet.conn_info(Transport::WebSocket, mode, peer);
-    info.accepted_at = admission.accepted_at();
-    let max_body = config.max_body;
-    let frames = LoginGuard::new(frames, admission, move |frames: &mut WsFrames<S>| {
-        frames.max_body = max_body;
-        frames.max_message = None;
-        if let Some(budget) = budget {
-            budget.lift();
-        }
-    });
-    comet.serve(info, frames, sink).await
+    Ok((frames, sink))
 }
 
 fn map_error(e: tungstenite::Error) -> FrameError {
