@@ -6,8 +6,10 @@
 //!
 //! Asserted: every acknowledged message reaches every intended session
 //! exactly once and in chatId order; no good client is disconnected; every
-//! bad client gets its outcome from PROTOCOL.md's table; memory stays within
-//! a stated bound. A second crowd sends 60 KB messages to users who never
+//! bad client gets its outcome from PROTOCOL.md's table (the never-readers,
+//! flooded through a group, are closed as slow consumers and counted once
+//! each, while the flood's sender goes on); memory stays within a stated
+//! bound. A second crowd sends 60 KB messages to users who never
 //! log in (a few fixed ones, and a new one for most messages): the store's byte budgets,
 //! not the payload sent, bound the memory.
 
@@ -55,6 +57,14 @@ const NEVER_READ: i32 = 10_000;
 const STORM: i32 = 20_000;
 const SPOOF: i32 = 30_000;
 const OUTSIDER: i32 = 40_000;
+/// Floods group 3, whose other members are the never-reading clients.
+const FLOOD: i32 = 60_000;
+/// The flood: enough to fill the never-readers' outbound bound (set below)
+/// and the kernel's socket buffers (on loopback the server's send buffer
+/// grows to 4 MiB: 3 MB of flood went through unnoticed).
+const FLOOD_MSGS: i32 = 200;
+const FLOOD_MSG: usize = 48 * 1024;
+const OUTBOUND_BOUND: usize = 1024 * 1024;
 
 /// Both phases measure the process's RSS, so they run one after the other
 /// in one test, the mixed crowd first: memory the big-message phase frees
@@ -70,7 +80,11 @@ async fn mixed_crowd() {
     let half = p.good / 2;
     let srv = common::server::start_config(|c| {
         c.server.handshake_timeout_ms = 2_000;
+        // Small enough that the flood fills it; the good clients, which read
+        // only once all is sent, hold about 30 KB each.
+        c.server.max_outbound_bytes = OUTBOUND_BOUND;
         let mut mids: Vec<i32> = (1..=p.good).collect();
+        mids.push(FLOOD);
         for base in [NEVER_READ, STORM, SPOOF, OUTSIDER] {
             mids.extend((1..=p.bad).map(|i| base + i));
         }
@@ -89,6 +103,12 @@ async fn mixed_crowd() {
                 id: 2,
                 members: (half + 1..=p.good).collect(),
             },
+            GroupEntry {
+                id: 3,
+                members: std::iter::once(FLOOD)
+                    .chain((1..=p.bad).map(|i| NEVER_READ + i))
+                    .collect(),
+            },
         ];
     })
     .await;
@@ -105,14 +125,43 @@ async fn mixed_crowd() {
 
     // The bad crowd, all at once, while the good clients talk.
     let mut bad = tokio::task::JoinSet::new();
+    let (flooded, flood_done) = tokio::sync::watch::channel(false);
+    let (readers_in, mut all_in) = tokio::sync::mpsc::channel(p.bad as usize);
     for i in 1..=p.bad {
         bad.spawn(garbage(tcp, ws, i));
         bad.spawn(slowloris(tcp, i));
-        bad.spawn(never_read(tcp, NEVER_READ + i));
+        bad.spawn(never_read(
+            tcp,
+            NEVER_READ + i,
+            readers_in.clone(),
+            flood_done.clone(),
+        ));
         bad.spawn(storm(addr(kind_of(i)), kind_of(i), STORM + i));
         bad.spawn(spoofer(addr(kind_of(i)), kind_of(i), SPOOF + i));
         bad.spawn(outsider(addr(kind_of(i)), kind_of(i), OUTSIDER + i));
     }
+
+    // Once every never-reader is in, the flood fills their outbound
+    // queues: each must be closed as a slow consumer, and the flood's
+    // sender must not notice.
+    drop(readers_in);
+    for _ in 1..=p.bad {
+        all_in
+            .recv()
+            .await
+            .expect("a never-reading client logged in");
+    }
+    let flood = tokio::spawn(async move {
+        let mut c = Client::login(Kind::Tcp, tcp, FLOOD, &format!("k{FLOOD}")).await;
+        let mut msg = vec![b'f'; FLOOD_MSG];
+        for n in 0..FLOOD_MSGS {
+            msg[..4].copy_from_slice(&n.to_be_bytes());
+            let ack = c.send_msg(20, FLOOD, 3, &msg).await;
+            assert_eq!(ack.ret, 0, "flood send refused: {ack:?}");
+        }
+        flooded.send(true).unwrap();
+        c
+    });
 
     let mut senders = tokio::task::JoinSet::new();
     for (i, mut client) in good.into_iter().enumerate() {
@@ -203,9 +252,18 @@ async fn mixed_crowd() {
     while let Some(done) = checks.join_next().await {
         still.push(done.unwrap());
     }
+    let flood = tokio::time::timeout(Duration::from_secs(60), flood)
+        .await
+        .expect("the flood's sends are answered")
+        .unwrap();
     while let Some(done) = bad.join_next().await {
         done.unwrap();
     }
+    assert!(
+        srv.comet.is_online(FLOOD),
+        "the flood's sender was disconnected"
+    );
+    drop(flood);
     for mid in 1..=p.good {
         assert!(
             srv.comet.is_online(mid),
@@ -218,6 +276,9 @@ async fn mixed_crowd() {
     assert_eq!(stats.protocol_errors, 2 * p.bad as u64, "{stats:?}");
     assert_eq!(stats.timeouts, p.bad as u64, "{stats:?}");
     assert_eq!(stats.send_failures, 6 * p.bad as u64, "{stats:?}");
+    // Each never-reader, closed once (its later pushes refused are not
+    // counted again).
+    assert_eq!(stats.slow_consumers, p.bad as u64, "{stats:?}");
     assert_eq!(stats.panics, 0);
     let grown_mib = rss_kib().saturating_sub(rss_before) / 1024;
     // Stated bound, for the whole test process (server and all clients):
@@ -343,7 +404,15 @@ async fn slowloris(tcp: SocketAddr, _i: i32) {
 }
 
 /// Logs in, then never reads: it must not slow anyone down.
-async fn never_read(tcp: SocketAddr, mid: i32) {
+/// Logs in, then reads nothing while group 3 is flooded. Once the flood is
+/// sent, reads what the kernel buffered: the server must have closed the
+/// connection as a slow consumer by then, so the read reaches the end.
+async fn never_read(
+    tcp: SocketAddr,
+    mid: i32,
+    logged_in: tokio::sync::mpsc::Sender<()>,
+    mut flood_done: tokio::sync::watch::Receiver<bool>,
+) {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut c = Client::from_tcp(socket.connect(tcp).await.unwrap());
@@ -353,8 +422,21 @@ async fn never_read(tcp: SocketAddr, mid: i32) {
             .0,
         0
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    drop(c);
+    logged_in.send(()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), flood_done.wait_for(|&done| done))
+        .await
+        .expect("the flood ends")
+        .unwrap();
+    let (got, closed) = tokio::time::timeout(Duration::from_secs(30), c.msgs_until_closed())
+        .await
+        .unwrap_or_else(|_| panic!("never-reading client {mid} was not closed"));
+    assert_eq!(closed, Closed::Eof);
+    // It is in group 1 too: only the flood (group 3) counts here.
+    let flood = got.iter().filter(|m| m.op == 20 && m.to == 3).count();
+    assert!(
+        flood < FLOOD_MSGS as usize,
+        "never-reading client {mid} got all {flood} flood messages: it was never a slow consumer"
+    );
 }
 
 /// Connects, logs in and drops, over and over.

@@ -514,8 +514,10 @@ impl Registry {
     /// none.
     fn push_to(&self, entry: &Entry, msg: &Arc<Message>, except: Option<ConnId>) -> bool {
         for s in &entry.sessions {
-            if Some(s.conn_id) != except && !s.push_message(msg) {
-                self.stats.slow_consumer();
+            if Some(s.conn_id) != except {
+                // A refused push has kicked the session (counted once, as it
+                // ends) or found it closing.
+                s.push_message(msg);
             }
         }
         !entry.sessions.is_empty()
