@@ -248,9 +248,11 @@ impl Counters {
     }
 }
 
-/// Read connections kept for reuse; reads run on tokio's blocking threads,
-/// beside the writer (WAL readers do not wait for it).
-const READERS_KEPT: usize = 4;
+/// Reads run on tokio's blocking threads, beside the writer (WAL readers
+/// do not wait for it), at most this many at once: a login storm queues
+/// its inbox reads here rather than start hundreds of blocking threads,
+/// each with a database connection. Their connections are kept for reuse.
+const READERS: usize = 8;
 
 /// The SQLite-backed [`MessageStore`] (see the [module docs](self)).
 #[derive(Debug)]
@@ -258,6 +260,8 @@ pub struct EmbeddedStore {
     tx: Option<mpsc::Sender<Cmd>>,
     writer: Option<JoinHandle<()>>,
     readers: Arc<Mutex<Vec<rusqlite::Connection>>>,
+    /// One permit per read under way (see [`READERS`]).
+    reads: Arc<tokio::sync::Semaphore>,
     file: PathBuf,
     opened: Opened,
     counters: Arc<Counters>,
@@ -302,6 +306,7 @@ impl EmbeddedStore {
             tx: Some(tx),
             writer: Some(handle),
             readers: Arc::new(Mutex::new(vec![reader])),
+            reads: Arc::new(tokio::sync::Semaphore::new(READERS)),
             file,
             opened,
             counters,
@@ -357,7 +362,16 @@ impl EmbeddedStore {
     ) -> Result<T, BoxError> {
         let readers = self.readers.clone();
         let file = self.file.clone();
+        // Held by the blocking task itself: a caller that gives up (a
+        // timeout) does not free a place while its read still runs.
+        let permit = self
+            .reads
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError("embedded store closed".into()))?;
         let task = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let pooled = readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
             let mut conn = match pooled {
                 Some(conn) => conn,
@@ -365,7 +379,7 @@ impl EmbeddedStore {
             };
             let out = read(&mut conn).map_err(|e| StoreError::db("read", &e));
             let mut pool = readers.lock().unwrap_or_else(|e| e.into_inner());
-            if pool.len() < READERS_KEPT {
+            if pool.len() < READERS {
                 pool.push(conn);
             }
             out
