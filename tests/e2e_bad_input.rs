@@ -307,3 +307,73 @@ async fn connections_past_the_limit_are_refused() {
     again.heartbeat().await;
     assert!(srv.shutdown().await);
 }
+
+/// Issue 10, finding 6: a client that sends heartbeats and never reads is
+/// closed once what its replies really hold (wire bytes, the boxed frame
+/// and the queue slot: about 88 bytes each) reaches the outbound bound,
+/// not once their 16 wire bytes each do. The server's socket buffers are
+/// pinned small (accepted sockets inherit the listener's), so the kernel
+/// absorbs a known amount: about 1,000 replies here, where 3,500 replies
+/// counted at 16 bytes would still fit a 64 KiB bound and those counted at
+/// 88 bytes are far past it.
+#[tokio::test]
+async fn heartbeat_replies_count_what_they_hold_against_the_outbound_bound() {
+    use comet::core::{Comet, Config};
+    use comet::plugins::memory::{MemoryAuth, MemoryGroups, MemoryStore};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const HEARTBEATS: usize = 3_500;
+    let comet = Comet::builder()
+        .authenticator(Arc::new(MemoryAuth::from_iter([(1, "k1".to_string())])))
+        .store(Arc::new(MemoryStore::new(100, 100)))
+        .groups(Arc::new(MemoryGroups::default()))
+        .config(Config {
+            max_outbound_bytes: 64 * 1024,
+            ..Config::default()
+        })
+        .build()
+        .unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_send_buffer_size(4096).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(64).unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(comet::transports::tcp::serve(
+        comet.clone(),
+        listener,
+        comet::transports::Limits::new(16),
+    ));
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut c = Client::from_tcp(socket.connect(addr).await.unwrap());
+    assert_eq!(c.auth(json!({"mid": 1, "mkey": "k1"})).await.0, 0);
+    // Every heartbeat in a few large writes, reading nothing meanwhile.
+    let mut stream = c.into_tcp();
+    let beats: Vec<u8> = (0..HEARTBEATS)
+        .flat_map(|i| pack(1, 2, i as u32 + 1, b""))
+        .collect();
+    // The server may close before it has read them all.
+    let _ = common::within("the heartbeats written", stream.write_all(&beats)).await;
+    // Then read what the kernel holds: the connection must end there.
+    let mut read = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => read += n,
+            }
+        }
+    })
+    .await;
+    let replies = read / 16;
+    assert!(
+        ended.is_ok(),
+        "not closed after {HEARTBEATS} unread heartbeat replies ({replies} read since)"
+    );
+    assert!(replies < HEARTBEATS, "all {replies} replies were written");
+    assert_eq!(comet.stats().slow_consumers, 1);
+    assert!(comet.shutdown_and_wait().await);
+}

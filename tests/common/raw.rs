@@ -208,6 +208,12 @@ impl Client {
         }
     }
 
+    /// The TCP stream itself, for a test that writes and reads raw bytes
+    /// (what was already read but not consumed is dropped).
+    pub fn into_tcp(self) -> Stream {
+        self.tcp.expect("a TCP client")
+    }
+
     pub async fn connect(kind: Kind, addr: SocketAddr) -> Client {
         Client::connect_path(kind, addr, "/sub").await
     }
