@@ -160,8 +160,9 @@ impl Drop for Registered<'_> {
 }
 
 /// Encodes queue items into wire units.
-struct Writer {
+struct Writer<'e> {
     mode: WireMode,
+    tel: &'e crate::telemetry::Telemetry,
     batch: BatchWriter,
     units: Units,
     /// Whether anything but heartbeat replies was written since the last
@@ -173,10 +174,11 @@ struct Writer {
     inbox_seq: Option<u64>,
 }
 
-impl Writer {
-    fn new(mode: WireMode, max_body: usize) -> Self {
+impl<'e> Writer<'e> {
+    fn new(mode: WireMode, max_body: usize, tel: &'e crate::telemetry::Telemetry) -> Self {
         Writer {
             mode,
+            tel,
             batch: BatchWriter::new(mode, max_body),
             units: Units::default(),
             busy: false,
@@ -191,7 +193,16 @@ impl Writer {
         }
     }
 
+    /// Counts the open op 9 batch, if any, as it is about to close.
+    fn count_batch(&self) {
+        let n = self.batch.len();
+        if n > 0 {
+            self.tel.batch(n);
+        }
+    }
+
     fn take_unit(&mut self) {
+        self.count_batch();
         if let Some(unit) = self.batch.take() {
             self.units.push_back(unit);
         }
@@ -200,6 +211,8 @@ impl Writer {
     fn frame(&mut self, frame: &Frame) {
         // A flush of op 8 or heartbeat replies alone leaves an idle session.
         self.busy |= !matches!(frame.op, op::HEARTBEAT_REPLY | op::AUTH_REPLY);
+        self.tel.frame_out(frame.op);
+        self.count_batch();
         if self.mode == WireMode::Json {
             self.take_unit();
         }
@@ -219,7 +232,10 @@ impl Writer {
         if !self.batch.push(wire) {
             match self.mode {
                 WireMode::Json => self.take_unit(),
-                WireMode::Binary => self.batch.finish(),
+                WireMode::Binary => {
+                    self.count_batch();
+                    self.batch.finish()
+                }
             }
             self.batch.push(wire);
         }
@@ -301,6 +317,7 @@ where
         let engine_ref = &*engine;
         let _active = Active::new(engine_ref);
         engine_ref.stats.connection();
+        let _connected = engine_ref.stats.tel.connection(conn.transport, conn.mode);
         let (end, mid) = 'session: {
             // A statement of its own, so that the handshake's result is not
             // kept in the session's future beside the established session.
@@ -323,6 +340,7 @@ where
             .await;
             (end, Some(mid))
         };
+        engine_ref.stats.tel.close(&end);
         match &end {
             SessionEnd::Protocol(_, cause) => {
                 engine_ref.stats.protocol_error();
@@ -342,6 +360,7 @@ where
             }
             SessionEnd::Panic(cause) => {
                 engine_ref.stats.panic();
+                engine_ref.stats.tel.panic();
                 tracing::error!(peer = %conn.peer, mid, cause = %cause, "closing connection: panic while serving it");
             }
             other => tracing::debug!(reason = ?other, "session ended"),
@@ -407,6 +426,7 @@ where
                 Ok(Err(_)) => Err("authentication backend unavailable".to_string()),
                 Err(panic) => {
                     engine.stats.panic();
+                    engine.stats.tel.panic();
                     tracing::error!(peer = %conn.peer, cause = %panic_text(&panic), "authenticator panicked");
                     Err("authentication backend unavailable".to_string())
                 }
@@ -419,6 +439,7 @@ where
         Ok(identity) => Ok((identity, frame.reply(frame.op, Bytes::new()))),
         Err(reason) => {
             engine.stats.auth_fail();
+            engine.stats.tel.login(false);
             tracing::info!(peer = %conn.peer, reason = %reason, "login refused");
             let reply = frame.reply(
                 op::AUTH_REPLY,
@@ -427,7 +448,7 @@ where
                 }
                 .encode(),
             );
-            let mut writer = Writer::new(conn.mode, cfg.max_body);
+            let mut writer = Writer::new(conn.mode, cfg.max_body, &engine.stats.tel);
             writer.frame(&reply);
             let _ = writer.flush(outbound).await;
             Err(SessionEnd::AuthFailed(reason))
@@ -462,7 +483,8 @@ where
 
     // op 8 first; the inbox follows through the queue at the client's
     // pace (see `deliver_inbox`), and live messages wait until it is done.
-    let mut writer = Writer::new(conn.mode, cfg.max_body);
+    let mut writer = Writer::new(conn.mode, cfg.max_body, &engine.stats.tel);
+    let _session = engine.stats.tel.session(conn.transport, conn.mode);
     handle.push_frame(auth_frame.reply(op::AUTH_REPLY, AuthReply::Ok { mid }.encode()));
     engine.emit(Event::Authenticated {
         conn: conn.clone(),
@@ -557,6 +579,7 @@ where
 {
     let cfg = &engine.config;
     engine.stats.auth_ok();
+    engine.stats.tel.login(true);
     let handle = SessionHandle::new(conn.conn_id, mid, conn.mode, cfg.max_outbound_bytes);
     engine
         .registry
@@ -579,9 +602,10 @@ where
         Err(cause) => {
             drop(registered);
             engine.stats.auth_fail();
+            engine.stats.tel.login(false);
             tracing::warn!(peer = %conn.peer, mid, cause = %cause, "login refused: offline inbox unreadable");
             let reason = "message store unavailable".to_string();
-            let mut writer = Writer::new(conn.mode, cfg.max_body);
+            let mut writer = Writer::new(conn.mode, cfg.max_body, &engine.stats.tel);
             writer.frame(
                 &auth_frame.reply(
                     op::AUTH_REPLY,
@@ -701,6 +725,7 @@ where
                 Some(Ok(frame)) => frame,
             };
             deadline = tokio::time::Instant::now() + silence;
+            engine.stats.tel.frame_in(frame.op);
             tracing::trace!(
                 op = frame.op,
                 seq = frame.seq,
@@ -785,7 +810,7 @@ async fn call(
     }
 }
 
-async fn write_loop<Si>(writer: &mut Writer, outbound: &mut Si, shared: &Shared) -> SessionEnd
+async fn write_loop<Si>(writer: &mut Writer<'_>, outbound: &mut Si, shared: &Shared) -> SessionEnd
 where
     Si: Sink<Outgoing> + Unpin + Send,
     Si::Error: fmt::Display,
