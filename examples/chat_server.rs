@@ -8,12 +8,18 @@
 //! ```
 //!
 //! TCP (binary frames) listens on `server.tcp`, WebSocket (JSON or goim
-//! binary frames) on `server.websocket` at `server.ws_path`. Ctrl-C shuts
-//! down gracefully: listeners stop, sessions flush their queues and close.
-//! Set `RUST_LOG=debug` for per-session logs. Exit codes: 2 for a bad
+//! binary frames) on `server.websocket` at `server.ws_path`, and the admin
+//! and push HTTP API on `admin.listen` (see `docs/config.md`). Ctrl-C or
+//! SIGTERM shuts down gracefully: listeners stop, sessions flush their
+//! queues and close, and the process exits 0.
+//!
+//! Logs go to stdout, with ANSI colours only when it is a terminal;
+//! `--log-format json` writes one JSON object per line. Set
+//! `RUST_LOG=debug` for per-session logs. Exit codes: 2 for a bad
 //! config, 1 when the listeners or the store cannot start (e.g. a file in
 //! the store's directory that is not a comet store; the message names it).
 
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -27,16 +33,51 @@ struct Args {
     /// TOML configuration file; without it the shipped examples/chat_server.toml is used.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Log format: `text` (colours only on a terminal) or `json` (one object per line).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Waits for Ctrl-C or (on Unix) SIGTERM.
+async fn stop_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            },
+            Err(e) => {
+                tracing::warn!(cause = %e, "cannot listen for SIGTERM; Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "Ctrl-C"
+    }
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let args = Args::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    match args.log_format {
+        LogFormat::Json => logs.json().with_ansi(false).init(),
+        LogFormat::Text => logs.with_ansi(std::io::stdout().is_terminal()).init(),
+    }
     let started = Instant::now();
     let config = match &args.config {
         Some(path) => ServerConfig::load(path),
@@ -60,13 +101,14 @@ async fn main() -> ExitCode {
     tracing::info!(
         tcp = ?running.tcp_addr,
         websocket = ?running.ws_addr,
+        admin = ?running.admin_addr,
         users,
         groups,
         startup_ms = started.elapsed().as_millis() as u64,
         "comet chat server ready"
     );
-    let _ = tokio::signal::ctrl_c().await;
-    tracing::info!("shutting down: flushing sessions");
+    let signal = stop_signal().await;
+    tracing::info!(signal, "shutting down: flushing sessions");
     let clean = running.shutdown().await;
     tracing::info!(clean, "stopped");
     ExitCode::SUCCESS

@@ -616,6 +616,13 @@ impl Comet {
         results
     }
 
+    /// The group directory this comet was built with (its
+    /// [`membership`](GroupDirectory::membership) capability, if any, is
+    /// what the admin API's group routes use).
+    pub fn groups(&self) -> &Arc<dyn GroupDirectory> {
+        &self.engine.groups
+    }
+
     /// Brings the sampled gauges up to date: bytes queued for writing
     /// (`comet_outbound_queued_bytes`, summed over every session) and the
     /// process's resident memory and open file descriptors (see

@@ -99,7 +99,7 @@ pub use crate::error::{BoxError, FrameError, PayloadError, SendError, SyncError}
 #[doc(inline)]
 pub use crate::frame::{op, Frame, Transport, WireMode};
 #[doc(inline)]
-pub use crate::groups::{GroupDirectory, Members};
+pub use crate::groups::{GroupDirectory, GroupMembership, Members};
 #[doc(inline)]
 pub use crate::message::{Conversation, Message};
 #[doc(inline)]

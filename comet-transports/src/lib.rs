@@ -7,6 +7,9 @@
 //!   binary (goim v2) modes fixed by the first data frame;
 //! - [`axum`] (feature `axum`, on by default): a tower service that upgrades a
 //!   request on an existing axum `Router` route into a comet session;
+//! - [`admin`] (feature `admin`, on by default): the admin and push HTTP
+//!   API as an axum `Router` (metrics, health, sends, presence, history,
+//!   groups);
 //! - [`tls`]: rustls acceptors for TCP+TLS and WSS ([`tcp::serve_tls`],
 //!   [`ws::serve_tls`]);
 //! - [`Limits`]: the connection limits (global, unauthenticated, per source
@@ -30,6 +33,8 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "admin")]
+pub mod admin;
 #[cfg(feature = "axum")]
 pub mod axum;
 mod io;
