@@ -572,9 +572,10 @@ impl Comet {
     /// member and kept in the inbox of every offline one, counted like a
     /// client's op 20) but without the membership check, so a backend can
     /// post to any group. `from` is what recipients see in the message's
-    /// `from` (a bot's or the system's mid; it need not be a member, and if
-    /// it is, its sessions get the echo as usual). A group with no members
-    /// stores the message and delivers it to nobody.
+    /// `from` (a bot's or the system's mid; it need not be a member). As
+    /// with op 20, `from`'s own live sessions get the message too (the
+    /// echo). A group with no members stores the message and delivers it
+    /// to nobody else.
     ///
     /// This is the send behind the admin API's `POST /api/send/group` with
     /// `"system": true`.
