@@ -53,12 +53,12 @@ use comet_core::{Comet, Config, MessageStore};
 use comet_plugins::embedded::{EmbeddedConfig, EmbeddedStore, Fsync};
 use comet_plugins::memory::{MemoryAuth, MemoryGroups, MemoryLimits, MemoryStore};
 use comet_transports::{tcp, tls, ws, Limits};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 /// The whole configuration file.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Listeners and limits.
@@ -75,7 +75,7 @@ pub struct ServerConfig {
 }
 
 /// The `[server]` table.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSection {
     /// TCP listen address (binary frames); absent: no TCP listener.
@@ -155,7 +155,7 @@ pub struct ServerSection {
 }
 
 /// Which message store the server runs on.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreBackend {
     /// [`EmbeddedStore`]: on disk in `path`, crash-safe (the default).
@@ -166,7 +166,7 @@ pub enum StoreBackend {
 }
 
 /// When the embedded store fsyncs (see [`Fsync`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FsyncMode {
     /// Acknowledge once written to the OS; fsync within `fsync_interval_ms`.
@@ -177,7 +177,7 @@ pub enum FsyncMode {
 }
 
 /// The `[store]` table.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreSection {
     /// `"embedded"` (default) or `"memory"`.
@@ -308,7 +308,7 @@ mod defaults {
 }
 
 /// One `[[users]]` entry.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserEntry {
     /// The user's mid (positive).
@@ -318,7 +318,7 @@ pub struct UserEntry {
 }
 
 /// One `[[groups]]` entry.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GroupEntry {
     /// The group id (positive).
