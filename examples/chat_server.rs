@@ -9,22 +9,20 @@
 //!
 //! TCP (binary frames) listens on `server.tcp`, WebSocket (JSON or goim
 //! binary frames) on `server.websocket` at `server.ws_path`, and the admin
-//! and push HTTP API on `admin.listen` (see `docs/config.md`). Ctrl-C or
-//! SIGTERM shuts down gracefully: listeners stop, sessions flush their
-//! queues and close, and the process exits 0.
-//!
-//! Logs go to stdout, with ANSI colours only when it is a terminal;
-//! `--log-format json` writes one JSON object per line. Set
-//! `RUST_LOG=debug` for per-session logs. Exit codes: 2 for a bad
+//! and push HTTP API on `admin.listen` (see `docs/CONFIG.md`). Ctrl-C or
+//! SIGTERM (systemd, containers) shuts down gracefully: listeners stop,
+//! sessions flush their queues and close, and the process exits 0.
+//! Logs go to stdout, coloured only when it is a terminal;
+//! `--log-format json` writes one JSON object per line.
+//! Set `RUST_LOG=debug` for per-session logs. Exit codes: 2 for a bad
 //! config, 1 when the listeners or the store cannot start (e.g. a file in
 //! the store's directory that is not a comet store; the message names it).
 
-use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use comet::server::{self, ServerConfig};
 
 #[derive(Parser, Debug)]
@@ -33,18 +31,29 @@ struct Args {
     /// TOML configuration file; without it the shipped examples/chat_server.toml is used.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Log format: `text` (colours only on a terminal) or `json` (one object per line).
+    /// Log lines as text (coloured only on a terminal) or as one JSON object per line.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
 }
 
-/// Waits for Ctrl-C or (on Unix) SIGTERM.
+fn init_logs(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs.with_ansi(std::io::stdout().is_terminal()).init(),
+    }
+}
+
+/// Resolves on Ctrl-C (SIGINT) or, on Unix, SIGTERM; names the signal.
 async fn stop_signal() -> &'static str {
     #[cfg(unix)]
     {
@@ -55,7 +64,7 @@ async fn stop_signal() -> &'static str {
                 _ = term.recv() => "SIGTERM",
             },
             Err(e) => {
-                tracing::warn!(cause = %e, "cannot listen for SIGTERM; Ctrl-C only");
+                tracing::warn!(cause = %e, "cannot watch SIGTERM; stopping on Ctrl-C only");
                 let _ = tokio::signal::ctrl_c().await;
                 "SIGINT"
             }
@@ -71,13 +80,7 @@ async fn stop_signal() -> &'static str {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let logs = tracing_subscriber::fmt().with_env_filter(filter);
-    match args.log_format {
-        LogFormat::Json => logs.json().with_ansi(false).init(),
-        LogFormat::Text => logs.with_ansi(std::io::stdout().is_terminal()).init(),
-    }
+    init_logs(args.log_format);
     let started = Instant::now();
     let config = match &args.config {
         Some(path) => ServerConfig::load(path),

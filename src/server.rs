@@ -59,13 +59,13 @@ use comet_plugins::memory::{MemoryAuth, MemoryGroups, MemoryLimits, MemoryStore}
 use comet_transports::{admin, tcp, tls, ws, Limits};
 use futures_util::future::BoxFuture;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 /// The whole configuration file.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Listeners and limits.
@@ -86,7 +86,7 @@ pub struct ServerConfig {
 
 /// The `[admin]` table: where the admin and push HTTP API
 /// ([`comet_transports::admin`]) listens, and its token.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminSection {
     /// Listen address (default `127.0.0.1:3103`). A non-loopback address
@@ -110,7 +110,7 @@ impl Default for AdminSection {
 }
 
 /// The `[server]` table.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSection {
     /// TCP listen address (binary frames); absent: no TCP listener.
@@ -190,7 +190,7 @@ pub struct ServerSection {
 }
 
 /// Which message store the server runs on.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreBackend {
     /// [`EmbeddedStore`]: on disk in `path`, crash-safe (the default).
@@ -201,7 +201,7 @@ pub enum StoreBackend {
 }
 
 /// When the embedded store fsyncs (see [`Fsync`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FsyncMode {
     /// Acknowledge once written to the OS; fsync within `fsync_interval_ms`.
@@ -212,7 +212,7 @@ pub enum FsyncMode {
 }
 
 /// The `[store]` table.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreSection {
     /// `"embedded"` (default) or `"memory"`.
@@ -346,7 +346,7 @@ mod defaults {
 }
 
 /// One `[[users]]` entry.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserEntry {
     /// The user's mid (positive).
@@ -356,7 +356,7 @@ pub struct UserEntry {
 }
 
 /// One `[[groups]]` entry.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GroupEntry {
     /// The group id (positive).
