@@ -80,7 +80,9 @@ async fn http(
             .and_then(|s| s.parse().ok())
             .expect("status code");
         assert!(
-            !head.to_ascii_lowercase().contains("transfer-encoding: chunked"),
+            !head
+                .to_ascii_lowercase()
+                .contains("transfer-encoding: chunked"),
             "answers are sent whole"
         );
         Answer {
@@ -144,7 +146,11 @@ async fn an_admin_send_is_stored_and_delivered_with_its_chat_id() {
     )
     .await;
     assert_eq!(a.status, 200, "{a:?}");
-    assert_eq!(a.json()["chatId"], chat_id + 1, "the conversation's next chatId");
+    assert_eq!(
+        a.json()["chatId"],
+        chat_id + 1,
+        "the conversation's next chatId"
+    );
     assert_eq!(tcp.msg().await.msg, bytes);
     assert_eq!(web.msg().await.msg, bytes);
 
@@ -206,7 +212,10 @@ async fn group_sends_follow_op_20_rules_unless_sent_as_system() {
     assert_eq!(a.status, 200, "{a:?}");
     assert_eq!(a.json()["chatId"], first + 1);
     let m = member.msg().await;
-    assert_eq!((m.chat_id, m.from, m.msg.as_slice()), (first + 1, 4, &b"announcement"[..]));
+    assert_eq!(
+        (m.chat_id, m.from, m.msg.as_slice()),
+        (first + 1, 4, &b"announcement"[..])
+    );
     // The sender's own sessions get the echo, as for op 20.
     assert_eq!(outsider.msg().await.chat_id, first + 1);
     outsider.no_msg().await;
@@ -264,8 +273,14 @@ async fn errors_have_the_right_status_and_shape() {
     for token in [None, Some("test-token-4f2b"), Some("x")] {
         let a = http(admin, "GET", "/api/online", token, None).await;
         assert_eq!(a.status, 401, "{a:?}");
-        assert_eq!(a.json(), json!({"ret": -1, "error": "missing or wrong bearer token"}));
-        assert!(a.headers.to_ascii_lowercase().contains("www-authenticate: bearer"));
+        assert_eq!(
+            a.json(),
+            json!({"ret": -1, "error": "missing or wrong bearer token"})
+        );
+        assert!(a
+            .headers
+            .to_ascii_lowercase()
+            .contains("www-authenticate: bearer"));
     }
     // Health needs none.
     assert_eq!(http(admin, "GET", "/healthz", None, None).await.status, 200);
@@ -288,15 +303,31 @@ async fn errors_have_the_right_status_and_shape() {
         (json!({"from": 1, "to": 2}), "missing msg"),
         (json!({"from": 1, "to": 2, "msg": ""}), "empty"),
         (json!({"from": 1, "to": 0, "msg": "x"}), "bad recipient"),
-        (json!({"from": 1, "to": 2, "msg": "!!", "enc": "base64"}), "bad base64"),
-        (json!({"from": 1, "to": 2, "msg": "x", "enc": "rot13"}), "unknown enc"),
-        (json!({"from": 1, "to": 2, "msg": "x", "extra": 1}), "unknown field"),
+        (
+            json!({"from": 1, "to": 2, "msg": "!!", "enc": "base64"}),
+            "bad base64",
+        ),
+        (
+            json!({"from": 1, "to": 2, "msg": "x", "enc": "rot13"}),
+            "unknown enc",
+        ),
+        (
+            json!({"from": 1, "to": 2, "msg": "x", "extra": 1}),
+            "unknown field",
+        ),
     ] {
         let a = send(body).await;
         assert_eq!(a.status, 400, "{why}: {a:?}");
         assert_eq!(a.json()["ret"], -1, "{why}");
     }
-    let a = http(admin, "POST", "/api/send/user", Some(TOKEN), Some("{not json")).await;
+    let a = http(
+        admin,
+        "POST",
+        "/api/send/user",
+        Some(TOKEN),
+        Some("{not json"),
+    )
+    .await;
     assert_eq!(a.status, 400, "{a:?}");
     assert_eq!(a.json()["ret"], -1);
 
@@ -310,12 +341,18 @@ async fn errors_have_the_right_status_and_shape() {
 async fn presence_and_kick() {
     let (running, admin) = start().await;
     let a = api(admin, "GET", "/api/users/5", None).await;
-    assert_eq!(a.json(), json!({"ret": 0, "mid": 5, "online": false, "sessions": 0}));
+    assert_eq!(
+        a.json(),
+        json!({"ret": 0, "mid": 5, "online": false, "sessions": 0})
+    );
 
     let mut one = login(&running, Kind::Tcp, 5).await;
     let mut two = login(&running, Kind::WsJson, 5).await;
     let a = api(admin, "GET", "/api/users/5", None).await;
-    assert_eq!(a.json(), json!({"ret": 0, "mid": 5, "online": true, "sessions": 2}));
+    assert_eq!(
+        a.json(),
+        json!({"ret": 0, "mid": 5, "online": true, "sessions": 2})
+    );
     let a = api(admin, "GET", "/api/online", None).await;
     let body = a.json();
     assert_eq!(body["users"], json!([5]));
@@ -399,9 +436,12 @@ async fn openapi_document_is_served_complete_and_checked_in() {
     let a = api(admin, "GET", "/api/openapi.json", None).await;
     assert_eq!(a.status, 200);
     let served = a.json();
-    let generated: Value =
-        serde_json::from_str(&comet::transports::admin::openapi().to_pretty_json().unwrap())
-            .unwrap();
+    let generated: Value = serde_json::from_str(
+        &comet::transports::admin::openapi()
+            .to_pretty_json()
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(served, generated);
     let paths = served["paths"].as_object().unwrap();
     for (path, method) in [
@@ -437,4 +477,27 @@ async fn openapi_document_is_served_complete_and_checked_in() {
         "docs/admin-openapi.json is out of date: rerun with COMET_BLESS=1"
     );
     running.shutdown().await;
+}
+
+/// `chat_server` refuses an admin listener on a non-loopback address
+/// without a token, naming the key; with a token, or on loopback, it is
+/// accepted.
+#[test]
+fn a_public_admin_listener_needs_a_token() {
+    use comet::server::ServerConfig;
+    let base = "[server]\ntcp = \"127.0.0.1:0\"\n[admin]\n";
+    let err = ServerConfig::parse(&format!("{base}listen = \"0.0.0.0:3103\"\n"), "t.toml")
+        .unwrap_err();
+    assert_eq!(err.key, "admin.token");
+    assert!(err.problem.contains("loopback"), "{err}");
+    let err = ServerConfig::parse(&format!("{base}token = \"\"\n"), "t.toml").unwrap_err();
+    assert_eq!(err.key, "admin.token");
+    for ok in [
+        format!("{base}listen = \"0.0.0.0:3103\"\ntoken = \"t\"\n"),
+        format!("{base}listen = \"[::1]:3103\"\n"),
+        base.to_owned(),
+    ] {
+        let config = ServerConfig::parse(&ok, "t.toml").unwrap_or_else(|e| panic!("{e}"));
+        assert!(config.admin.is_some());
+    }
 }
