@@ -331,6 +331,17 @@ async fn errors_have_the_right_status_and_shape() {
     assert_eq!(a.status, 400, "{a:?}");
     assert_eq!(a.json()["ret"], -1);
 
+    for path in [
+        "/api/users/abc",
+        "/api/history/user/1/2?after=x",
+        "/api/history/user/1/2?after=-1",
+        "/api/history/group/0",
+    ] {
+        let a = api(admin, "GET", path, None).await;
+        assert_eq!(a.status, 400, "{path}: {a:?}");
+        assert_eq!(a.json()["ret"], -1, "{path}");
+    }
+
     let a = api(admin, "GET", "/api/no/such/route", None).await;
     assert_eq!(a.status, 404, "{a:?}");
     assert_eq!(a.json()["ret"], -1);
@@ -486,8 +497,8 @@ async fn openapi_document_is_served_complete_and_checked_in() {
 fn a_public_admin_listener_needs_a_token() {
     use comet::server::ServerConfig;
     let base = "[server]\ntcp = \"127.0.0.1:0\"\n[admin]\n";
-    let err = ServerConfig::parse(&format!("{base}listen = \"0.0.0.0:3103\"\n"), "t.toml")
-        .unwrap_err();
+    let err =
+        ServerConfig::parse(&format!("{base}listen = \"0.0.0.0:3103\"\n"), "t.toml").unwrap_err();
     assert_eq!(err.key, "admin.token");
     assert!(err.problem.contains("loopback"), "{err}");
     let err = ServerConfig::parse(&format!("{base}token = \"\"\n"), "t.toml").unwrap_err();

@@ -50,6 +50,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
@@ -255,6 +256,18 @@ fn parse<T: for<'de> Deserialize<'de>>(
 ) -> Result<T, Failure> {
     let body = body.map_err(|e| Failure(e.status(), e.body_text()))?;
     serde_json::from_slice(&body).map_err(|e| bad(format!("bad JSON body: {e}")))
+}
+
+/// A path parameter, or 400 in the API's error shape.
+fn path<T>(p: Result<Path<T>, PathRejection>) -> Result<T, Failure> {
+    p.map(|Path(v)| v)
+        .map_err(|e| Failure(e.status(), e.body_text()))
+}
+
+/// Query parameters, or 400 in the API's error shape.
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, Failure> {
+    q.map(|Query(v)| v)
+        .map_err(|e| Failure(e.status(), e.body_text()))
 }
 
 fn decode_msg(msg: String, enc: Option<&str>) -> Result<Bytes, Failure> {
@@ -560,14 +573,18 @@ pub struct UserState {
         (status = 401, description = "missing or wrong token", body = ApiError),
     ),
     security(("bearer" = [])))]
-async fn user(State(state): State<AppState>, Path(mid): Path<Mid>) -> Json<UserState> {
+async fn user(
+    State(state): State<AppState>,
+    mid: Result<Path<Mid>, PathRejection>,
+) -> ApiResult<UserState> {
+    let mid = path(mid)?;
     let sessions = state.comet.sessions_of(mid);
-    Json(UserState {
+    Ok(Json(UserState {
         ret: 0,
         mid,
         online: sessions > 0,
         sessions,
-    })
+    }))
 }
 
 /// The answer of a kick.
@@ -586,11 +603,15 @@ pub struct Kicked {
         (status = 401, description = "missing or wrong token", body = ApiError),
     ),
     security(("bearer" = [])))]
-async fn kick(State(state): State<AppState>, Path(mid): Path<Mid>) -> Json<Kicked> {
-    Json(Kicked {
+async fn kick(
+    State(state): State<AppState>,
+    mid: Result<Path<Mid>, PathRejection>,
+) -> ApiResult<Kicked> {
+    let mid = path(mid)?;
+    Ok(Json(Kicked {
         ret: 0,
         closed: state.comet.disconnect(mid),
-    })
+    }))
 }
 
 /// A page to read.
@@ -686,9 +707,10 @@ async fn read_history(
     security(("bearer" = [])))]
 async fn history_user(
     State(state): State<AppState>,
-    Path((a, b)): Path<(Mid, Mid)>,
-    Query(page): Query<Page>,
+    ab: Result<Path<(Mid, Mid)>, PathRejection>,
+    page: Result<Query<Page>, QueryRejection>,
 ) -> ApiResult<HistoryPage> {
+    let ((a, b), page) = (path(ab)?, query(page)?);
     if a <= 0 || b <= 0 {
         return Err(bad("mids must be positive"));
     }
@@ -706,9 +728,10 @@ async fn history_user(
     security(("bearer" = [])))]
 async fn history_group(
     State(state): State<AppState>,
-    Path(group): Path<GroupId>,
-    Query(page): Query<Page>,
+    group: Result<Path<GroupId>, PathRejection>,
+    page: Result<Query<Page>, QueryRejection>,
 ) -> ApiResult<HistoryPage> {
+    let (group, page) = (path(group)?, query(page)?);
     if group <= 0 {
         return Err(bad("group must be positive"));
     }
@@ -736,8 +759,9 @@ pub struct GroupMembers {
     security(("bearer" = [])))]
 async fn members(
     State(state): State<AppState>,
-    Path(group): Path<GroupId>,
+    group: Result<Path<GroupId>, PathRejection>,
 ) -> ApiResult<GroupMembers> {
+    let group = path(group)?;
     let members = state.comet.groups().members(group).await.map_err(|e| {
         Failure(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -798,8 +822,9 @@ async fn change(state: &AppState, group: GroupId, mid: Mid, add: bool) -> ApiRes
     security(("bearer" = [])))]
 async fn add_member(
     State(state): State<AppState>,
-    Path((group, mid)): Path<(GroupId, Mid)>,
+    ids: Result<Path<(GroupId, Mid)>, PathRejection>,
 ) -> ApiResult<Changed> {
+    let (group, mid) = path(ids)?;
     change(&state, group, mid, true).await
 }
 
@@ -815,8 +840,9 @@ async fn add_member(
     security(("bearer" = [])))]
 async fn remove_member(
     State(state): State<AppState>,
-    Path((group, mid)): Path<(GroupId, Mid)>,
+    ids: Result<Path<(GroupId, Mid)>, PathRejection>,
 ) -> ApiResult<Changed> {
+    let (group, mid) = path(ids)?;
     change(&state, group, mid, false).await
 }
 
