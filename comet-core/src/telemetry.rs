@@ -16,17 +16,17 @@
 //! | `comet_connections` | gauge | `transport`, `mode` | connections served by the engine, logged in or not |
 //! | `comet_sessions` | gauge | `transport`, `mode` | logged-in sessions |
 //! | `comet_logins_total` | counter | `result` (`accepted`, `refused`) | op 7 outcomes |
-//! | `comet_frames_in_total` | counter | `op` | frames read from logged-in sessions |
+//! | `comet_frames_in_total` | counter | `op` (2, 3, 7, 8, 9, 18–23, `other`) | frames read from logged-in sessions |
 //! | `comet_frames_out_total` | counter | `op` | frames written (op 9 counts once per batch) |
-//! | `comet_sends_total` | counter | `result` (`accepted`, `refused`), `reason` | op 18/20 and handle sends |
+//! | `comet_sends_total` | counter | `result` (`accepted`, `refused`), `reason` (`ok`; `spoofed`, `bad_request`, `too_large`, `not_member`, `unknown_user`, `unavailable`) | op 18/20 and handle sends |
 //! | `comet_deliveries_total` | counter | | messages queued to a live session |
 //! | `comet_batch_messages` | histogram | | messages per op 9 batch written |
 //! | `comet_outbound_queued_bytes` | gauge | | bytes waiting in outbound queues (sampled) |
-//! | `comet_closes_total` | counter | `cause` | sessions ended, by cause |
-//! | `comet_plugin_call_seconds` | histogram | `plugin` | plug-in call latency |
+//! | `comet_closes_total` | counter | `cause` (`peer_closed`, `handshake_timeout`, `heartbeat_timeout`, `protocol_error`, `auth_failed`, `slow_consumer`, `kick`, `replaced`, `panic`, `shutdown`, `handler_error`, `limit`, `transport_error`) | connections ended, by cause |
+//! | `comet_plugin_call_seconds` | histogram | `plugin` (`authenticator`, `store`, `groups`, `users`, `offline_inbox`) | plug-in call latency |
 //! | `comet_plugin_errors_total` | counter | `plugin`, `kind` (`error`, `timeout`) | failed plug-in calls |
 //! | `comet_panics_total` | counter | | panics caught in plug-ins, layers or handlers |
-//! | `comet_syncs_total` | counter | `result` | op 22 outcomes |
+//! | `comet_syncs_total` | counter | `result` (`ok`, `failed`) | op 22 outcomes |
 //! | `comet_replayed_messages_total` | counter | | messages replayed by syncs |
 //!
 //! The transports add `comet_connections_refused_total{reason}`, and the
@@ -40,8 +40,22 @@ use crate::error::SendError;
 use crate::frame::{Transport, WireMode};
 use crate::session::SessionEnd;
 
-/// Frames with an op above this share the `op="other"` series.
-const MAX_OP: usize = 23;
+/// The ops of PROTOCOL.md, each with a series of its own; any other op
+/// (an application's handler ops, say) counts as `op="other"`.
+const OPS: [u32; 11] = [2, 3, 7, 8, 9, 18, 19, 20, 21, 22, 23];
+
+/// The slot of `op` in the by-op handles.
+fn op_slot(op: u32) -> usize {
+    match op {
+        2 => 0,
+        3 => 1,
+        7 => 2,
+        8 => 3,
+        9 => 4,
+        18..=23 => 5 + (op - 18) as usize,
+        _ => OPS.len(),
+    }
+}
 
 /// The plug-ins whose calls are timed, in `plugin` label order.
 pub(crate) const PLUGINS: [&str; 5] = [
@@ -124,17 +138,11 @@ fn by_conn<T>(make: impl Fn(&'static str, &'static str) -> T) -> ByConn<T> {
         .map(|t| modes.map(|m| make(transport_label(t), m)))
 }
 
-/// Counter handles for frames by op.
+/// Counter handles for frames by op, in [`op_slot`] order.
 fn by_op(name: &'static str) -> Box<[Counter]> {
-    (0..=MAX_OP + 1)
-        .map(|op| {
-            let label = if op > MAX_OP {
-                "other".to_owned()
-            } else {
-                op.to_string()
-            };
-            counter!(name, "op" => label)
-        })
+    OPS.iter()
+        .map(|op| counter!(name, "op" => op.to_string()))
+        .chain(std::iter::once(counter!(name, "op" => "other")))
         .collect()
 }
 
@@ -230,16 +238,16 @@ impl Telemetry {
     }
 
     pub(crate) fn frame_in(&self, op: u32) {
-        self.frames_in[(op as usize).min(MAX_OP + 1)].increment(1);
+        self.frames_in[op_slot(op)].increment(1);
     }
 
     pub(crate) fn frame_out(&self, op: u32) {
-        self.frames_out[(op as usize).min(MAX_OP + 1)].increment(1);
+        self.frames_out[op_slot(op)].increment(1);
     }
 
     /// One op 9 batch of `n` messages written.
     pub(crate) fn batch(&self, n: usize) {
-        self.frames_out[crate::frame::op::BATCH as usize].increment(1);
+        self.frames_out[op_slot(crate::frame::op::BATCH)].increment(1);
         self.batch_messages.record(n as f64);
     }
 
@@ -342,6 +350,21 @@ pub fn sample_process() {
         }
         if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
             gauge!("comet_process_open_fds").set(dir.count() as f64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_protocol_op_has_its_own_slot_and_the_rest_share_one() {
+        for (i, op) in OPS.iter().enumerate() {
+            assert_eq!(op_slot(*op), i, "op {op}");
+        }
+        for op in [0, 1, 4, 10, 17, 24, 1000, u32::MAX] {
+            assert_eq!(op_slot(op), OPS.len(), "op {op}");
         }
     }
 }

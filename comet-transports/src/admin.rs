@@ -45,6 +45,20 @@
 //! axum::serve(listener, app).await
 //! # }
 //! ```
+//!
+//! Nested under a prefix of an application's own router (the routes then
+//! sit at `/admin/metrics`, `/admin/api/send/user`, ...):
+//!
+//! ```no_run
+//! # async fn run(comet: comet_core::Comet) -> std::io::Result<()> {
+//! # use comet_transports::admin::{self, AdminOptions};
+//! let app = axum::Router::new()
+//!     .route("/", axum::routing::get(|| async { "my app" }))
+//!     .nest("/admin", admin::router(comet, AdminOptions::new().token("s3cret")));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! axum::serve(listener, app).await
+//! # }
+//! ```
 
 use std::fmt;
 use std::sync::Arc;
