@@ -9,13 +9,18 @@ use std::sync::Arc;
 
 use comet::core::Comet;
 use comet::plugins::memory::{MemoryAuth, MemoryGroups, MemoryStore};
-use comet::transports::{tcp, Limits};
+use comet::transports::{tcp, ws, Limits};
 use common::raw::{Client, Kind};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-/// A comet whose series live in a recorder of its own, serving TCP; users
-/// 1..=4 (mkey "k{mid}"), group 100 = {1, 2, 3, 4}.
-async fn start() -> (Comet, PrometheusHandle, std::net::SocketAddr) {
+/// A comet whose series live in a recorder of its own, serving TCP and
+/// WebSocket; users 1..=4 (mkey "k{mid}"), group 100 = {1, 2, 3, 4}.
+async fn start() -> (
+    Comet,
+    PrometheusHandle,
+    std::net::SocketAddr,
+    std::net::SocketAddr,
+) {
     let recorder = PrometheusBuilder::new().build_recorder();
     let handle = recorder.handle();
     let comet = metrics::with_local_recorder(&recorder, || {
@@ -37,7 +42,16 @@ async fn start() -> (Comet, PrometheusHandle, std::net::SocketAddr) {
     let listener = comet::transports::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(tcp::serve(comet.clone(), listener, Limits::default()));
-    (comet, handle, addr)
+    let listener = comet::transports::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let ws_addr = listener.local_addr().unwrap();
+    let options = ws::WsOptions::default();
+    tokio::spawn(ws::serve(
+        comet.clone(),
+        listener,
+        options,
+        Limits::default(),
+    ));
+    (comet, handle, addr, ws_addr)
 }
 
 /// The value of one series in `text` (0 when absent).
@@ -49,11 +63,13 @@ fn value(text: &str, series: &str) -> f64 {
 
 #[tokio::test]
 async fn deliveries_sends_frames_and_sessions_are_counted_exactly() {
-    let (comet, handle, addr) = start().await;
+    let (comet, handle, addr, ws_addr) = start().await;
     let mut clients = Vec::new();
-    for mid in 1..=4 {
+    for mid in 1..=3 {
         clients.push(Client::login(Kind::Tcp, addr, mid, &format!("k{mid}")).await);
     }
+    // Mid 4 speaks JSON over WebSocket: its op 9 are text frames.
+    clients.push(Client::login(Kind::WsJson, ws_addr, 4, "k4").await);
     let mut bad = Client::connect(Kind::Tcp, addr).await;
     let (ret, _) = bad
         .auth(serde_json::json!({"mid": 1, "mkey": "nope"}))
@@ -109,7 +125,11 @@ async fn deliveries_sends_frames_and_sessions_are_counted_exactly() {
     );
     assert_eq!(v(r#"comet_logins_total{result="accepted"}"#), 4.0);
     assert_eq!(v(r#"comet_logins_total{result="refused"}"#), 1.0);
-    assert_eq!(v(r#"comet_sessions{transport="tcp",mode="binary"}"#), 4.0);
+    assert_eq!(v(r#"comet_sessions{transport="tcp",mode="binary"}"#), 3.0);
+    assert_eq!(
+        v(r#"comet_sessions{transport="websocket",mode="json"}"#),
+        1.0
+    );
     // Every delivery above went out in an op 9 of its own (summary: count
     // and sum of the batch sizes).
     assert_eq!(v(r#"comet_frames_out_total{op="9"}"#), 4.0);
@@ -126,7 +146,10 @@ async fn deliveries_sends_frames_and_sessions_are_counted_exactly() {
         loop {
             let text = handle.render();
             if value(&text, r#"comet_closes_total{cause="kick"}"#) == 1.0
-                && value(&text, r#"comet_sessions{transport="tcp",mode="binary"}"#) == 3.0
+                && value(
+                    &text,
+                    r#"comet_sessions{transport="websocket",mode="json"}"#,
+                ) == 0.0
             {
                 break;
             }

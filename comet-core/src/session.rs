@@ -212,9 +212,12 @@ impl<'e> Writer<'e> {
         // A flush of op 8 or heartbeat replies alone leaves an idle session.
         self.busy |= !matches!(frame.op, op::HEARTBEAT_REPLY | op::AUTH_REPLY);
         self.tel.frame_out(frame.op);
-        self.count_batch();
+        // The open op 9 closes here (and is counted once: `take_unit`
+        // counts it in JSON mode, `push_frame` closes it in binary mode).
         if self.mode == WireMode::Json {
             self.take_unit();
+        } else {
+            self.count_batch();
         }
         self.batch.push_frame(frame);
         if self.mode == WireMode::Json {
@@ -839,5 +842,46 @@ where
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod writer_metrics {
+    use super::*;
+    use crate::payload::Delivered;
+
+    /// An op 9 closed by a reply is counted once, in both modes.
+    #[test]
+    fn a_batch_closed_by_a_reply_is_counted_once() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let tel = metrics::with_local_recorder(&recorder, crate::telemetry::Telemetry::default);
+        let msg = crate::message::Message::new(Delivered {
+            op: 18,
+            chat_id: 1,
+            from: 1,
+            to: 2,
+            msg: Bytes::from_static(b"hi"),
+        });
+        for mode in [WireMode::Binary, WireMode::Json] {
+            let mut writer = Writer::new(mode, 65_536, &tel);
+            writer.message(&msg);
+            writer.message(&msg);
+            writer.frame(&Frame::new(1, op::SEND_TO_USER_REPLY, 1, "{}"));
+            writer.message(&msg);
+            writer.take_unit();
+        }
+        let text = handle.render();
+        let value = |series: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+                .unwrap_or_else(|| panic!("{series} missing:\n{text}"))
+                .to_owned()
+        };
+        // Per mode: a batch of 2 closed by the reply, then a batch of 1.
+        assert_eq!(value("comet_batch_messages_count"), "4", "{text}");
+        assert_eq!(value("comet_batch_messages_sum"), "6", "{text}");
+        assert_eq!(value(r#"comet_frames_out_total{op="9"}"#), "4");
+        assert_eq!(value(r#"comet_frames_out_total{op="19"}"#), "2");
     }
 }
