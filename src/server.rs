@@ -706,8 +706,11 @@ pub async fn start(config: ServerConfig) -> io::Result<Running> {
     };
     let (comet, auth, groups) = assemble(&config, &store);
 
+    // The web client is served on the WebSocket listeners, same origin as
+    // the endpoint it connects to.
     let options = ws::WsOptions {
         path: s.ws_path.clone(),
+        static_files: Some(crate::web::files()),
     };
     let mut listeners = Vec::new();
     if let Some(l) = tcp_listener {
