@@ -7,6 +7,8 @@ import { CometClient, KIND, STATE, conversationKey } from "./comet.js";
 
 /** Messages of recent history fetched again at sign-in, per conversation. */
 const HISTORY = 30;
+/** Messages kept in the page per conversation. */
+const MAX_SHOWN = 500;
 
 const $ = (id) => document.getElementById(id);
 
@@ -226,6 +228,8 @@ function insert(c, m) {
   if (i < 0) c.messages.push(m);
   else c.messages.splice(i, 0, m);
   if (m.chatId > c.last) c.last = m.chatId;
+  // The page keeps the newest messages only; older ones stay on the server.
+  if (c.messages.length > MAX_SHOWN) c.messages.splice(0, c.messages.length - MAX_SHOWN);
 }
 
 function onMessage(m) {
