@@ -1,6 +1,7 @@
 //! A ready server on the default plug-ins, configured from TOML: the
 //! assembly behind `examples/chat_server.rs`, reusable by applications and
-//! tests.
+//! tests. Its WebSocket listeners also serve the web chat client
+//! ([`crate::web`]) at `GET /`, beside the endpoint it connects to.
 //!
 //! ```toml
 //! [server]
