@@ -1,6 +1,7 @@
 //! A ready server on the default plug-ins, configured from TOML: the
 //! assembly behind `examples/chat_server.rs`, reusable by applications and
-//! tests.
+//! tests. Its WebSocket listeners also serve the web chat client
+//! ([`crate::web`]) at `GET /`, beside the endpoint it connects to.
 //!
 //! ```toml
 //! [server]
@@ -706,8 +707,11 @@ pub async fn start(config: ServerConfig) -> io::Result<Running> {
     };
     let (comet, auth, groups) = assemble(&config, &store);
 
+    // The web client is served on the WebSocket listeners, same origin as
+    // the endpoint it connects to.
     let options = ws::WsOptions {
         path: s.ws_path.clone(),
+        static_files: Some(crate::web::files()),
     };
     let mut listeners = Vec::new();
     if let Some(l) = tcp_listener {

@@ -7,6 +7,8 @@
 //!   binary (goim v2) modes fixed by the first data frame;
 //! - [`axum`] (feature `axum`, on by default): a tower service that upgrades a
 //!   request on an existing axum `Router` route into a comet session;
+//! - [`static_files`]: an opt-in of the WebSocket listener that serves a
+//!   fixed set of files (a web client) to plain `GET` requests;
 //! - [`tls`]: rustls acceptors for TCP+TLS and WSS ([`tcp::serve_tls`],
 //!   [`ws::serve_tls`]);
 //! - [`Limits`]: the connection limits (global, unauthenticated, per source
@@ -36,6 +38,7 @@ mod io;
 mod limits;
 mod listener;
 mod login;
+pub mod static_files;
 pub mod tcp;
 pub mod tls;
 pub mod ws;
