@@ -74,15 +74,18 @@ function unread(c) {
   return c.messages.filter((m) => m.chatId > c.read && m.from !== me).length;
 }
 
-function hue(text) {
+/** Avatar colours, all readable under white text. */
+const PALETTE = ["#6366f1", "#0ea5e9", "#10b981", "#f97316", "#e11d48", "#8b5cf6", "#db2777", "#0d9488"];
+
+function colour(text) {
   let h = 0;
-  for (const ch of text) h = (h * 31 + ch.charCodeAt(0)) % 360;
-  return h;
+  for (const ch of text) h = (h * 31 + ch.charCodeAt(0)) % 9973;
+  return PALETTE[h % PALETTE.length];
 }
 
 function paintAvatar(el, label, seed) {
   el.textContent = label;
-  el.style.background = `hsl(${hue(seed)} 65% 52%)`;
+  el.style.background = colour(seed);
 }
 
 function avatarLabel(c) {
