@@ -8,7 +8,8 @@
 //! ```
 //!
 //! TCP (binary frames) listens on `server.tcp`, WebSocket (JSON or goim
-//! binary frames) on `server.websocket` at `server.ws_path`. Ctrl-C or
+//! binary frames) on `server.websocket` at `server.ws_path`, and the admin
+//! and push HTTP API on `admin.listen` (see `docs/CONFIG.md`). Ctrl-C or
 //! SIGTERM (systemd, containers) shuts down gracefully: listeners stop,
 //! sessions flush their queues and close, and the process exits 0.
 //! Logs go to stdout, coloured only when it is a terminal;
@@ -103,6 +104,7 @@ async fn main() -> ExitCode {
     tracing::info!(
         tcp = ?running.tcp_addr,
         websocket = ?running.ws_addr,
+        admin = ?running.admin_addr,
         users,
         groups,
         startup_ms = started.elapsed().as_millis() as u64,

@@ -23,6 +23,10 @@
 //! inbox_limit = 1000        # messages per offline user
 //! inbox_bytes = 4194304     # message bytes per offline user
 //!
+//! [admin]                   # absent: no admin API
+//! listen = "127.0.0.1:3103"
+//! token = "s3cret"          # needed on a non-loopback address
+//!
 //! [[users]]
 //! mid = 1
 //! mkey = "k1"
@@ -53,8 +57,11 @@ use comet_core::middleware::FrameRateLimitLayer;
 use comet_core::{Comet, Config, MessageStore};
 use comet_plugins::embedded::{EmbeddedConfig, EmbeddedStore, Fsync};
 use comet_plugins::memory::{MemoryAuth, MemoryGroups, MemoryLimits, MemoryStore};
-use comet_transports::{tcp, tls, ws, Limits};
+use comet_transports::{admin, tcp, tls, ws, Limits};
+use futures_util::future::BoxFuture;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -73,6 +80,34 @@ pub struct ServerConfig {
     /// Groups and their members.
     #[serde(default)]
     pub groups: Vec<GroupEntry>,
+    /// The admin and push HTTP API; absent: not served.
+    #[serde(default)]
+    pub admin: Option<AdminSection>,
+}
+
+/// The `[admin]` table: where the admin and push HTTP API
+/// ([`comet_transports::admin`]) listens, and its token.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Listen address (default `127.0.0.1:3103`). A non-loopback address
+    /// needs a `token`.
+    #[serde(default = "defaults::admin_listen")]
+    pub listen: SocketAddr,
+    /// The bearer token `/api/` requires (`Authorization: Bearer ...`);
+    /// absent: `/api/` is open, allowed on a loopback address only.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+impl Default for AdminSection {
+    /// `127.0.0.1:3103`, no token.
+    fn default() -> Self {
+        AdminSection {
+            listen: defaults::admin_listen(),
+            token: None,
+        }
+    }
 }
 
 /// The `[server]` table.
@@ -306,6 +341,9 @@ mod defaults {
     pub(super) fn store_bytes() -> usize {
         4 * 1024 * 1024
     }
+    pub(super) fn admin_listen() -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], 3103))
+    }
 }
 
 /// One `[[users]]` entry.
@@ -454,6 +492,20 @@ impl ServerConfig {
         }
         if st.fsync_interval_ms == 0 {
             return bad("store.fsync_interval_ms", "must be greater than 0");
+        }
+        if let Some(admin) = &self.admin {
+            match &admin.token {
+                Some(token) if token.is_empty() => {
+                    return bad("admin.token", "must not be empty");
+                }
+                None if !admin.listen.ip().is_loopback() => {
+                    return bad(
+                        "admin.token",
+                        "is needed when admin.listen is not a loopback address",
+                    );
+                }
+                _ => {}
+            }
         }
         let mut mids = HashSet::with_capacity(self.users.len());
         for (i, u) in self.users.iter().enumerate() {
@@ -623,6 +675,8 @@ pub struct Running {
     pub tcp_tls_addr: Option<SocketAddr>,
     /// Where the WSS listener is bound.
     pub ws_tls_addr: Option<SocketAddr>,
+    /// Where the admin API listens.
+    pub admin_addr: Option<SocketAddr>,
     /// The connection limits (read [`Limits::refused`] for refusals).
     pub limits: Limits,
     listeners: Vec<JoinHandle<io::Result<()>>>,
@@ -676,6 +730,9 @@ pub fn assemble(
 /// and starts serving. The store is opened after every listener is bound,
 /// so a taken port leaves the store's directory untouched.
 pub async fn start(config: ServerConfig) -> io::Result<Running> {
+    // The recorder must be in place before the limits and the comet
+    // register their series.
+    let prometheus = config.admin.as_ref().and_then(|_| prometheus());
     let limits = Limits::new(config.server.max_connections)
         .with_per_ip(config.server.max_connections_per_ip)
         .with_max_unauthenticated(config.server.max_unauthenticated)
@@ -691,11 +748,13 @@ pub async fn start(config: ServerConfig) -> io::Result<Running> {
     // not leave the listeners bound before it running with no handle.
     let bind = |addr: Option<SocketAddr>| addr.map(comet_transports::bind).transpose();
     let tls_only = |addr: Option<SocketAddr>| addr.filter(|_| acceptor.is_some());
+    let local = |l: &Option<TcpListener>| l.as_ref().map(TcpListener::local_addr).transpose();
     let tcp_listener = bind(s.tcp)?;
     let ws_listener = bind(s.websocket)?;
     let tcp_tls_listener = bind(tls_only(s.tcp_tls))?;
     let ws_tls_listener = bind(tls_only(s.websocket_tls))?;
-    let local = |l: &Option<TcpListener>| l.as_ref().map(TcpListener::local_addr).transpose();
+    let admin_listener = bind(config.admin.as_ref().map(|a| a.listen))?;
+    let admin_addr = local(&admin_listener)?;
     let (tcp_addr, ws_addr) = (local(&tcp_listener)?, local(&ws_listener)?);
     let (tcp_tls_addr, ws_tls_addr) = (local(&tcp_tls_listener)?, local(&ws_tls_listener)?);
 
@@ -714,20 +773,49 @@ pub async fn start(config: ServerConfig) -> io::Result<Running> {
         static_files: Some(crate::web::files()),
     };
     let mut listeners = Vec::new();
+    // Listeners still serving, for the admin API's /readyz.
+    let up = Arc::new(AtomicUsize::new(0));
+    let mut spawn = |serve: BoxFuture<'static, io::Result<()>>| {
+        let up = up.clone();
+        up.fetch_add(1, Ordering::AcqRel);
+        listeners.push(tokio::spawn(async move {
+            let result = serve.await;
+            up.fetch_sub(1, Ordering::AcqRel);
+            result
+        }));
+    };
     if let Some(l) = tcp_listener {
-        listeners.push(tokio::spawn(tcp::serve(comet.clone(), l, limits.clone())));
+        spawn(Box::pin(tcp::serve(comet.clone(), l, limits.clone())));
     }
     if let Some(l) = ws_listener {
         let serve = ws::serve(comet.clone(), l, options.clone(), limits.clone());
-        listeners.push(tokio::spawn(serve));
+        spawn(Box::pin(serve));
     }
     if let (Some(l), Some(acceptor)) = (tcp_tls_listener, &acceptor) {
         let serve = tcp::serve_tls(comet.clone(), l, limits.clone(), acceptor.clone());
-        listeners.push(tokio::spawn(serve));
+        spawn(Box::pin(serve));
     }
     if let (Some(l), Some(acceptor)) = (ws_tls_listener, &acceptor) {
         let serve = ws::serve_tls(comet.clone(), l, options, limits.clone(), acceptor.clone());
-        listeners.push(tokio::spawn(serve));
+        spawn(Box::pin(serve));
+    }
+    let serving = listeners.len();
+    if let (Some(l), Some(section)) = (admin_listener, &config.admin) {
+        let mut options =
+            admin::AdminOptions::new().ready(move || up.load(Ordering::Acquire) == serving);
+        if let Some(token) = &section.token {
+            options = options.token(token.clone());
+        }
+        if let Some(handle) = prometheus {
+            options = options.metrics(move || handle.render());
+        }
+        let app = admin::router(comet.clone(), options);
+        let stop = comet.clone();
+        listeners.push(tokio::spawn(async move {
+            axum::serve(l, app)
+                .with_graceful_shutdown(async move { stop.shutdown_requested().await })
+                .await
+        }));
     }
     Ok(Running {
         comet,
@@ -738,7 +826,41 @@ pub async fn start(config: ServerConfig) -> io::Result<Running> {
         ws_addr,
         tcp_tls_addr,
         ws_tls_addr,
+        admin_addr,
         limits,
         listeners,
     })
+}
+
+/// The process's Prometheus recorder, installed on first use: `None` when
+/// another recorder was installed first (the embedder's own; `/metrics`
+/// then answers 404 and the embedder exports through its recorder).
+/// Histograms get buckets (seconds for plug-in calls, counts for batches)
+/// so that they export as Prometheus histograms.
+pub fn prometheus() -> Option<PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("comet_plugin_call_seconds".into()),
+                    &[
+                        0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
+                    ],
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("comet_batch_messages".into()),
+                        &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+                    )
+                });
+            match builder.and_then(PrometheusBuilder::install_recorder) {
+                Ok(handle) => Some(handle),
+                Err(e) => {
+                    tracing::warn!(cause = %e, "no Prometheus recorder: /metrics will answer 404");
+                    None
+                }
+            }
+        })
+        .clone()
 }

@@ -29,6 +29,10 @@ fn the_shipped_config_is_valid_and_as_documented() {
     assert_eq!(store.fsync_interval_ms, 1000);
     assert_eq!((store.history_limit, store.inbox_limit), (1000, 1000));
     assert_eq!((store.history_bytes, store.inbox_bytes), (4 << 20, 4 << 20));
+    // The admin API on loopback, open (no token) there.
+    let admin = config.admin.as_ref().expect("[admin] is shipped");
+    assert_eq!(admin.listen.to_string(), "127.0.0.1:3103");
+    assert!(admin.token.is_none());
 }
 
 #[test]

@@ -33,7 +33,7 @@ fn parse(toml: &str) -> Value {
 /// Every key the structs have, as `table.key` (list entries by their keys).
 fn struct_keys() -> BTreeSet<String> {
     let full = parse(&format!(
-        "[server]\n{LISTENER}[[users]]\nmid = 1\nmkey = \"k\"\n[[groups]]\nid = 1\nmembers = [1]\n"
+        "[server]\n{LISTENER}[admin]\n[[users]]\nmid = 1\nmkey = \"k\"\n[[groups]]\nid = 1\nmembers = [1]\n"
     ));
     let mut keys = BTreeSet::new();
     for (table, value) in full.as_object().unwrap() {
@@ -60,9 +60,10 @@ fn every_key_is_documented_and_every_documented_key_exists() {
 
 #[test]
 fn documented_defaults_are_the_defaults() {
-    let defaults = parse(&format!("[server]\n{LISTENER}"));
+    // `[admin]` is optional as a whole: present, with its keys' defaults.
+    let defaults = parse(&format!("[server]\n{LISTENER}[admin]\n"));
     let mut toml = String::new();
-    for table in ["server", "store"] {
+    for table in ["server", "store", "admin"] {
         toml.push_str(&format!("[{table}]\n"));
         if table == "server" {
             toml.push_str(LISTENER);

@@ -102,6 +102,7 @@ async fn a_missing_certificate_is_refused_at_start() {
     config.server.tls_cert = Some("/nonexistent/cert.pem".into());
     config.server.tls_key = Some("/nonexistent/key.pem".into());
     config.store.backend = comet::server::StoreBackend::Memory;
+    config.admin = None; // the shipped admin port may be taken by a running server
     let err = comet::server::start(config).await.unwrap_err();
     assert!(err.to_string().contains("/nonexistent/cert.pem"), "{err}");
 }

@@ -329,6 +329,19 @@ impl Engine {
         as_mid: Option<Mid>,
         except: Option<ConnId>,
     ) -> Result<i64, SendError> {
+        let result = self.send_checked(op, req, as_mid, except, false).await;
+        self.stats.tel.send(&result);
+        result
+    }
+
+    async fn send_checked(
+        &self,
+        op: u32,
+        req: &SendRequest,
+        as_mid: Option<Mid>,
+        except: Option<ConnId>,
+        trusted: bool,
+    ) -> Result<i64, SendError> {
         if as_mid.is_some_and(|m| m != req.from) {
             return Err(SendError::Spoofed);
         }
@@ -346,10 +359,11 @@ impl Engine {
             });
         }
         let (conversation, members) = if op == op::SEND_TO_GROUP {
-            let member = self
-                .bounded("group directory", self.groups.is_member(req.to, req.from))
-                .await
-                .map_err(SendError::Groups)?;
+            let member = trusted
+                || self
+                    .bounded("group directory", self.groups.is_member(req.to, req.from))
+                    .await
+                    .map_err(SendError::Groups)?;
             if !member {
                 return Err(SendError::NotMember(req.to));
             }
@@ -550,6 +564,75 @@ impl Comet {
             msg,
         };
         self.engine.send(op::SEND_TO_GROUP, &req, None, None).await
+    }
+
+    /// Sends `msg` to `group` as a trusted system sender: like
+    /// [`send_to_group`](Self::send_to_group) (validated, stored in the
+    /// group's conversation with the next chatId, delivered to every live
+    /// member and kept in the inbox of every offline one, counted like a
+    /// client's op 20) but without the membership check, so a backend can
+    /// post to any group. `from` is what recipients see in the message's
+    /// `from` (a bot's or the system's mid; it need not be a member). As
+    /// with op 20, `from`'s own live sessions get the message too (the
+    /// echo). A group with no members stores the message and delivers it
+    /// to nobody else.
+    ///
+    /// This is the send behind the admin API's `POST /api/send/group` with
+    /// `"system": true`.
+    pub async fn send_to_group_as_system(
+        &self,
+        from: Mid,
+        group: GroupId,
+        msg: Bytes,
+    ) -> Result<i64, SendError> {
+        let req = SendRequest {
+            from,
+            to: group,
+            msg,
+        };
+        let result = self
+            .engine
+            .send_checked(op::SEND_TO_GROUP, &req, None, None, true)
+            .await;
+        self.engine.stats.tel.send(&result);
+        result
+    }
+
+    /// Sends `msg` from `from` to each mid of `to`, each as its own 1:1
+    /// message exactly as [`send_to_user`](Self::send_to_user): stored in
+    /// the `from`–mid conversation with that conversation's next chatId and
+    /// delivered (or kept offline). The sends run one after the other, in
+    /// the order given, and one failing (an unknown user, say) does not stop
+    /// the others: the result holds one outcome per mid, in order.
+    pub async fn send_to_users(
+        &self,
+        from: Mid,
+        to: &[Mid],
+        msg: Bytes,
+    ) -> Vec<Result<i64, SendError>> {
+        let mut results = Vec::with_capacity(to.len());
+        for &mid in to {
+            results.push(self.send_to_user(from, mid, msg.clone()).await);
+        }
+        results
+    }
+
+    /// The group directory this comet was built with (its
+    /// [`membership`](GroupDirectory::membership) capability, if any, is
+    /// what the admin API's group routes use).
+    pub fn groups(&self) -> &Arc<dyn GroupDirectory> {
+        &self.engine.groups
+    }
+
+    /// Brings the sampled gauges up to date: bytes queued for writing
+    /// (`comet_outbound_queued_bytes`, summed over every session) and the
+    /// process's resident memory and open file descriptors (see
+    /// [`crate::telemetry::sample_process`]). Call it when the metrics are
+    /// scraped: it walks every session once.
+    pub fn sample_metrics(&self) {
+        let (queued, _) = self.engine.registry.pending_bytes();
+        self.engine.stats.tel.queued_bytes(queued);
+        crate::telemetry::sample_process();
     }
 
     /// The kept messages of `conversation` with a chatId above `after`,

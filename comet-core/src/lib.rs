@@ -15,6 +15,7 @@
 //! - [`registry`]: live sessions and the [`Delivery`] seam;
 //! - [`session`]: one connection's life; [`middleware`]: the tower stack;
 //! - [`comet`]: the [`Comet`] handle and its builder;
+//! - [`telemetry`]: the `metrics` series the engine reports;
 //! - [`testing`]: conformance kits for store and group-directory authors.
 //!
 //! ## Quick start
@@ -74,6 +75,7 @@ pub mod registry;
 pub mod session;
 pub mod stats;
 pub mod store;
+pub mod telemetry;
 pub mod testing;
 
 /// A user id (signed 32-bit on the wire).
@@ -97,7 +99,7 @@ pub use crate::error::{BoxError, FrameError, PayloadError, SendError, SyncError}
 #[doc(inline)]
 pub use crate::frame::{op, Frame, Transport, WireMode};
 #[doc(inline)]
-pub use crate::groups::{GroupDirectory, Members};
+pub use crate::groups::{GroupDirectory, GroupMembership, Members};
 #[doc(inline)]
 pub use crate::message::{Conversation, Message};
 #[doc(inline)]

@@ -518,6 +518,7 @@ impl Registry {
                 // A refused push has kicked the session (counted once, as it
                 // ends) or found it closing.
                 s.push_message(msg);
+                self.stats.tel.deliveries.increment(1);
             }
         }
         !entry.sessions.is_empty()

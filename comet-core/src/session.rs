@@ -160,8 +160,9 @@ impl Drop for Registered<'_> {
 }
 
 /// Encodes queue items into wire units.
-struct Writer {
+struct Writer<'e> {
     mode: WireMode,
+    tel: &'e crate::telemetry::Telemetry,
     batch: BatchWriter,
     units: Units,
     /// Whether anything but heartbeat replies was written since the last
@@ -173,10 +174,11 @@ struct Writer {
     inbox_seq: Option<u64>,
 }
 
-impl Writer {
-    fn new(mode: WireMode, max_body: usize) -> Self {
+impl<'e> Writer<'e> {
+    fn new(mode: WireMode, max_body: usize, tel: &'e crate::telemetry::Telemetry) -> Self {
         Writer {
             mode,
+            tel,
             batch: BatchWriter::new(mode, max_body),
             units: Units::default(),
             busy: false,
@@ -191,7 +193,16 @@ impl Writer {
         }
     }
 
+    /// Counts the open op 9 batch, if any, as it is about to close.
+    fn count_batch(&self) {
+        let n = self.batch.len();
+        if n > 0 {
+            self.tel.batch(n);
+        }
+    }
+
     fn take_unit(&mut self) {
+        self.count_batch();
         if let Some(unit) = self.batch.take() {
             self.units.push_back(unit);
         }
@@ -200,8 +211,13 @@ impl Writer {
     fn frame(&mut self, frame: &Frame) {
         // A flush of op 8 or heartbeat replies alone leaves an idle session.
         self.busy |= !matches!(frame.op, op::HEARTBEAT_REPLY | op::AUTH_REPLY);
+        self.tel.frame_out(frame.op);
+        // The open op 9 closes here (and is counted once: `take_unit`
+        // counts it in JSON mode, `push_frame` closes it in binary mode).
         if self.mode == WireMode::Json {
             self.take_unit();
+        } else {
+            self.count_batch();
         }
         self.batch.push_frame(frame);
         if self.mode == WireMode::Json {
@@ -219,7 +235,10 @@ impl Writer {
         if !self.batch.push(wire) {
             match self.mode {
                 WireMode::Json => self.take_unit(),
-                WireMode::Binary => self.batch.finish(),
+                WireMode::Binary => {
+                    self.count_batch();
+                    self.batch.finish()
+                }
             }
             self.batch.push(wire);
         }
@@ -301,6 +320,7 @@ where
         let engine_ref = &*engine;
         let _active = Active::new(engine_ref);
         engine_ref.stats.connection();
+        let _connected = engine_ref.stats.tel.connection(conn.transport, conn.mode);
         let (end, mid) = 'session: {
             // A statement of its own, so that the handshake's result is not
             // kept in the session's future beside the established session.
@@ -323,6 +343,7 @@ where
             .await;
             (end, Some(mid))
         };
+        engine_ref.stats.tel.close(&end);
         match &end {
             SessionEnd::Protocol(_, cause) => {
                 engine_ref.stats.protocol_error();
@@ -342,6 +363,7 @@ where
             }
             SessionEnd::Panic(cause) => {
                 engine_ref.stats.panic();
+                engine_ref.stats.tel.panic();
                 tracing::error!(peer = %conn.peer, mid, cause = %cause, "closing connection: panic while serving it");
             }
             other => tracing::debug!(reason = ?other, "session ended"),
@@ -407,6 +429,7 @@ where
                 Ok(Err(_)) => Err("authentication backend unavailable".to_string()),
                 Err(panic) => {
                     engine.stats.panic();
+                    engine.stats.tel.panic();
                     tracing::error!(peer = %conn.peer, cause = %panic_text(&panic), "authenticator panicked");
                     Err("authentication backend unavailable".to_string())
                 }
@@ -419,6 +442,7 @@ where
         Ok(identity) => Ok((identity, frame.reply(frame.op, Bytes::new()))),
         Err(reason) => {
             engine.stats.auth_fail();
+            engine.stats.tel.login(false);
             tracing::info!(peer = %conn.peer, reason = %reason, "login refused");
             let reply = frame.reply(
                 op::AUTH_REPLY,
@@ -427,7 +451,7 @@ where
                 }
                 .encode(),
             );
-            let mut writer = Writer::new(conn.mode, cfg.max_body);
+            let mut writer = Writer::new(conn.mode, cfg.max_body, &engine.stats.tel);
             writer.frame(&reply);
             let _ = writer.flush(outbound).await;
             Err(SessionEnd::AuthFailed(reason))
@@ -462,7 +486,8 @@ where
 
     // op 8 first; the inbox follows through the queue at the client's
     // pace (see `deliver_inbox`), and live messages wait until it is done.
-    let mut writer = Writer::new(conn.mode, cfg.max_body);
+    let mut writer = Writer::new(conn.mode, cfg.max_body, &engine.stats.tel);
+    let _session = engine.stats.tel.session(conn.transport, conn.mode);
     handle.push_frame(auth_frame.reply(op::AUTH_REPLY, AuthReply::Ok { mid }.encode()));
     engine.emit(Event::Authenticated {
         conn: conn.clone(),
@@ -557,6 +582,7 @@ where
 {
     let cfg = &engine.config;
     engine.stats.auth_ok();
+    engine.stats.tel.login(true);
     let handle = SessionHandle::new(conn.conn_id, mid, conn.mode, cfg.max_outbound_bytes);
     engine
         .registry
@@ -579,9 +605,10 @@ where
         Err(cause) => {
             drop(registered);
             engine.stats.auth_fail();
+            engine.stats.tel.login(false);
             tracing::warn!(peer = %conn.peer, mid, cause = %cause, "login refused: offline inbox unreadable");
             let reason = "message store unavailable".to_string();
-            let mut writer = Writer::new(conn.mode, cfg.max_body);
+            let mut writer = Writer::new(conn.mode, cfg.max_body, &engine.stats.tel);
             writer.frame(
                 &auth_frame.reply(
                     op::AUTH_REPLY,
@@ -701,6 +728,7 @@ where
                 Some(Ok(frame)) => frame,
             };
             deadline = tokio::time::Instant::now() + silence;
+            engine.stats.tel.frame_in(frame.op);
             tracing::trace!(
                 op = frame.op,
                 seq = frame.seq,
@@ -785,7 +813,7 @@ async fn call(
     }
 }
 
-async fn write_loop<Si>(writer: &mut Writer, outbound: &mut Si, shared: &Shared) -> SessionEnd
+async fn write_loop<Si>(writer: &mut Writer<'_>, outbound: &mut Si, shared: &Shared) -> SessionEnd
 where
     Si: Sink<Outgoing> + Unpin + Send,
     Si::Error: fmt::Display,
@@ -814,5 +842,46 @@ where
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod writer_metrics {
+    use super::*;
+    use crate::payload::Delivered;
+
+    /// An op 9 closed by a reply is counted once, in both modes.
+    #[test]
+    fn a_batch_closed_by_a_reply_is_counted_once() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let tel = metrics::with_local_recorder(&recorder, crate::telemetry::Telemetry::default);
+        let msg = crate::message::Message::new(Delivered {
+            op: 18,
+            chat_id: 1,
+            from: 1,
+            to: 2,
+            msg: Bytes::from_static(b"hi"),
+        });
+        for mode in [WireMode::Binary, WireMode::Json] {
+            let mut writer = Writer::new(mode, 65_536, &tel);
+            writer.message(&msg);
+            writer.message(&msg);
+            writer.frame(&Frame::new(1, op::SEND_TO_USER_REPLY, 1, "{}"));
+            writer.message(&msg);
+            writer.take_unit();
+        }
+        let text = handle.render();
+        let value = |series: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+                .unwrap_or_else(|| panic!("{series} missing:\n{text}"))
+                .to_owned()
+        };
+        // Per mode: a batch of 2 closed by the reply, then a batch of 1.
+        assert_eq!(value("comet_batch_messages_count"), "4", "{text}");
+        assert_eq!(value("comet_batch_messages_sum"), "6", "{text}");
+        assert_eq!(value(r#"comet_frames_out_total{op="9"}"#), "4");
+        assert_eq!(value(r#"comet_frames_out_total{op="19"}"#), "2");
     }
 }

@@ -8,6 +8,8 @@ macro_rules! counters {
         #[derive(Debug, Default)]
         pub struct Stats {
             $($name: AtomicU64,)*
+            /// The `metrics` handles (see [`crate::telemetry`]).
+            pub(crate) tel: crate::telemetry::Telemetry,
         }
 
         /// A snapshot of [`Stats`].
@@ -91,21 +93,25 @@ pub(crate) async fn bounded<T>(
     call: impl std::future::Future<Output = Result<T, crate::BoxError>>,
 ) -> Result<T, String> {
     use std::task::Poll;
+    let started = std::time::Instant::now();
     let mut call = std::pin::pin!(call);
     let first = std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await;
     let outcome = match first {
         Poll::Ready(result) => Ok(result),
         Poll::Pending => tokio::time::timeout(timeout, call).await,
     };
+    stats.tel.plugin_call(what, started.elapsed().as_secs_f64());
     match outcome {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => {
             stats.plugin_error();
+            stats.tel.plugin_error(what, false);
             tracing::error!(hook = what, cause = %e, "plug-in call failed");
             Err(e.to_string())
         }
         Err(_) => {
             stats.plugin_error();
+            stats.tel.plugin_error(what, true);
             tracing::error!(hook = what, ?timeout, "plug-in call timed out");
             Err(format!("{what} timed out"))
         }

@@ -9,6 +9,9 @@
 //!   request on an existing axum `Router` route into a comet session;
 //! - [`static_files`]: an opt-in of the WebSocket listener that serves a
 //!   fixed set of files (a web client) to plain `GET` requests;
+//! - [`admin`] (feature `admin`, on by default): the admin and push HTTP
+//!   API as an axum `Router` (metrics, health, sends, presence, history,
+//!   groups);
 //! - [`tls`]: rustls acceptors for TCP+TLS and WSS ([`tcp::serve_tls`],
 //!   [`ws::serve_tls`]);
 //! - [`Limits`]: the connection limits (global, unauthenticated, per source
@@ -32,6 +35,8 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "admin")]
+pub mod admin;
 #[cfg(feature = "axum")]
 pub mod axum;
 mod io;

@@ -40,6 +40,9 @@ pub struct Limits {
     ipv6_prefix: u8,
     by_ip: ByIp,
     refused: Arc<AtomicU64>,
+    /// `comet_connections_refused_total` by reason: `max_connections`,
+    /// `max_unauthenticated`, `per_ip`.
+    refused_metrics: [metrics::Counter; 3],
 }
 
 /// A connection's place within the [`Limits`], and when it was accepted.
@@ -135,6 +138,8 @@ impl Limits {
             ipv6_prefix: DEFAULT_IPV6_PREFIX,
             by_ip: Arc::default(),
             refused: Arc::default(),
+            refused_metrics: ["max_connections", "max_unauthenticated", "per_ip"]
+                .map(|r| metrics::counter!("comet_connections_refused_total", "reason" => r)),
         }
     }
 
@@ -195,11 +200,13 @@ impl Limits {
         let accepted_at = Instant::now();
         let Ok(permit) = self.connections.clone().try_acquire_owned() else {
             self.refused.fetch_add(1, Ordering::Relaxed);
+            self.refused_metrics[0].increment(1);
             tracing::warn!(%peer, listener, max = self.max, "refusing connection: connection limit reached");
             return None;
         };
         let Ok(unauthenticated) = self.unauthenticated.clone().try_acquire_owned() else {
             self.refused.fetch_add(1, Ordering::Relaxed);
+            self.refused_metrics[1].increment(1);
             tracing::warn!(%peer, listener, max = self.max_unauthenticated, "refusing connection: limit of unauthenticated connections reached");
             return None;
         };
@@ -212,6 +219,7 @@ impl Limits {
                 if *n >= max {
                     drop(map);
                     self.refused.fetch_add(1, Ordering::Relaxed);
+                    self.refused_metrics[2].increment(1);
                     tracing::warn!(%peer, %key, listener, max, "refusing connection: per-address connection limit reached");
                     return None;
                 }

@@ -89,10 +89,12 @@ impl Service<Request> for Router {
                                 }
                             }
                             engine.stats.replayed(page.messages.len() as u64);
+                            engine.stats.tel.sync(true, page.messages.len());
                             SyncReply::ok(page.oldest, page.head)
                         }
                         Err(e) => {
                             engine.stats.sync_failure();
+                            engine.stats.tel.sync(false, 0);
                             tracing::debug!(peer = %req.ctx.conn.peer, mid = req.ctx.mid(), cause = %e, "sync refused");
                             SyncReply::failed(e.to_string())
                         }

@@ -1,7 +1,7 @@
 use foldhash::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
-use comet_core::{async_trait, BoxError, GroupDirectory, GroupId, Members, Mid};
+use comet_core::{async_trait, BoxError, GroupDirectory, GroupId, GroupMembership, Members, Mid};
 
 #[derive(Debug, Default)]
 struct Group {
@@ -106,6 +106,21 @@ impl GroupDirectory for MemoryGroups {
             .read()
             .get(&group)
             .map_or_else(|| Arc::from(Vec::new()), |g| g.list.clone()))
+    }
+
+    fn membership(&self) -> Option<&dyn GroupMembership> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl GroupMembership for MemoryGroups {
+    async fn add_member(&self, group: GroupId, mid: Mid) -> Result<bool, BoxError> {
+        Ok(self.join(group, mid))
+    }
+
+    async fn remove_member(&self, group: GroupId, mid: Mid) -> Result<bool, BoxError> {
+        Ok(self.leave(group, mid))
     }
 }
 
