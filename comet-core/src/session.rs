@@ -153,6 +153,17 @@ struct Registered<'a> {
     conn_id: u64,
 }
 
+impl<'a> Registered<'a> {
+    /// Unregisters now, and returns a guard that keeps a new login of the
+    /// mid waiting (bounded) until it is dropped.
+    fn settle(self) -> crate::registry::Inflight<'a> {
+        let this = std::mem::ManuallyDrop::new(self);
+        this.engine
+            .registry
+            .unregister_settling(this.mid, this.conn_id)
+    }
+}
+
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
         self.engine.registry.unregister(self.mid, self.conn_id);
@@ -526,8 +537,9 @@ where
             },
         }
     };
-    // No new deliveries from here on.
-    drop(registered);
+    // No new deliveries from here on; a new login of this mid waits until
+    // the inbox work below is done.
+    let settling = registered.settle();
     drop(ctx);
     // Live messages held back behind an inbox that was not done go to the
     // inbox, behind its rest, when this was the mid's last session.
@@ -562,6 +574,7 @@ where
         let mut removed = 0;
         let _ = Box::pin(remove_written_inbox(engine, mid, &shared, &mut removed)).await;
     }
+    drop(settling);
     end
 }
 
