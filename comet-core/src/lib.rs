@@ -60,6 +60,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod auth;
+pub mod broker;
 pub mod codec;
 pub mod comet;
 pub mod config;
@@ -89,6 +90,7 @@ pub use crate::auth::{
     AuthOutcome, AuthRequest, Authenticator, ConnId, ConnInfo, Identity, UserDirectory,
 };
 #[doc(inline)]
+pub use crate::broker::{Broker, BrokerError};
 pub use crate::comet::{BuildError, Comet, CometBuilder, Event};
 #[doc(inline)]
 pub use crate::config::Config;
