@@ -16,13 +16,10 @@
 //! session is registered locally and before its offline inbox is read,
 //! [`Broker::logout`] once it has ended.
 
-use std::sync::Arc;
-
 use async_trait::async_trait;
 
 use crate::auth::ConnId;
 use crate::error::BoxError;
-use crate::message::Message;
 use crate::store::Draft;
 use crate::Mid;
 
@@ -47,10 +44,9 @@ pub trait Broker: Send + Sync + 'static {
     /// the message to its history; routes it to the nodes holding its
     /// recipients and the sender's other sessions (skipping connection
     /// `except` of this node) or to the inboxes of recipients online
-    /// nowhere. Returns the stored message. Delivery to this node's sessions
-    /// comes back through the broker's feed, not from this call.
-    async fn send(&self, draft: Draft, except: Option<ConnId>)
-        -> Result<Arc<Message>, BrokerError>;
+    /// nowhere. Returns the message's chatId. Delivery to this node's
+    /// sessions comes back through the broker's feed, not from this call.
+    async fn send(&self, draft: Draft, except: Option<ConnId>) -> Result<i64, BrokerError>;
 
     /// A session of `mid` was registered on this node: from now on the
     /// broker routes `mid`'s messages here. Called before the session reads

@@ -463,9 +463,9 @@ impl Engine {
         };
         let sent = tokio::time::timeout(self.config.hook_timeout, broker.send(draft, except)).await;
         match sent {
-            Ok(Ok(msg)) => {
+            Ok(Ok(chat_id)) => {
                 self.stats.message();
-                Ok(msg.chat_id())
+                Ok(chat_id)
             }
             Ok(Err(BrokerError::NotMember)) => Err(SendError::NotMember(req.to)),
             Ok(Err(e)) => Err(SendError::Store(e.to_string())),

@@ -91,6 +91,7 @@ pub use crate::auth::{
 };
 #[doc(inline)]
 pub use crate::broker::{Broker, BrokerError};
+#[doc(inline)]
 pub use crate::comet::{BuildError, Comet, CometBuilder, Event};
 #[doc(inline)]
 pub use crate::config::Config;
