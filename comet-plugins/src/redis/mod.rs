@@ -179,7 +179,7 @@ impl RedisCluster {
         let scripts = Scripts {
             send: Script::new(&scripts::send()),
             login: Script::new(&scripts::login()),
-            logout: Script::new(scripts::LOGOUT),
+            logout: Script::new(&scripts::logout()),
             reset_node: Script::new(scripts::RESET_NODE),
             history: Script::new(scripts::HISTORY),
             push: Script::new(&scripts::push()),
@@ -566,9 +566,6 @@ impl MessageStore for RedisStore {
             .arg(0)
             .invoke_async(&mut con)
             .await?;
-        if chat < 0 {
-            return Err("sender is not a member of the group".into());
-        }
         Ok(draft.into_message(chat))
     }
 

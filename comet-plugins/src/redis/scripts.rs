@@ -19,8 +19,15 @@
 //! `<conv>` is `d:<low>:<high>` for a 1:1 conversation, `g:<group>` for a
 //! group.
 
-/// Keeps `in:<mid>` (ARGV `P`, mid given as key suffix in `ik`) to `imax`.
+/// `live(prefix, node)`: the node's heartbeat is fresh and its feed has a
+/// subscriber. `push_inbox(prefix, mid, bound, tail)`: appends an entry to the mid's
+/// inbox under the next seq and drops the oldest past the bound.
 const TRIM: &str = r"
+local function live(p, n)
+  if redis.call('EXISTS', p .. 'node:' .. n) == 0 then return false end
+  local subs = redis.call('PUBSUB', 'NUMSUB', p .. 'ch:' .. n)
+  return tonumber(subs[2]) > 0
+end
 local function push_inbox(p, m, imax, entry_tail)
   local seq = redis.call('INCR', p .. 'inseq')
   local ik = p .. 'in:' .. m
@@ -32,16 +39,19 @@ end
 ";
 
 /// One send. ARGV: prefix, op, from, to, bytes, conv, hist_max, inbox_max,
-/// route (1: route, 0: store only), node, except. Returns the chatId, or -1
-/// when an op 20 sender is not a member (nothing written).
+/// route (1: check membership and route, 0: store only, as
+/// `MessageStore::append`), node, except. Returns the chatId, or -1 when an
+/// op 20 sender is not a member (nothing written).
 const SEND_BODY: &str = r"
 local p, op, from, to, msg, conv = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local hmax, imax = tonumber(ARGV[7]), tonumber(ARGV[8])
 local route, node, except = ARGV[9], ARGV[10], ARGV[11]
 local targets
-if op == '20' then
+if route ~= '1' then
+  targets = {}
+elseif op == '20' then
   if redis.call('SISMEMBER', p .. 'gm:' .. to, from) == 0 then return -1 end
-  if route == '1' then targets = redis.call('SMEMBERS', p .. 'gm:' .. to) end
+  targets = redis.call('SMEMBERS', p .. 'gm:' .. to)
 elseif from == to then
   targets = {from}
 else
@@ -55,9 +65,8 @@ else
 end
 if route ~= '1' then return chat end
 local tail = op .. '\n' .. from .. '\n' .. to .. '\n' .. chat .. '\n'
-local alive, bynode, order = {}, {}, {}
+local alive, bynode, order, reached = {}, {}, {}, {}
 for _, m in ipairs(targets) do
-  local online = false
   for _, n in ipairs(redis.call('SMEMBERS', p .. 'pr:' .. m)) do
     local a = alive[n]
     if a == nil then
@@ -65,7 +74,6 @@ for _, m in ipairs(targets) do
       alive[n] = a
     end
     if a then
-      online = true
       local l = bynode[n]
       if l == nil then
         l = {}
@@ -77,15 +85,27 @@ for _, m in ipairs(targets) do
       redis.call('SREM', p .. 'pr:' .. m, n)
     end
   end
-  if not online and m ~= from and op ~= '20' then
-    push_inbox(p, m, imax, tail .. msg)
-  end
 end
 for _, n in ipairs(order) do
   local ex = '0'
   if n == node then ex = except end
-  redis.call('PUBLISH', p .. 'ch:' .. n,
+  local heard = redis.call('PUBLISH', p .. 'ch:' .. n,
     chat .. '\n' .. op .. '\n' .. from .. '\n' .. to .. '\n' .. ex .. '\n' .. table.concat(bynode[n], ',') .. '\n' .. msg)
+  if heard > 0 then
+    for _, m in ipairs(bynode[n]) do reached[m] = true end
+  else
+    -- Nobody listens on the node's feed: it died (its heartbeat has not
+    -- expired yet) or lost its subscription (it closes its sessions).
+    -- Count it as gone until it heartbeats or logs a session in again.
+    redis.call('DEL', p .. 'node:' .. n)
+  end
+end
+if op ~= '20' then
+  for _, m in ipairs(targets) do
+    if not reached[m] and m ~= from then
+      push_inbox(p, m, imax, tail .. msg)
+    end
+  end
 end
 return chat
 ";
@@ -107,7 +127,7 @@ local ttl, max, imax = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 redis.call('SET', p .. 'node:' .. node, '1', 'PX', ttl)
 local online = false
 for _, n in ipairs(redis.call('SMEMBERS', p .. 'pr:' .. m)) do
-  if redis.call('EXISTS', p .. 'node:' .. n) == 1 then
+  if live(p, n) then
     online = true
   else
     redis.call('SREM', p .. 'pr:' .. m, n)
@@ -148,12 +168,12 @@ pub(crate) fn login() -> String {
 /// Removes the node from the mid's presence; if no live node holds the mid
 /// any more, records its groups' heads as read (later messages are caught
 /// up at its next login). Returns 1 when the mid went offline everywhere.
-pub(crate) const LOGOUT: &str = r"
+const LOGOUT_BODY: &str = r"
 local p, m, node = ARGV[1], ARGV[2], ARGV[3]
 redis.call('SREM', p .. 'pr:' .. m, node)
 redis.call('SREM', p .. 'nm:' .. node, m)
 for _, n in ipairs(redis.call('SMEMBERS', p .. 'pr:' .. m)) do
-  if redis.call('EXISTS', p .. 'node:' .. n) == 1 then return 0 end
+  if live(p, n) then return 0 end
   redis.call('SREM', p .. 'pr:' .. m, n)
 end
 for _, g in ipairs(redis.call('SMEMBERS', p .. 'ug:' .. m)) do
@@ -161,6 +181,11 @@ for _, g in ipairs(redis.call('SMEMBERS', p .. 'ug:' .. m)) do
 end
 return 1
 ";
+
+/// The logout script's source.
+pub(crate) fn logout() -> String {
+    format!("{TRIM}{LOGOUT_BODY}")
+}
 
 /// A node (re)starts: forgets the presence it had registered before.
 /// ARGV: prefix, node.
