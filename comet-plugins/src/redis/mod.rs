@@ -287,6 +287,7 @@ async fn feed(inner: Arc<Inner>, registry: Arc<Registry>, subscribed: Arc<Atomic
                         .await;
                     if let Err(e) = reset {
                         tracing::warn!(cause = %e, "cluster: resetting this node's presence failed");
+                        tokio::time::sleep(Duration::from_millis(250)).await;
                         continue;
                     }
                     first = false;
