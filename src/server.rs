@@ -58,12 +58,12 @@ use comet_plugins::embedded::{EmbeddedConfig, EmbeddedStore, Fsync};
 use comet_plugins::memory::{MemoryAuth, MemoryGroups, MemoryLimits, MemoryStore};
 use comet_plugins::redis::{RedisCluster, RedisOptions, RedisStore};
 use comet_transports::{tcp, tls, ws, Limits};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 /// The whole configuration file.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Listeners and limits.
@@ -83,7 +83,7 @@ pub struct ServerConfig {
 }
 
 /// The `[server]` table.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSection {
     /// TCP listen address (binary frames); absent: no TCP listener.
@@ -163,7 +163,7 @@ pub struct ServerSection {
 }
 
 /// Which message store the server runs on.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreBackend {
     /// [`EmbeddedStore`]: on disk in `path`, crash-safe (the default).
@@ -177,7 +177,7 @@ pub enum StoreBackend {
 }
 
 /// The `[cluster]` table (with `store.backend = "redis"`).
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSection {
     /// This node's id, unique in the cluster. Default: derived from the
@@ -188,7 +188,7 @@ pub struct ClusterSection {
 }
 
 /// When the embedded store fsyncs (see [`Fsync`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FsyncMode {
     /// Acknowledge once written to the OS; fsync within `fsync_interval_ms`.
@@ -199,7 +199,7 @@ pub enum FsyncMode {
 }
 
 /// The `[store]` table.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreSection {
     /// `"embedded"` (default) or `"memory"`.
@@ -338,7 +338,7 @@ mod defaults {
 }
 
 /// One `[[users]]` entry.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserEntry {
     /// The user's mid (positive).
@@ -348,7 +348,7 @@ pub struct UserEntry {
 }
 
 /// One `[[groups]]` entry.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GroupEntry {
     /// The group id (positive).

@@ -12,7 +12,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -35,25 +35,6 @@ enum Conv {
 }
 
 type Acked = BTreeMap<(Conv, i64), Vec<u8>>;
-
-fn chat_server_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/crash-<hash> → target/<profile>/examples/chat_server
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps");
-    let bin = profile_dir
-        .join("examples")
-        .join(format!("chat_server{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo test` (which builds the examples) or \
-         `cargo build --example chat_server` first",
-        bin.display()
-    );
-    bin
-}
 
 fn free_port() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
@@ -114,7 +95,7 @@ impl Server {
         let config_path = dir.join("crash.toml");
         std::fs::write(&config_path, config).unwrap();
         let log = std::fs::File::create(dir.join(format!("server-{round}.log"))).unwrap();
-        let child = Command::new(chat_server_binary())
+        let child = Command::new(common::chat_server_binary())
             .arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", "info,comet_core=debug")
@@ -159,8 +140,14 @@ fn send_body(from: i32, to: i32, msg: &[u8]) -> Vec<u8> {
 
 /// Pipelines sends from `mid` (alternately to the group and to [`PEER`])
 /// until the connection dies; returns what was acknowledged with ret 0.
-async fn sender(addr: SocketAddr, mid: i32, round: usize) -> Vec<(Conv, i64, Vec<u8>)> {
+async fn sender(
+    addr: SocketAddr,
+    mid: i32,
+    round: usize,
+    logged_in: tokio::sync::mpsc::Sender<()>,
+) -> Vec<(Conv, i64, Vec<u8>)> {
     let mut c = Client::login(Kind::Tcp, addr, mid, &format!("k{mid}")).await;
+    logged_in.send(()).await.unwrap();
     let mut acked = Vec::new();
     let mut n = 0u64;
     loop {
@@ -285,9 +272,15 @@ async fn acknowledged_sends_survive_sigkill() {
     let mut total = 0;
     for round in 0..rounds {
         let server = Server::start(dir.path(), 2 * round);
+        let (logged_in, mut logins) = tokio::sync::mpsc::channel(SENDERS as usize);
         let senders: Vec<_> = (1..=SENDERS)
-            .map(|mid| tokio::spawn(sender(server.addr, mid, round)))
+            .map(|mid| tokio::spawn(sender(server.addr, mid, round, logged_in.clone())))
             .collect();
+        // The kill's moment counts from the last login, so that a slow
+        // machine cannot kill the server before a sender is logged in.
+        for _ in 1..=SENDERS {
+            logins.recv().await.expect("a sender logged in");
+        }
         tokio::time::sleep(Duration::from_millis(100 + random_below(400))).await;
         server.kill();
         for s in senders {
