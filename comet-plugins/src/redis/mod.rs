@@ -22,6 +22,19 @@
 //! Presence (which nodes hold which mids) lives in Redis next to a
 //! heartbeat key per node that expires: a dead node's entries are ignored
 //! and dropped, and its users' messages go to inboxes and group catch-up.
+//! A node's entries also count as gone as soon as nobody listens on its
+//! channel (`PUBLISH` reaches no subscriber, `PUBSUB NUMSUB` is 0).
+//!
+//! Login neither misses nor duplicates: the node is subscribed to its
+//! channel before it accepts any login, and the session is registered
+//! locally before one script, atomic with every send script, adds the node
+//! to the mid's presence and (if the mid was online nowhere) copies the
+//! group catch-up into its inbox. A send ordered before that script is in
+//! the inbox or the catch-up; one ordered after it is published to the node,
+//! which already holds the session. No chatId can be in both, so there is
+//! nothing to drop. After a node crash (no logout ran), a user's group
+//! catch-up restarts at its last login and may repeat messages it had
+//! already received live: duplicates by chatId, never losses.
 //!
 //! Faults: a node whose feed (pub/sub connection) drops closes all its
 //! sessions (their clients reconnect and sync with op 22) and refuses logins
