@@ -21,10 +21,11 @@ results="$out/cluster.jsonl"
 rport=${REDIS_PORT:-6395}
 dir=$(mktemp -d -t comet-bench-cluster.XXXXXX)
 pids=()
+failed=0
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -rf "$dir"
+  if [ "$failed" = 1 ]; then echo "a run failed: server logs kept in $dir" >&2; else rm -rf "$dir"; fi
 }
 trap cleanup EXIT
 
@@ -42,7 +43,7 @@ run() { # label addr more-addrs scenario args...
   [ -n "$more" ] && extra=(--more-addrs "$more")
   for _ in $(seq "$runs"); do
     "$bin" run "$@" --addr "$addr" "${extra[@]}" --label "setup=$label" --quiet >> "$results" \
-      || echo "run failed: $label $*" >&2
+      || { failed=1; echo "run failed: $label $*" >&2; }
   done
 }
 scenarios() { # label addr more-addrs
