@@ -55,6 +55,7 @@
 //! from a TOML file with [`server`].
 
 pub mod server;
+pub mod web;
 
 #[doc(inline)]
 pub use comet_core as core;

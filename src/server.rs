@@ -1,6 +1,7 @@
 //! A ready server on the default plug-ins, configured from TOML: the
 //! assembly behind `examples/chat_server.rs`, reusable by applications and
-//! tests.
+//! tests. Its WebSocket listeners also serve the web chat client
+//! ([`crate::web`]) at `GET /`, beside the endpoint it connects to.
 //!
 //! ```toml
 //! [server]
@@ -13,7 +14,8 @@
 //! sync_limit = 100
 //!
 //! [store]
-//! backend = "embedded"      # or "memory"
+//! backend = "embedded"      # or "memory", or "redis" (cluster mode)
+//! url = "redis://127.0.0.1:6379/"  # backend = "redis" only
 //! path = "comet-data"       # a directory, created if missing
 //! fsync = "interval"        # or "always"
 //! fsync_interval_ms = 1000
@@ -25,6 +27,9 @@
 //! [admin]                   # absent: no admin API
 //! listen = "127.0.0.1:3103"
 //! token = "s3cret"          # needed on a non-loopback address
+//!
+//! [cluster]                 # backend = "redis" only
+//! node_id = "node-a"        # unique per node; default: host and ports
 //!
 //! [[users]]
 //! mid = 1
@@ -56,6 +61,7 @@ use comet_core::middleware::FrameRateLimitLayer;
 use comet_core::{Comet, Config, MessageStore};
 use comet_plugins::embedded::{EmbeddedConfig, EmbeddedStore, Fsync};
 use comet_plugins::memory::{MemoryAuth, MemoryGroups, MemoryLimits, MemoryStore};
+use comet_plugins::redis::{RedisCluster, RedisOptions, RedisStore};
 use comet_transports::{admin, tcp, tls, ws, Limits};
 use futures_util::future::BoxFuture;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -73,6 +79,9 @@ pub struct ServerConfig {
     /// The message store (default: embedded, in `comet-data`).
     #[serde(default)]
     pub store: StoreSection,
+    /// Cluster mode settings (used with `store.backend = "redis"`).
+    #[serde(default)]
+    pub cluster: ClusterSection,
     /// Users and their keys (for the in-memory authenticator).
     #[serde(default)]
     pub users: Vec<UserEntry>,
@@ -198,6 +207,20 @@ pub enum StoreBackend {
     Embedded,
     /// [`MemoryStore`]: lost at exit.
     Memory,
+    /// Cluster mode: history, inboxes, groups and presence in the Redis at
+    /// `url`, shared by every node ([`RedisCluster`]).
+    Redis,
+}
+
+/// The `[cluster]` table (with `store.backend = "redis"`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// This node's id, unique in the cluster. Default: derived from the
+    /// host name and the listening ports (logged at startup).
+    pub node_id: Option<String>,
+    /// Prefix of the cluster's Redis keys and channels (default `comet:`).
+    pub prefix: Option<String>,
 }
 
 /// When the embedded store fsyncs (see [`Fsync`]).
@@ -240,6 +263,10 @@ pub struct StoreSection {
     /// Offline message bytes kept per user (default 4 MiB).
     #[serde(default = "defaults::store_bytes")]
     pub inbox_bytes: usize,
+    /// The Redis of `backend = "redis"` (default
+    /// `redis://127.0.0.1:6379/`).
+    #[serde(default = "defaults::redis_url")]
+    pub url: String,
 }
 
 impl Default for StoreSection {
@@ -254,6 +281,7 @@ impl Default for StoreSection {
             history_bytes: defaults::store_bytes(),
             inbox_limit: defaults::inbox_limit(),
             inbox_bytes: defaults::store_bytes(),
+            url: defaults::redis_url(),
         }
     }
 }
@@ -330,6 +358,9 @@ mod defaults {
     }
     pub(super) fn ipv6_prefix_len() -> u8 {
         64
+    }
+    pub(super) fn redis_url() -> String {
+        "redis://127.0.0.1:6379/".into()
     }
     pub(super) fn store_path() -> std::path::PathBuf {
         "comet-data".into()
@@ -489,6 +520,17 @@ impl ServerConfig {
         if st.backend == StoreBackend::Embedded && st.path.as_os_str().is_empty() {
             return bad("store.path", "must not be empty");
         }
+        if st.backend == StoreBackend::Redis && !st.url.starts_with("redis://") {
+            return bad("store.url", "must be a redis:// URL");
+        }
+        if let Some(id) = &self.cluster.node_id {
+            if id.is_empty() || id.contains(|c: char| c.is_whitespace() || c == ',' || c == '|') {
+                return bad(
+                    "cluster.node_id",
+                    "must be non-empty, without spaces, commas or bars",
+                );
+            }
+        }
         if st.fsync_interval_ms == 0 {
             return bad("store.fsync_interval_ms", "must be greater than 0");
         }
@@ -610,6 +652,8 @@ pub enum Store {
     Memory(Arc<MemoryStore>),
     /// `backend = "embedded"`.
     Embedded(Arc<EmbeddedStore>),
+    /// `backend = "redis"`: the cluster's shared store.
+    Redis(Arc<RedisStore>),
 }
 
 impl Store {
@@ -618,6 +662,7 @@ impl Store {
         match self {
             Store::Memory(s) => s.clone(),
             Store::Embedded(s) => s.clone(),
+            Store::Redis(s) => s.clone(),
         }
     }
 }
@@ -626,10 +671,15 @@ impl Store {
 /// reads its conversation table (at most a few hundred milliseconds for a
 /// million messages). A file in `store.path` that is not a comet store is
 /// an error naming it (kind [`io::ErrorKind::InvalidData`]), and the file
-/// is left untouched.
+/// is left untouched. `backend = "redis"` is opened by [`start`] (it
+/// connects to Redis): here it is an error.
 pub fn open_store(config: &ServerConfig) -> io::Result<Store> {
     let st = &config.store;
     match st.backend {
+        StoreBackend::Redis => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the redis backend is opened by server::start",
+        )),
         StoreBackend::Memory => Ok(Store::Memory(Arc::new(MemoryStore::with_limits(
             MemoryLimits::default()
                 .with_history(st.history_limit, st.history_bytes)
@@ -664,8 +714,12 @@ pub struct Running {
     pub auth: Arc<MemoryAuth>,
     /// The message store.
     pub store: Store,
-    /// The group directory (join and leave at run time).
+    /// The group directory (join and leave at run time); empty and unused
+    /// in cluster mode, where groups live in Redis (see `cluster`).
     pub groups: Arc<MemoryGroups>,
+    /// Cluster mode's connection to Redis (`store.backend = "redis"`):
+    /// its `groups()` joins and leaves for the whole cluster.
+    pub cluster: Option<RedisCluster>,
     /// Where the TCP listener is bound.
     pub tcp_addr: Option<SocketAddr>,
     /// Where the WebSocket listener is bound.
@@ -725,6 +779,69 @@ pub fn assemble(
     (comet, auth, groups)
 }
 
+/// A node id from the host name and the listening ports, e.g.
+/// `web-1:3101:3102`: unique as long as no two nodes share host and ports.
+pub fn default_node_id(tcp: Option<SocketAddr>, ws: Option<SocketAddr>) -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty() && !h.contains(|c: char| c.is_whitespace() || c == ','))
+        .unwrap_or_else(|| "localhost".into());
+    let port = |a: Option<SocketAddr>| a.map_or(0, |a| a.port());
+    format!("{host}:{}:{}", port(tcp), port(ws))
+}
+
+/// Cluster mode (`store.backend = "redis"`): connects to Redis, writes the
+/// file's `[[groups]]` there (idempotently: members already in keep their
+/// catch-up point, members added at run time stay) and builds the node's
+/// comet on the shared store, groups and broker.
+pub async fn assemble_cluster(
+    config: &ServerConfig,
+    node_id: String,
+) -> io::Result<(Comet, Arc<MemoryAuth>, Arc<MemoryGroups>, RedisCluster)> {
+    let st = &config.store;
+    let mut opts =
+        RedisOptions::new(st.url.clone(), node_id).limits(st.history_limit, st.inbox_limit);
+    if let Some(prefix) = &config.cluster.prefix {
+        opts = opts.prefix(prefix.clone());
+    }
+    let cluster = RedisCluster::connect(opts)
+        .await
+        .map_err(|e| io::Error::other(format!("redis at {}: {e}", st.url)))?;
+    for g in &config.groups {
+        cluster
+            .groups()
+            .set_members(g.id, g.members.iter().copied())
+            .await
+            .map_err(|e| io::Error::other(format!("writing group {} to redis: {e}", g.id)))?;
+    }
+    tracing::info!(node_id = %cluster.node_id(), url = %st.url, groups = config.groups.len(), "cluster node");
+    let auth = Arc::new(MemoryAuth::from_iter(
+        config.users.iter().map(|u| (u.mid, u.mkey.as_bytes())),
+    ));
+    let mut builder = Comet::builder()
+        .authenticator(auth.clone())
+        .users(auth.clone())
+        .store(cluster.store())
+        .groups(cluster.groups())
+        .broker({
+            let cluster = cluster.clone();
+            move |registry| cluster.broker(registry)
+        })
+        .config(config.engine_config());
+    if config.server.max_frames_per_sec > 0 {
+        builder = builder.layer(FrameRateLimitLayer::new(
+            config.server.max_frames_per_sec,
+            config.server.frame_burst,
+        ));
+    }
+    let comet = builder
+        .build()
+        .map_err(|e| io::Error::other(format!("checked config refused by the builder: {e}")))?;
+    Ok((comet, auth, Arc::new(MemoryGroups::default()), cluster))
+}
+
 /// Binds the server's listeners (port 0 picks a free port), opens its store
 /// and starts serving. The store is opened after every listener is bound,
 /// so a taken port leaves the store's directory untouched.
@@ -757,16 +874,30 @@ pub async fn start(config: ServerConfig) -> io::Result<Running> {
     let (tcp_addr, ws_addr) = (local(&tcp_listener)?, local(&ws_listener)?);
     let (tcp_tls_addr, ws_tls_addr) = (local(&tcp_tls_listener)?, local(&ws_tls_listener)?);
 
-    let store = {
-        let config = config.clone();
-        tokio::task::spawn_blocking(move || open_store(&config))
-            .await
-            .map_err(io::Error::other)??
+    let (comet, auth, groups, store, cluster) = if config.store.backend == StoreBackend::Redis {
+        let node_id =
+            config.cluster.node_id.clone().unwrap_or_else(|| {
+                default_node_id(tcp_addr.or(tcp_tls_addr), ws_addr.or(ws_tls_addr))
+            });
+        let (comet, auth, groups, cluster) = assemble_cluster(&config, node_id).await?;
+        let store = Store::Redis(cluster.store());
+        (comet, auth, groups, store, Some(cluster))
+    } else {
+        let store = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || open_store(&config))
+                .await
+                .map_err(io::Error::other)??
+        };
+        let (comet, auth, groups) = assemble(&config, &store);
+        (comet, auth, groups, store, None)
     };
-    let (comet, auth, groups) = assemble(&config, &store);
 
+    // The web client is served on the WebSocket listeners, same origin as
+    // the endpoint it connects to.
     let options = ws::WsOptions {
         path: s.ws_path.clone(),
+        static_files: Some(crate::web::files()),
     };
     let mut listeners = Vec::new();
     // Listeners still serving, for the admin API's /readyz.
@@ -818,6 +949,7 @@ pub async fn start(config: ServerConfig) -> io::Result<Running> {
         auth,
         store,
         groups,
+        cluster,
         tcp_addr,
         ws_addr,
         tcp_tls_addr,

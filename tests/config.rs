@@ -205,8 +205,20 @@ fn bad_configs_are_refused_with_file_key_and_problem() {
         ),
         ("no = [valid\n".into(), &["bad.toml", "line 1"]),
         (
-            format!("{ok_server}[store]\nbackend = \"redis\"\n"),
-            &["bad.toml", "store.backend", "unknown variant `redis`"],
+            format!("{ok_server}[store]\nbackend = \"mongodb\"\n"),
+            &["bad.toml", "store.backend", "unknown variant `mongodb`"],
+        ),
+        (
+            format!("{ok_server}[store]\nbackend = \"redis\"\nurl = \"http://127.0.0.1:6379/\"\n"),
+            &["bad.toml", "store.url", "redis:// URL"],
+        ),
+        (
+            format!("{ok_server}[store]\nbackend = \"redis\"\n[cluster]\nnode_id = \"a b\"\n"),
+            &["bad.toml", "cluster.node_id", "without spaces"],
+        ),
+        (
+            format!("{ok_server}[cluster]\nnode = \"a\"\n"),
+            &["bad.toml", "cluster", "unknown field `node`"],
         ),
         (
             format!("{ok_server}[store]\nfsync = \"sometimes\"\n"),

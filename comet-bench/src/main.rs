@@ -69,6 +69,9 @@ enum StoreArg {
     Memory,
     /// `EmbeddedStore` (SQLite), in `--store-path`.
     Embedded,
+    /// Cluster mode on the Redis at `--redis-url` (one node of it; start
+    /// several with different `--node-id`s and ports).
+    Redis,
 }
 
 /// The embedded store's fsync mode.
@@ -86,6 +89,8 @@ struct StoreChoice {
     store: StoreArg,
     path: std::path::PathBuf,
     fsync: FsyncArg,
+    redis_url: String,
+    node_id: Option<String>,
 }
 
 #[derive(Parser, Debug)]
@@ -130,6 +135,12 @@ enum Command {
         /// With `--metrics`: seconds between two renders of `/metrics`.
         #[arg(long, default_value_t = 15)]
         scrape_secs: u64,
+        /// The Redis of `--store redis`.
+        #[arg(long, default_value = "redis://127.0.0.1:6379/")]
+        redis_url: String,
+        /// This node's id with `--store redis` (default: from host and ports).
+        #[arg(long)]
+        node_id: Option<String>,
         #[command(flatten)]
         layout: Layout,
     },
@@ -161,6 +172,10 @@ enum Command {
         scenario: Scenario,
         #[arg(long, global = true, default_value = "127.0.0.1:4101")]
         addr: SocketAddr,
+        /// More server addresses (cluster nodes): connection i goes to the
+        /// (i mod n)-th of `--addr` followed by these.
+        #[arg(long, global = true, value_delimiter = ',')]
+        more_addrs: Vec<SocketAddr>,
         #[arg(long, global = true, value_enum, default_value_t = Transport::Tcp)]
         transport: Transport,
         /// The server's pid, for RSS and CPU from /proc.
@@ -285,12 +300,16 @@ fn main() -> ExitCode {
                 fsync,
                 metrics,
                 scrape_secs,
+                redis_url,
+                node_id,
                 layout,
             } => {
                 let store = StoreChoice {
                     store,
                     path: store_path,
                     fsync,
+                    redis_url,
+                    node_id,
                 };
                 if metrics {
                     if server != ServerKind::Comet {
@@ -322,6 +341,7 @@ fn main() -> ExitCode {
             Command::Run {
                 scenario,
                 addr,
+                more_addrs,
                 transport,
                 server_pid,
                 sources,
@@ -329,8 +349,10 @@ fn main() -> ExitCode {
                 label,
                 quiet,
             } => {
+                let mut addrs = vec![addr];
+                addrs.extend(more_addrs);
                 let ctx = scenarios::Ctx {
-                    addr,
+                    addrs,
                     transport,
                     server_pid,
                     sources: Sources(sources),
@@ -406,6 +428,11 @@ async fn serve(
                     // Every run starts from an empty store.
                     let _ = std::fs::remove_dir_all(&store.path);
                     comet::server::StoreBackend::Embedded
+                }
+                StoreArg::Redis => {
+                    config.store.url = store.redis_url.clone();
+                    config.cluster.node_id = store.node_id.clone();
+                    comet::server::StoreBackend::Redis
                 }
             };
             config.store.path = store.path;

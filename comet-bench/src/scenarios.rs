@@ -20,12 +20,20 @@ use crate::proto::{login, Event, Rx, Sources, Transport, Tx};
 /// What every scenario needs.
 #[derive(Clone, Debug)]
 pub(crate) struct Ctx {
-    pub(crate) addr: SocketAddr,
+    /// The server's addresses (several: cluster nodes, used in turn).
+    pub(crate) addrs: Vec<SocketAddr>,
     pub(crate) transport: Transport,
     pub(crate) server_pid: Option<u32>,
     pub(crate) sources: Sources,
     pub(crate) connect_concurrency: usize,
     pub(crate) quiet: bool,
+}
+
+impl Ctx {
+    /// The address of connection `i`.
+    pub(crate) fn addr(&self, i: usize) -> SocketAddr {
+        self.addrs[i % self.addrs.len()]
+    }
 }
 
 fn now_ns() -> u64 {
@@ -125,8 +133,9 @@ async fn connect_all(
         let ctx = ctx.clone();
         tasks.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await.map_err(std::io::Error::other)?;
-            let stream = ctx.sources.connect(i, ctx.addr).await?;
-            let (tx, rx) = login(stream, ctx.transport, ctx.addr, mid).await?;
+            let addr = ctx.addr(i);
+            let stream = ctx.sources.connect(i, addr).await?;
+            let (tx, rx) = login(stream, ctx.transport, addr, mid).await?;
             done.fetch_add(1, Ordering::Relaxed);
             Ok::<_, std::io::Error>((mid, tx, rx))
         }));

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tower::{Layer, Service, ServiceExt as _};
 
 use crate::auth::{Authenticator, ConnId, ConnInfo, UserDirectory};
+use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
 use crate::error::{BoxError, FrameError, SendError, SyncError};
 use crate::frame::{op, Frame, Transport, WireMode};
@@ -56,6 +57,7 @@ pub enum Event {
 
 type EventHook = Arc<dyn Fn(&Event) + Send + Sync>;
 type DeliveryFn = Box<dyn FnOnce(Arc<Registry>) -> Arc<dyn Delivery> + Send>;
+type BrokerFn = Box<dyn FnOnce(Arc<Registry>) -> Arc<dyn Broker> + Send>;
 type LayerFn = Arc<dyn Fn(BoxService) -> BoxService + Send + Sync>;
 
 /// Why [`CometBuilder::build`] refused.
@@ -114,6 +116,7 @@ pub struct CometBuilder {
     reserved: Option<u32>,
     events: Option<EventHook>,
     delivery: Option<DeliveryFn>,
+    broker: Option<BrokerFn>,
 }
 
 impl fmt::Debug for CometBuilder {
@@ -207,6 +210,20 @@ impl CometBuilder {
         self
     }
 
+    /// Runs this node as one of a cluster (see [`crate::broker`]): `make`
+    /// receives this node's session [`Registry`], which the broker's feed
+    /// delivers into, and returns the [`Broker`] every send goes through.
+    /// The store still serves history (op 22) and offline inboxes, and the
+    /// group directory sync's membership checks; they must be the cluster's
+    /// shared ones.
+    pub fn broker(
+        mut self,
+        make: impl FnOnce(Arc<Registry>) -> Arc<dyn Broker> + Send + 'static,
+    ) -> Self {
+        self.broker = Some(Box::new(make));
+        self
+    }
+
     /// Calls `hook` on every connection event (authenticated, disconnected).
     /// It runs on the session's task: keep it short and non-blocking.
     pub fn on_event(mut self, hook: impl Fn(&Event) + Send + Sync + 'static) -> Self {
@@ -237,6 +254,7 @@ impl CometBuilder {
         );
         // `None`: the local registry, called without a boxed future.
         let delivery: Option<Arc<dyn Delivery>> = self.delivery.map(|make| make(registry.clone()));
+        let broker = self.broker.map(|make| make(registry.clone()));
         let handlers = Arc::new(self.handlers);
         let layers = self.layers;
         let engine = Arc::new_cyclic(|weak| {
@@ -253,6 +271,7 @@ impl CometBuilder {
                 groups,
                 users: self.users,
                 delivery,
+                broker,
                 registry,
                 stats,
                 events: self.events,
@@ -278,6 +297,7 @@ pub(crate) struct Engine {
     users: Option<Arc<dyn UserDirectory>>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) delivery: Option<Arc<dyn Delivery>>,
+    pub(crate) broker: Option<Arc<dyn Broker>>,
     pub(crate) stats: Arc<Stats>,
     pub(crate) events: Option<EventHook>,
     router: Router,
@@ -358,6 +378,9 @@ impl Engine {
                 max,
             });
         }
+        if let Some(broker) = &self.broker {
+            return self.send_through(broker, op, req, except).await;
+        }
         let (conversation, members) = if op == op::SEND_TO_GROUP {
             let member = trusted
                 || self
@@ -420,6 +443,48 @@ impl Engine {
         }
         self.stats.message();
         Ok(chat_id)
+    }
+
+    /// The cluster's send: the broker checks membership, assigns the chatId
+    /// and routes in one step; this node delivers from its feed.
+    async fn send_through(
+        &self,
+        broker: &Arc<dyn Broker>,
+        op: u32,
+        req: &SendRequest,
+        except: Option<ConnId>,
+    ) -> Result<i64, SendError> {
+        let conversation = if op == op::SEND_TO_GROUP {
+            Conversation::Group(req.to)
+        } else {
+            if let Some(users) = self.users.as_ref().filter(|_| req.to != req.from) {
+                let exists = self
+                    .bounded("user directory", users.exists(req.to))
+                    .await
+                    .map_err(SendError::Users)?;
+                if !exists {
+                    return Err(SendError::UnknownUser(req.to));
+                }
+            }
+            Conversation::direct(req.from, req.to)
+        };
+        let draft = Draft {
+            conversation,
+            op,
+            from: req.from,
+            to: req.to,
+            msg: req.msg.clone(),
+        };
+        let sent = tokio::time::timeout(self.config.hook_timeout, broker.send(draft, except)).await;
+        match sent {
+            Ok(Ok(chat_id)) => {
+                self.stats.message();
+                Ok(chat_id)
+            }
+            Ok(Err(BrokerError::NotMember)) => Err(SendError::NotMember(req.to)),
+            Ok(Err(e)) => Err(SendError::Store(e.to_string())),
+            Err(_) => Err(SendError::Store("cluster broker timed out".into())),
+        }
     }
 
     /// Checks a sync request from `mid` against PROTOCOL.md 2.7 (group
@@ -496,6 +561,7 @@ impl Comet {
             reserved: None,
             events: None,
             delivery: None,
+            broker: None,
         }
     }
 

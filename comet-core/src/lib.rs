@@ -61,6 +61,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod auth;
+pub mod broker;
 pub mod codec;
 pub mod comet;
 pub mod config;
@@ -90,6 +91,8 @@ pub use async_trait::async_trait;
 pub use crate::auth::{
     AuthOutcome, AuthRequest, Authenticator, ConnId, ConnInfo, Identity, UserDirectory,
 };
+#[doc(inline)]
+pub use crate::broker::{Broker, BrokerError};
 #[doc(inline)]
 pub use crate::comet::{BuildError, Comet, CometBuilder, Event};
 #[doc(inline)]

@@ -443,6 +443,25 @@ impl Registry {
         }
     }
 
+    /// Removes connection `conn_id` of `mid`, and counts its last inbox
+    /// work (putting back held messages, removing written inbox entries) as
+    /// under way until the guard is dropped: a new login of `mid` waits for
+    /// it (bounded) rather than read entries this session already wrote.
+    pub(crate) fn unregister_settling(&self, mid: Mid, conn_id: ConnId) -> Inflight<'_> {
+        let shard = self.shard(mid);
+        {
+            let mut map = shard.write();
+            let entry = map.entry(mid).or_default();
+            let before = entry.sessions.len();
+            entry.sessions.retain(|s| s.conn_id != conn_id);
+            if entry.sessions.len() < before {
+                self.sessions.fetch_sub(1, Ordering::Relaxed);
+            }
+            entry.offline_inflight += 1;
+        }
+        Inflight { shard, mid }
+    }
+
     /// Number of live sessions of `mid`.
     pub fn sessions_of(&self, mid: Mid) -> usize {
         self.shard(mid)
@@ -605,8 +624,9 @@ impl Registry {
     }
 }
 
-/// One offline push under way for `mid`; counted down when dropped.
-struct Inflight<'a> {
+/// One offline push (or a session's last inbox work) under way for `mid`;
+/// counted down when dropped. A login of `mid` waits for these (bounded).
+pub(crate) struct Inflight<'a> {
     shard: &'a Shard,
     mid: Mid,
 }

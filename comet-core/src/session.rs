@@ -151,11 +151,37 @@ struct Registered<'a> {
     engine: &'a Engine,
     mid: Mid,
     conn_id: u64,
+    /// Whether the cluster broker accepted the session's login (and so
+    /// must hear of its end).
+    brokered: bool,
+}
+
+impl<'a> Registered<'a> {
+    /// Unregisters now, and returns a guard that keeps a new login of the
+    /// mid waiting (bounded) until it is dropped.
+    fn settle(self) -> crate::registry::Inflight<'a> {
+        let this = std::mem::ManuallyDrop::new(self);
+        let settling = this
+            .engine
+            .registry
+            .unregister_settling(this.mid, this.conn_id);
+        if this.brokered {
+            if let Some(broker) = &this.engine.broker {
+                broker.logout(this.mid);
+            }
+        }
+        settling
+    }
 }
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
         self.engine.registry.unregister(self.mid, self.conn_id);
+        if self.brokered {
+            if let Some(broker) = &self.engine.broker {
+                broker.logout(self.mid);
+            }
+        }
     }
 }
 
@@ -526,8 +552,9 @@ where
             },
         }
     };
-    // No new deliveries from here on.
-    drop(registered);
+    // No new deliveries from here on; a new login of this mid waits until
+    // the inbox work below is done.
+    let settling = registered.settle();
     drop(ctx);
     // Live messages held back behind an inbox that was not done go to the
     // inbox, behind its rest, when this was the mid's last session.
@@ -562,6 +589,7 @@ where
         let mut removed = 0;
         let _ = Box::pin(remove_written_inbox(engine, mid, &shared, &mut removed)).await;
     }
+    drop(settling);
     end
 }
 
@@ -588,26 +616,40 @@ where
         .registry
         .register(handle.clone(), cfg.max_sessions_per_mid)
         .await;
-    let registered = Registered {
+    let mut registered = Registered {
         engine,
         mid,
         conn_id: conn.conn_id,
+        brokered: false,
     };
     if engine.shutdown.is_cancelled() {
         // Registered after `Comet::shutdown` swept the registry.
         handle.shared().kick(Kick::Shutdown);
     }
-    match engine
-        .bounded("message store", engine.store.offline(mid, INBOX_PAGE))
-        .await
-    {
+    let cluster = match &engine.broker {
+        // Routed here from now on, before the inbox is read.
+        Some(broker) => engine
+            .bounded("cluster broker", broker.login(mid))
+            .await
+            .map(|()| registered.brokered = true)
+            .map_err(|cause| ("cluster unavailable", cause)),
+        None => Ok(()),
+    };
+    let page = match cluster {
+        Ok(()) => engine
+            .bounded("message store", engine.store.offline(mid, INBOX_PAGE))
+            .await
+            .map_err(|cause| ("message store unavailable", cause)),
+        Err(e) => Err(e),
+    };
+    match page {
         Ok(page) => Ok((handle, registered, page)),
-        Err(cause) => {
+        Err((reason, cause)) => {
             drop(registered);
             engine.stats.auth_fail();
             engine.stats.tel.login(false);
-            tracing::warn!(peer = %conn.peer, mid, cause = %cause, "login refused: offline inbox unreadable");
-            let reason = "message store unavailable".to_string();
+            tracing::warn!(peer = %conn.peer, mid, cause = %cause, reason, "login refused");
+            let reason = reason.to_string();
             let mut writer = Writer::new(conn.mode, cfg.max_body, &engine.stats.tel);
             writer.frame(
                 &auth_frame.reply(

@@ -9,7 +9,9 @@
 //!   the whole store ([`memory::MemoryLimits`]);
 //! - [`memory::MemoryGroups`]: group membership with join and leave;
 //! - `embedded::EmbeddedStore` (cargo feature `embedded`): the same store,
-//!   crash-safe on disk (SQLite in WAL mode).
+//!   crash-safe on disk (SQLite in WAL mode);
+//! - `redis::RedisCluster` (cargo feature `redis`): cluster mode, many
+//!   nodes sharing one Redis (store, groups, presence and routing).
 //!
 //! ```
 //! use comet_plugins::memory::{MemoryAuth, MemoryGroups, MemoryStore};
@@ -33,3 +35,5 @@
 #[cfg(feature = "embedded")]
 pub mod embedded;
 pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;

@@ -15,14 +15,30 @@
 //!     .route("/health", get(|| async { "ok" }))
 //!     .route_service("/sub", CometWs::new(comet));
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
-//! // With connect info, sessions log their peer address.
+//! // Required: CometWs keys its limits and logs on the peer address.
 //! axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await
 //! # }
 //! ```
+//!
+//! **The peer address is required.** Served without connect info (a plain
+//! `axum::serve(listener, app)`), every upgrade request is answered
+//! `500 Internal Server Error` naming the fix, and the first one is logged
+//! at error level: every client would otherwise share the address
+//! `0.0.0.0:0`, and a per-address limit would count them all as one.
+//!
+//! **Behind a reverse proxy** the TCP peer is the proxy. Name the proxies
+//! with [`CometWs::trust_proxies`]: for a request whose TCP peer is one of
+//! them, the client address is the rightmost address of the `Forwarded`
+//! header (RFC 7239), or else of `X-Forwarded-For`, that is, the one the
+//! trusted proxy itself appended. Requests from any other peer keep their
+//! TCP address, whatever headers they carry.
 
 use std::convert::Infallible;
+use std::fmt;
 use std::future::{ready, Ready};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::body::Body;
@@ -45,7 +61,32 @@ use crate::{Admission, Limits};
 pub struct CometWs {
     comet: Comet,
     limits: Option<Limits>,
+    trusted: Arc<[ipnet::IpNet]>,
 }
+
+/// A trusted proxy given to [`CometWs::trust_proxies`] that is neither an
+/// address nor a network in CIDR notation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BadProxy(pub String);
+
+impl fmt::Display for BadProxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "trusted proxy {:?} is neither an IP address nor a CIDR network (e.g. 10.0.0.0/8)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for BadProxy {}
+
+/// Whether the missing-connect-info error was logged (once per process).
+static NO_CONNECT_INFO_LOGGED: AtomicBool = AtomicBool::new(false);
+
+const NO_CONNECT_INFO: &str =
+    "comet's WebSocket endpoint needs the peer address: serve the app with \
+     `axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())`";
 
 impl CometWs {
     /// A service serving sessions of `comet`.
@@ -53,6 +94,55 @@ impl CometWs {
         CometWs {
             comet,
             limits: None,
+            trusted: Arc::from(Vec::new()),
+        }
+    }
+
+    /// Takes the client's address from the `Forwarded` or
+    /// `X-Forwarded-For` header of requests whose TCP peer is one of
+    /// `proxies` (addresses, or networks like `"10.0.0.0/8"`); see the
+    /// [module docs](self). Headers from any other peer are ignored.
+    ///
+    /// ```
+    /// # fn run(comet: comet_core::Comet) -> Result<(), comet_transports::axum::BadProxy> {
+    /// use comet_transports::axum::CometWs;
+    /// let ws = CometWs::new(comet).trust_proxies(["127.0.0.1", "10.0.0.0/8"])?;
+    /// # Ok(()) }
+    /// ```
+    pub fn trust_proxies<I, S>(mut self, proxies: I) -> Result<Self, BadProxy>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let nets = proxies
+            .into_iter()
+            .map(|p| {
+                let p = p.as_ref().trim();
+                p.parse::<ipnet::IpNet>()
+                    .or_else(|_| p.parse::<IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| BadProxy(p.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.trusted = Arc::from(nets);
+        Ok(self)
+    }
+
+    /// The client's address: the TCP peer's, or, from a trusted proxy, the
+    /// one it appended to `Forwarded` / `X-Forwarded-For`.
+    fn client_addr(&self, peer: SocketAddr, headers: &HeaderMap) -> SocketAddr {
+        let ip = peer.ip().to_canonical();
+        if !self.trusted.iter().any(|net| net.contains(&ip)) {
+            return peer;
+        }
+        let forwarded = client_ip::rightmost_forwarded(headers)
+            .or_else(|_| client_ip::rightmost_x_forwarded_for(headers));
+        match forwarded {
+            // The client's port is not known: 0.
+            Ok(client) => SocketAddr::new(client, 0),
+            Err(e) => {
+                tracing::debug!(%peer, cause = %e, "trusted proxy sent no usable client address");
+                peer
+            }
         }
     }
 
@@ -99,11 +189,17 @@ where
 
 impl CometWs {
     fn upgrade<B>(&self, req: &mut Request<B>) -> Response<Body> {
-        let peer = req
+        let Some(socket_peer) = req
             .extensions()
             .get::<ConnectInfo<SocketAddr>>()
             .map(|c| c.0)
-            .unwrap_or_else(|| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+        else {
+            if !NO_CONNECT_INFO_LOGGED.swap(true, Ordering::Relaxed) {
+                tracing::error!("{NO_CONNECT_INFO}; refusing every upgrade until then");
+            }
+            return plain(StatusCode::INTERNAL_SERVER_ERROR, NO_CONNECT_INFO);
+        };
+        let peer = self.client_addr(socket_peer, req.headers());
         let headers = req.headers();
         if req.method() != Method::GET
             || !header_has(headers, header::UPGRADE, "websocket")

@@ -7,6 +7,8 @@
 //!   binary (goim v2) modes fixed by the first data frame;
 //! - [`axum`] (feature `axum`, on by default): a tower service that upgrades a
 //!   request on an existing axum `Router` route into a comet session;
+//! - [`static_files`]: an opt-in of the WebSocket listener that serves a
+//!   fixed set of files (a web client) to plain `GET` requests;
 //! - [`admin`] (feature `admin`, on by default): the admin and push HTTP
 //!   API as an axum `Router` (metrics, health, sends, presence, history,
 //!   groups);
@@ -41,6 +43,7 @@ mod io;
 mod limits;
 mod listener;
 mod login;
+pub mod static_files;
 pub mod tcp;
 pub mod tls;
 pub mod ws;

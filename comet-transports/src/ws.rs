@@ -21,6 +21,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::listener::{accept_loop, handshake_deadline, tls_handshake};
 use crate::login::{BudgetSpent, Budgeted, LoginGuard, ReadBudget};
+use crate::static_files::{route, Rewind, Routed, StaticFiles};
 use crate::tls::TlsAcceptor;
 use crate::{Admission, Limits};
 
@@ -49,12 +50,19 @@ pub fn pre_auth_budget(config: &comet_core::Config) -> usize {
 pub struct WsOptions {
     /// The path clients connect to (default `/sub`); other paths get 404.
     pub path: String,
+    /// Files served to plain `GET` requests on the same listener (default
+    /// none): with a map, requests that are not WebSocket upgrades are
+    /// answered from it, or with 404, and the connection is closed (see
+    /// [`static_files`](crate::static_files)); without one, such requests
+    /// fail the upgrade as before.
+    pub static_files: Option<StaticFiles>,
 }
 
 impl Default for WsOptions {
     fn default() -> Self {
         WsOptions {
             path: "/sub".into(),
+            static_files: None,
         }
     }
 }
@@ -91,6 +99,7 @@ pub async fn serve(
     limits: Limits,
 ) -> io::Result<()> {
     let path: std::sync::Arc<str> = options.path.into();
+    let files = options.static_files;
     accept_loop(
         comet,
         listener,
@@ -98,8 +107,14 @@ pub async fn serve(
         "websocket",
         move |comet, stream, peer, admission| {
             let path = path.clone();
+            let files = files.clone();
             async move {
-                accept_stream(&comet, stream, peer, &path, admission).await;
+                match &files {
+                    Some(files) => {
+                        accept_or_serve_file(&comet, stream, peer, &path, files, admission).await
+                    }
+                    None => accept_stream(&comet, stream, peer, &path, admission).await,
+                };
             }
         },
     )
@@ -116,6 +131,7 @@ pub async fn serve_tls(
     acceptor: TlsAcceptor,
 ) -> io::Result<()> {
     let path: std::sync::Arc<str> = options.path.into();
+    let files = options.static_files;
     accept_loop(
         comet,
         listener,
@@ -124,11 +140,18 @@ pub async fn serve_tls(
         move |comet, stream, peer, admission| {
             let path = path.clone();
             let acceptor = acceptor.clone();
+            let files = files.clone();
             async move {
-                if let Some(tls) = tls_handshake(&comet, &acceptor, stream, peer, &admission).await
-                {
-                    accept_stream(&comet, tls, peer, &path, admission).await;
-                }
+                let Some(tls) = tls_handshake(&comet, &acceptor, stream, peer, &admission).await
+                else {
+                    return;
+                };
+                match &files {
+                    Some(files) => {
+                        accept_or_serve_file(&comet, tls, peer, &path, files, admission).await
+                    }
+                    None => accept_stream(&comet, tls, peer, &path, admission).await,
+                };
             }
         },
     )
@@ -151,6 +174,59 @@ pub async fn accept_stream<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin,
 {
+    let budget = ReadBudget::new(pre_auth_budget(comet.config()));
+    let stream = Budgeted::new(stream, budget.clone());
+    upgrade(comet, stream, budget, peer, path, admission).await
+}
+
+/// Like [`accept_stream`], reading the request head first: a plain request
+/// is answered from `files` (or 404) and the connection closed (`None`);
+/// an upgrade goes on as in [`accept_stream`]. The head counts towards the
+/// handshake timeout and the pre-login read budget.
+pub async fn accept_or_serve_file<S>(
+    comet: &Comet,
+    stream: S,
+    peer: SocketAddr,
+    path: &str,
+    files: &StaticFiles,
+    admission: Admission,
+) -> Option<SessionEnd>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    let budget = ReadBudget::new(pre_auth_budget(comet.config()));
+    let mut stream = Budgeted::new(stream, budget.clone());
+    let deadline = handshake_deadline(comet, &admission);
+    let routed = route(&mut stream, files, path, UPGRADE_ALLOWANCE);
+    match tokio::time::timeout_at(deadline, routed).await {
+        Ok(Ok(Routed::Upgrade(head))) => {
+            let stream = Rewind::new(head, stream);
+            upgrade(comet, stream, budget, peer, path, admission).await
+        }
+        Ok(Ok(Routed::Answered)) => None,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, cause = %e, "http request failed");
+            None
+        }
+        Err(_) => {
+            tracing::info!(%peer, "http request not completed within the handshake timeout");
+            None
+        }
+    }
+}
+
+/// The WebSocket handshake on a budgeted stream, then the session.
+async fn upgrade<S>(
+    comet: &Comet,
+    stream: S,
+    budget: ReadBudget,
+    peer: SocketAddr,
+    path: &str,
+    admission: Admission,
+) -> Option<SessionEnd>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin,
+{
     // tungstenite's callback signature fixes the error type.
     #[allow(clippy::result_large_err)]
     let check_path = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
@@ -164,8 +240,6 @@ where
         }
     };
     let config = ws_config(comet.config().max_body);
-    let budget = ReadBudget::new(pre_auth_budget(comet.config()));
-    let stream = Budgeted::new(stream, budget.clone());
     let handshake =
         tokio_tungstenite::accept_hdr_async_with_config(stream, check_path, Some(config));
     // A statement of its own, so that the connection's future keeps no

@@ -3,6 +3,7 @@
 
 pub mod engine;
 pub mod raw;
+pub mod redis;
 pub mod server;
 
 use std::future::Future;

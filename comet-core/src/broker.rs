@@ -1,0 +1,60 @@
+//! Cluster mode: the [`Broker`] seam.
+//!
+//! Without a broker (the default), a node stores a message with its
+//! [`MessageStore`](crate::MessageStore), under a per-conversation lock,
+//! and delivers it to its own sessions through its
+//! [`Registry`](crate::Registry). With one (see
+//! [`CometBuilder::broker`](crate::CometBuilder::broker)), a send is one call
+//! to the broker, which checks group membership, assigns the chatId, keeps
+//! the history and routes the message to every node that holds a recipient
+//! (the sending node included) or to the inbox of a recipient who is online
+//! nowhere. Each node delivers what its subscription feeds it, in the order
+//! the broker assigned, through its registry
+//! ([`Delivery::deliver`](crate::Delivery::deliver)).
+//!
+//! Sessions tell the broker where they are: [`Broker::login`] runs after a
+//! session is registered locally and before its offline inbox is read,
+//! [`Broker::logout`] once it has ended.
+
+use async_trait::async_trait;
+
+use crate::auth::ConnId;
+use crate::error::BoxError;
+use crate::store::Draft;
+use crate::Mid;
+
+/// Why a [`Broker::send`] stored nothing.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BrokerError {
+    /// An op 20 whose sender is not a member of the group (no chatId was
+    /// consumed).
+    #[error("sender is not a member of the group")]
+    NotMember,
+    /// The broker could not be reached or failed; no chatId was consumed.
+    #[error("{0}")]
+    Unavailable(BoxError),
+}
+
+/// Orders, keeps and routes messages for a cluster of comet nodes.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// In one atomic step: for op 20, checks that `draft.from` is a member
+    /// of the group; assigns the next chatId of the conversation; appends
+    /// the message to its history; routes it to the nodes holding its
+    /// recipients and the sender's other sessions (skipping connection
+    /// `except` of this node) or to the inboxes of recipients online
+    /// nowhere. Returns the message's chatId. Delivery to this node's
+    /// sessions comes back through the broker's feed, not from this call.
+    async fn send(&self, draft: Draft, except: Option<ConnId>) -> Result<i64, BrokerError>;
+
+    /// A session of `mid` was registered on this node: from now on the
+    /// broker routes `mid`'s messages here. Called before the session reads
+    /// its offline inbox, so that every message is either in the inbox or
+    /// routed here. An error refuses the login with the error as reason.
+    async fn login(&self, mid: Mid) -> Result<(), BoxError>;
+
+    /// A session of `mid` that [`login`](Self::login) accepted has ended on
+    /// this node. Must not block.
+    fn logout(&self, mid: Mid);
+}

@@ -1,0 +1,799 @@
+//! Cluster mode on Redis (cargo feature `redis`): many comet nodes behind a
+//! load balancer behave as one server.
+//!
+//! [`RedisCluster`] holds one multiplexed connection to Redis
+//! ([`redis::aio::ConnectionManager`]: every call of the node is pipelined
+//! through it, and it reconnects by itself) and hands out the three parts a
+//! node plugs into its [`CometBuilder`](comet_core::CometBuilder):
+//!
+//! - [`RedisStore`], the shared [`MessageStore`]: capped history per
+//!   conversation (a stream), offline inboxes (sorted sets);
+//! - [`RedisGroups`], the shared [`GroupDirectory`], with join and leave;
+//! - [`RedisBroker`], the [`Broker`]: one Lua script call per send checks
+//!   membership (a refused op 20 consumes no chatId), assigns the chatId
+//!   (`INCR`), appends to the capped history (`XADD … MAXLEN`), and routes:
+//!   `PUBLISH` to each node that holds a recipient (the sending node
+//!   included: it delivers its own message from its feed, so every node
+//!   delivers a conversation in the script's order), or into the inbox of a
+//!   1:1 recipient online nowhere. A group message is kept once, in the
+//!   group's history; a member who was offline everywhere catches up from it
+//!   at login, from the chatId it had read when it left.
+//!
+//! Presence (which nodes hold which mids) lives in Redis next to a
+//! heartbeat key per node that expires: a dead node's entries are ignored
+//! and dropped, and its users' messages go to inboxes and group catch-up.
+//! A node's entries also count as gone as soon as nobody listens on its
+//! channel (`PUBLISH` reaches no subscriber, `PUBSUB NUMSUB` is 0).
+//!
+//! Login neither misses nor duplicates: the node is subscribed to its
+//! channel before it accepts any login, and the session is registered
+//! locally before one script, atomic with every send script, adds the node
+//! to the mid's presence and (if the mid was online nowhere) copies the
+//! group catch-up into its inbox. A send ordered before that script is in
+//! the inbox or the catch-up; one ordered after it is published to the node,
+//! which already holds the session. No chatId can be in both, so there is
+//! nothing to drop. After a node crash (no logout ran), a user's group
+//! catch-up restarts at its last login and may repeat messages it had
+//! already received live: duplicates by chatId, never losses.
+//!
+//! Faults: a node whose feed (pub/sub connection) drops closes all its
+//! sessions (their clients reconnect and sync with op 22) and refuses logins
+//! until it has subscribed again. While Redis is unreachable, sends fail
+//! (ret -1) and logins are refused with a reason; both recover by themselves.
+//! Scripts a restarted Redis has forgotten are loaded again (`NOSCRIPT`).
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), comet_core::BoxError> {
+//! use comet_plugins::redis::{RedisCluster, RedisOptions};
+//! use std::sync::Arc;
+//!
+//! let cluster = RedisCluster::connect(RedisOptions::new("redis://127.0.0.1:6379/", "node-a")).await?;
+//! cluster.groups().set_members(100, [1, 2, 3]).await?;
+//! let comet = comet_core::Comet::builder()
+//!     .store(cluster.store())
+//!     .groups(cluster.groups())
+//!     .broker({
+//!         let cluster = cluster.clone();
+//!         move |registry| cluster.broker(registry)
+//!     })
+//!     .build()?;
+//! # let _ = comet; Ok(()) }
+//! ```
+
+mod scripts;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use comet_core::broker::{Broker, BrokerError};
+use comet_core::payload::Delivered;
+use comet_core::store::{Draft, History, MessageStore, Offline};
+use comet_core::{
+    async_trait, BoxError, ConnId, Conversation, Delivery, GroupDirectory, GroupId, Members,
+    Message, Mid, Registry,
+};
+use futures_util::StreamExt as _;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+
+/// How to reach Redis and who this node is.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct RedisOptions {
+    /// `redis://host:port/db`.
+    pub url: String,
+    /// This node's id, unique in the cluster (it names its feed channel).
+    pub node_id: String,
+    /// Prefix of every key and channel, so several clusters (or tests) can
+    /// share one Redis. Default `comet:`.
+    pub prefix: String,
+    /// Messages of history kept per conversation (default 10,000).
+    pub history: usize,
+    /// Messages kept per offline inbox (default 1,000); also the most a
+    /// group catch-up copies per group at login.
+    pub inbox: usize,
+    /// How long a node's presence outlives its last heartbeat (default
+    /// 10 s; heartbeats go every third of it).
+    pub node_ttl: Duration,
+    /// Bound on connecting to Redis and on each answer (default 2 s).
+    pub timeout: Duration,
+}
+
+impl RedisOptions {
+    /// Options with the defaults, for `url` and `node_id`.
+    pub fn new(url: impl Into<String>, node_id: impl Into<String>) -> Self {
+        RedisOptions {
+            url: url.into(),
+            node_id: node_id.into(),
+            prefix: "comet:".into(),
+            history: 10_000,
+            inbox: 1_000,
+            node_ttl: Duration::from_secs(10),
+            timeout: Duration::from_secs(2),
+        }
+    }
+
+    /// With `prefix` for keys and channels.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// With history and inbox bounds.
+    pub fn limits(mut self, history: usize, inbox: usize) -> Self {
+        self.history = history;
+        self.inbox = inbox;
+        self
+    }
+
+    /// With `ttl` as the presence lifetime after a node's last heartbeat.
+    pub fn node_ttl(mut self, ttl: Duration) -> Self {
+        self.node_ttl = ttl;
+        self
+    }
+}
+
+struct Scripts {
+    send: Script,
+    login: Script,
+    logout: Script,
+    reset_node: Script,
+    history: Script,
+    push: Script,
+    join: Script,
+    leave: Script,
+}
+
+struct Inner {
+    opts: RedisOptions,
+    client: redis::Client,
+    con: ConnectionManager,
+    scripts: Scripts,
+}
+
+impl Inner {
+    fn con(&self) -> ConnectionManager {
+        self.con.clone()
+    }
+}
+
+/// One node's connection to the cluster's Redis; cheap to clone. See the
+/// [module docs](self).
+#[derive(Clone)]
+pub struct RedisCluster {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RedisCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisCluster")
+            .field("node_id", &self.inner.opts.node_id)
+            .field("prefix", &self.inner.opts.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisCluster {
+    /// Connects to Redis (failing if it cannot be reached now; later
+    /// outages are recovered from by themselves).
+    pub async fn connect(opts: RedisOptions) -> Result<Self, BoxError> {
+        if opts.node_id.is_empty() || opts.node_id.contains(['\n', ',']) {
+            return Err(format!("bad cluster node id {:?}", opts.node_id).into());
+        }
+        let client = redis::Client::open(opts.url.as_str())?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(opts.timeout)
+            .set_response_timeout(opts.timeout)
+            .set_number_of_retries(1)
+            .set_max_delay(1_000);
+        let con = ConnectionManager::new_with_config(client.clone(), config).await?;
+        let scripts = Scripts {
+            send: Script::new(&scripts::send()),
+            login: Script::new(&scripts::login()),
+            logout: Script::new(&scripts::logout()),
+            reset_node: Script::new(scripts::RESET_NODE),
+            history: Script::new(scripts::HISTORY),
+            push: Script::new(&scripts::push()),
+            join: Script::new(scripts::JOIN),
+            leave: Script::new(scripts::LEAVE),
+        };
+        Ok(RedisCluster {
+            inner: Arc::new(Inner {
+                opts,
+                client,
+                con,
+                scripts,
+            }),
+        })
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.inner.opts.node_id
+    }
+
+    /// The shared message store.
+    pub fn store(&self) -> Arc<RedisStore> {
+        Arc::new(RedisStore {
+            inner: self.inner.clone(),
+        })
+    }
+
+    /// The shared group directory.
+    pub fn groups(&self) -> Arc<RedisGroups> {
+        Arc::new(RedisGroups {
+            inner: self.inner.clone(),
+        })
+    }
+
+    /// The broker of the node whose sessions `registry` holds: pass this to
+    /// [`CometBuilder::broker`](comet_core::CometBuilder::broker). Starts
+    /// the node's heartbeat and feed on the current tokio runtime; they stop
+    /// when the broker is dropped.
+    pub fn broker(&self, registry: Arc<Registry>) -> Arc<dyn Broker> {
+        let subscribed = Arc::new(AtomicBool::new(false));
+        let feed = tokio::spawn(feed(
+            self.inner.clone(),
+            registry.clone(),
+            subscribed.clone(),
+        ));
+        let heartbeat = tokio::spawn(heartbeat(self.inner.clone()));
+        Arc::new(RedisBroker {
+            inner: self.inner.clone(),
+            registry,
+            subscribed,
+            stripes: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
+            tasks: [feed.abort_handle(), heartbeat.abort_handle()],
+        })
+    }
+}
+
+/// The conversation's key suffix.
+fn conv_key(c: Conversation) -> String {
+    match c {
+        Conversation::Direct(a, b) => format!("d:{a}:{b}"),
+        Conversation::Group(g) => format!("g:{g}"),
+    }
+}
+
+/// Refreshes this node's heartbeat key every third of its lifetime.
+async fn heartbeat(inner: Arc<Inner>) {
+    let key = format!("{}node:{}", inner.opts.prefix, inner.opts.node_id);
+    let ttl = u64::try_from(inner.opts.node_ttl.as_millis()).unwrap_or(u64::MAX);
+    let mut tick = tokio::time::interval(inner.opts.node_ttl / 3);
+    loop {
+        tick.tick().await;
+        let mut con = inner.con();
+        let set: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(&key)
+            .arg(1)
+            .arg("PX")
+            .arg(ttl)
+            .query_async(&mut con)
+            .await;
+        if let Err(e) = set {
+            tracing::warn!(cause = %e, "cluster heartbeat failed");
+        }
+    }
+}
+
+/// Subscribes to this node's channel and delivers what it carries, in the
+/// order Redis published it; when the subscription is lost, closes every
+/// session of the node (they reconnect and sync) and subscribes again.
+async fn feed(inner: Arc<Inner>, registry: Arc<Registry>, subscribed: Arc<AtomicBool>) {
+    let channel = format!("{}ch:{}", inner.opts.prefix, inner.opts.node_id);
+    let mut first = true;
+    loop {
+        match subscribe(&inner, &channel).await {
+            Ok(stream) => {
+                if first {
+                    // Presence left by this node's previous life.
+                    let mut con = inner.con();
+                    let reset: redis::RedisResult<i64> = inner
+                        .scripts
+                        .reset_node
+                        .arg(&inner.opts.prefix)
+                        .arg(&inner.opts.node_id)
+                        .invoke_async(&mut con)
+                        .await;
+                    if let Err(e) = reset {
+                        tracing::warn!(cause = %e, "cluster: resetting this node's presence failed");
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                        continue;
+                    }
+                    first = false;
+                }
+                subscribed.store(true, Ordering::SeqCst);
+                tracing::info!(node = %inner.opts.node_id, "cluster feed subscribed");
+                let mut stream = stream;
+                while let Some(msg) = stream.next().await {
+                    deliver(&registry, &inner.opts.node_id, msg.get_payload_bytes()).await;
+                }
+                subscribed.store(false, Ordering::SeqCst);
+                let sessions = registry.session_count();
+                tracing::warn!(
+                    sessions,
+                    "cluster feed lost: closing this node's sessions so they resync"
+                );
+                registry.disconnect_all();
+            }
+            Err(e) => tracing::warn!(cause = %e, "cluster feed: cannot subscribe"),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn subscribe(inner: &Inner, channel: &str) -> redis::RedisResult<redis::aio::PubSubStream> {
+    let connect = async {
+        let mut pubsub = inner.client.get_async_pubsub().await?;
+        pubsub.subscribe(channel).await?;
+        Ok(pubsub.into_on_message())
+    };
+    match tokio::time::timeout(inner.opts.timeout, connect).await {
+        Ok(r) => r,
+        Err(_) => Err(redis::RedisError::from((
+            redis::ErrorKind::IoError,
+            "timed out",
+        ))),
+    }
+}
+
+/// Splits `n` fields off `buf` at `\n`; the last field is the rest.
+fn fields<const N: usize>(buf: &[u8]) -> Option<[&[u8]; N]> {
+    let mut out = [&buf[..0]; N];
+    let mut rest = buf;
+    for slot in out.iter_mut().take(N - 1) {
+        let at = rest.iter().position(|&b| b == b'\n')?;
+        *slot = &rest[..at];
+        rest = &rest[at + 1..];
+    }
+    out[N - 1] = rest;
+    Some(out)
+}
+
+fn num<T: std::str::FromStr>(field: &[u8]) -> Option<T> {
+    std::str::from_utf8(field).ok()?.parse().ok()
+}
+
+/// One feed payload (see the key layout in `scripts`) delivered to this
+/// node's sessions.
+async fn deliver(registry: &Registry, node: &str, payload: &[u8]) {
+    let parsed = (|| {
+        let [chat, op, from, to, except, mids, msg] = fields::<7>(payload)?;
+        let from: Mid = num(from)?;
+        let except: ConnId = num(except)?;
+        let mids = std::str::from_utf8(mids).ok()?;
+        let mut recipients = Vec::new();
+        let mut echo = None;
+        for m in mids.split(',') {
+            let m: Mid = m.parse().ok()?;
+            if m == from {
+                echo = Some(m);
+            } else {
+                recipients.push(m);
+            }
+        }
+        let msg = Message::new(Delivered {
+            op: num(op)?,
+            chat_id: num(chat)?,
+            from,
+            to: num(to)?,
+            msg: Bytes::copy_from_slice(msg),
+        });
+        // A self-addressed 1:1 message: the sender is its recipient.
+        if recipients.is_empty() && msg.delivered().to == from {
+            recipients.push(from);
+            echo = None;
+        }
+        Some((recipients, echo, msg, (except != 0).then_some(except)))
+    })();
+    let Some((recipients, echo, msg, except)) = parsed else {
+        tracing::error!(node, "cluster feed: malformed message dropped");
+        return;
+    };
+    // Recipients without a session here any more get it in their inbox.
+    let _ = registry.deliver(&recipients, echo, &msg, except).await;
+}
+
+fn unavailable(e: redis::RedisError) -> BrokerError {
+    BrokerError::Unavailable(Box::new(e))
+}
+
+/// Where sends go and logins register in cluster mode; made by
+/// [`RedisCluster::broker`].
+pub struct RedisBroker {
+    inner: Arc<Inner>,
+    registry: Arc<Registry>,
+    subscribed: Arc<AtomicBool>,
+    /// Orders one mid's presence changes on this node (login against a
+    /// logout still under way).
+    stripes: Arc<[tokio::sync::Mutex<()>]>,
+    tasks: [tokio::task::AbortHandle; 2],
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("node_id", &self.inner.opts.node_id)
+            .field("subscribed", &self.subscribed.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for RedisBroker {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl RedisBroker {
+    /// Whether the node's feed is subscribed (logins are refused while not).
+    pub fn is_subscribed(&self) -> bool {
+        self.subscribed.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn send(&self, draft: Draft, except: Option<ConnId>) -> Result<i64, BrokerError> {
+        let o = &self.inner.opts;
+        let mut con = self.inner.con();
+        let chat: i64 = self
+            .inner
+            .scripts
+            .send
+            .arg(&o.prefix)
+            .arg(draft.op)
+            .arg(draft.from)
+            .arg(draft.to)
+            .arg(&draft.msg[..])
+            .arg(conv_key(draft.conversation))
+            .arg(o.history)
+            .arg(o.inbox)
+            .arg(1)
+            .arg(&o.node_id)
+            .arg(except.unwrap_or(0))
+            .invoke_async(&mut con)
+            .await
+            .map_err(unavailable)?;
+        if chat < 0 {
+            return Err(BrokerError::NotMember);
+        }
+        Ok(chat)
+    }
+
+    async fn login(&self, mid: Mid) -> Result<(), BoxError> {
+        if !self.is_subscribed() {
+            return Err("cluster feed not subscribed".into());
+        }
+        let o = &self.inner.opts;
+        let _order = stripe(&self.stripes, mid).lock().await;
+        let mut con = self.inner.con();
+        let _copied: i64 = self
+            .inner
+            .scripts
+            .login
+            .arg(&o.prefix)
+            .arg(mid)
+            .arg(&o.node_id)
+            .arg(u64::try_from(o.node_ttl.as_millis()).unwrap_or(u64::MAX))
+            .arg(o.inbox)
+            .arg(o.inbox)
+            .invoke_async(&mut con)
+            .await?;
+        // Lost while the script ran: the feed may have missed this mid's
+        // messages, and `disconnect_all` may have run before the session
+        // was registered.
+        if !self.is_subscribed() {
+            return Err("cluster feed not subscribed".into());
+        }
+        Ok(())
+    }
+
+    fn logout(&self, mid: Mid) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let inner = self.inner.clone();
+        let registry = self.registry.clone();
+        let stripes = self.stripes.clone();
+        rt.spawn(async move {
+            let _order = stripe(&stripes, mid).lock().await;
+            if registry.sessions_of(mid) > 0 {
+                return;
+            }
+            let mut con = inner.con();
+            let gone: redis::RedisResult<i64> = inner
+                .scripts
+                .logout
+                .arg(&inner.opts.prefix)
+                .arg(mid)
+                .arg(&inner.opts.node_id)
+                .invoke_async(&mut con)
+                .await;
+            if let Err(e) = gone {
+                // Messages routed here meanwhile go to the inbox (the mid
+                // has no session here), and the node's death ends it.
+                tracing::warn!(mid, cause = %e, "cluster logout not recorded");
+            }
+        });
+    }
+}
+
+fn stripe(stripes: &[tokio::sync::Mutex<()>], mid: Mid) -> &tokio::sync::Mutex<()> {
+    &stripes[mid.unsigned_abs() as usize % stripes.len()]
+}
+
+/// The cluster's shared [`MessageStore`]: history, offline inboxes; made by
+/// [`RedisCluster::store`].
+///
+/// Used on its own (without the broker), [`append`](MessageStore::append)
+/// stores and numbers a message without routing it.
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.inner.opts.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The `to` of a message of `conversation` sent by `from`.
+fn recipient(conversation: Conversation, from: Mid) -> i32 {
+    match conversation {
+        Conversation::Direct(a, b) if a == from => b,
+        Conversation::Direct(a, _) => a,
+        Conversation::Group(g) => g,
+    }
+}
+
+fn bad_reply(what: &str) -> BoxError {
+    format!("malformed {what} in Redis").into()
+}
+
+#[async_trait]
+impl MessageStore for RedisStore {
+    async fn append(&self, draft: Draft) -> Result<Arc<Message>, BoxError> {
+        let o = &self.inner.opts;
+        let mut con = self.inner.con();
+        let chat: i64 = self
+            .inner
+            .scripts
+            .send
+            .arg(&o.prefix)
+            .arg(draft.op)
+            .arg(draft.from)
+            .arg(draft.to)
+            .arg(&draft.msg[..])
+            .arg(conv_key(draft.conversation))
+            .arg(o.history)
+            .arg(o.inbox)
+            .arg(0)
+            .arg(&o.node_id)
+            .arg(0)
+            .invoke_async(&mut con)
+            .await?;
+        Ok(draft.into_message(chat))
+    }
+
+    async fn history(
+        &self,
+        conversation: Conversation,
+        after: i64,
+        limit: usize,
+    ) -> Result<History, BoxError> {
+        let mut con = self.inner.con();
+        let reply: Vec<redis::Value> = self
+            .inner
+            .scripts
+            .history
+            .arg(&self.inner.opts.prefix)
+            .arg(conv_key(conversation))
+            .arg(after)
+            .arg(limit)
+            .invoke_async(&mut con)
+            .await?;
+        let int = |v: &redis::Value| redis::from_redis_value::<i64>(v).map_err(BoxError::from);
+        let (Some(head), Some(oldest)) = (reply.first(), reply.get(1)) else {
+            return Err(bad_reply("history"));
+        };
+        let (head, oldest) = (int(head)?, int(oldest)?);
+        let op = match conversation {
+            Conversation::Group(_) => comet_core::op::SEND_TO_GROUP,
+            Conversation::Direct(..) => comet_core::op::SEND_TO_USER,
+        };
+        let mut messages = Vec::with_capacity((reply.len() - 2) / 3);
+        for entry in reply[2..].chunks(3) {
+            let [chat, from, msg] = entry else {
+                return Err(bad_reply("history entry"));
+            };
+            let from: Mid = redis::from_redis_value(from)?;
+            let msg: Vec<u8> = redis::from_redis_value(msg)?;
+            messages.push(Message::new(Delivered {
+                op,
+                chat_id: int(chat)?,
+                from,
+                to: recipient(conversation, from),
+                msg: Bytes::from(msg),
+            }));
+        }
+        Ok(History {
+            messages,
+            oldest,
+            head,
+        })
+    }
+
+    async fn push_offline(&self, mid: Mid, msg: Arc<Message>) -> Result<(), BoxError> {
+        let d = msg.delivered();
+        let mut con = self.inner.con();
+        let _: i64 = self
+            .inner
+            .scripts
+            .push
+            .arg(&self.inner.opts.prefix)
+            .arg(mid)
+            .arg(self.inner.opts.inbox)
+            .arg(d.op)
+            .arg(d.from)
+            .arg(d.to)
+            .arg(d.chat_id)
+            .arg(&d.msg[..])
+            .invoke_async(&mut con)
+            .await?;
+        Ok(())
+    }
+
+    async fn offline(&self, mid: Mid, limit: usize) -> Result<Vec<Offline>, BoxError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut con = self.inner.con();
+        let key = format!("{}in:{mid}", self.inner.opts.prefix);
+        let entries: Vec<Vec<u8>> = redis::cmd("ZRANGE")
+            .arg(key)
+            .arg(0)
+            .arg(limit - 1)
+            .query_async(&mut con)
+            .await?;
+        entries
+            .iter()
+            .map(|e| {
+                let parsed = (|| {
+                    let [seq, op, from, to, chat, msg] = fields::<6>(e)?;
+                    Some(Offline {
+                        seq: num(seq)?,
+                        msg: Message::new(Delivered {
+                            op: num(op)?,
+                            chat_id: num(chat)?,
+                            from: num(from)?,
+                            to: num(to)?,
+                            msg: Bytes::copy_from_slice(msg),
+                        }),
+                    })
+                })();
+                parsed.ok_or_else(|| bad_reply("inbox entry"))
+            })
+            .collect()
+    }
+
+    async fn remove_offline(&self, mid: Mid, through: u64) -> Result<(), BoxError> {
+        let mut con = self.inner.con();
+        let key = format!("{}in:{mid}", self.inner.opts.prefix);
+        let _: i64 = redis::cmd("ZREMRANGEBYSCORE")
+            .arg(key)
+            .arg("-inf")
+            .arg(through)
+            .query_async(&mut con)
+            .await?;
+        Ok(())
+    }
+}
+
+/// The cluster's shared [`GroupDirectory`], with join and leave; made by
+/// [`RedisCluster::groups`].
+pub struct RedisGroups {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RedisGroups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisGroups")
+            .field("prefix", &self.inner.opts.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisGroups {
+    /// Adds `mid` to `group` (creating it); idempotent. A new member's
+    /// catch-up starts at the group's current chatId.
+    pub async fn join(&self, group: GroupId, mid: Mid) -> Result<(), BoxError> {
+        let mut con = self.inner.con();
+        let _: i64 = self
+            .inner
+            .scripts
+            .join
+            .arg(&self.inner.opts.prefix)
+            .arg(group)
+            .arg(mid)
+            .invoke_async(&mut con)
+            .await?;
+        Ok(())
+    }
+
+    /// Removes `mid` from `group`.
+    pub async fn leave(&self, group: GroupId, mid: Mid) -> Result<(), BoxError> {
+        let mut con = self.inner.con();
+        let _: i64 = self
+            .inner
+            .scripts
+            .leave
+            .arg(&self.inner.opts.prefix)
+            .arg(group)
+            .arg(mid)
+            .invoke_async(&mut con)
+            .await?;
+        Ok(())
+    }
+
+    /// Adds every mid of `members` to `group` (idempotent: members already
+    /// in keep their catch-up point; members not listed stay), in one
+    /// pipeline.
+    pub async fn set_members(
+        &self,
+        group: GroupId,
+        members: impl IntoIterator<Item = Mid>,
+    ) -> Result<(), BoxError> {
+        let mut pipe = redis::pipe();
+        for mid in members {
+            pipe.invoke_script(
+                self.inner
+                    .scripts
+                    .join
+                    .arg(&self.inner.opts.prefix)
+                    .arg(group)
+                    .arg(mid),
+            );
+        }
+        let mut con = self.inner.con();
+        // A pipeline's EVALSHA may meet NOSCRIPT: load the script first.
+        self.inner
+            .scripts
+            .join
+            .prepare_invoke()
+            .load_async(&mut con)
+            .await?;
+        let _: Vec<i64> = pipe.query_async(&mut con).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl GroupDirectory for RedisGroups {
+    async fn is_member(&self, group: GroupId, mid: Mid) -> Result<bool, BoxError> {
+        let mut con = self.inner.con();
+        let key = format!("{}gm:{group}", self.inner.opts.prefix);
+        Ok(redis::cmd("SISMEMBER")
+            .arg(key)
+            .arg(mid)
+            .query_async(&mut con)
+            .await?)
+    }
+
+    async fn members(&self, group: GroupId) -> Result<Members, BoxError> {
+        let mut con = self.inner.con();
+        let key = format!("{}gm:{group}", self.inner.opts.prefix);
+        let members: Vec<Mid> = redis::cmd("SMEMBERS")
+            .arg(key)
+            .query_async(&mut con)
+            .await?;
+        Ok(members.into())
+    }
+}

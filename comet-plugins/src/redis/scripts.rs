@@ -1,0 +1,257 @@
+//! The Lua scripts that make each cluster step one atomic Redis call.
+//!
+//! Keys (all under the configured prefix `P`):
+//!
+//! - `P head:<conv>`: the conversation's newest chatId (`INCR`);
+//! - `P h:<conv>`: its history, a stream capped at the history bound, entry
+//!   id `<chatId>-0`, fields `f` (sender) and `m` (bytes);
+//! - `P in:<mid>`: the offline inbox, a sorted set scored by the entry's
+//!   seq (`P inseq`), member `seq\nop\nfrom\nto\nchatId\nbytes`;
+//! - `P gm:<group>`: the group's members; `P ug:<mid>`: the groups of a mid;
+//! - `P lr:<mid>`: hash group → the chatId through which `mid` has had the
+//!   group's messages, read while it is offline everywhere (catch-up);
+//! - `P pr:<mid>`: the nodes holding a session of `mid` (presence);
+//!   `P nm:<node>`: the mids a node registered; `P node:<node>`: the node's
+//!   heartbeat, a key that expires unless refreshed;
+//! - channel `P ch:<node>`: the node's feed, payload
+//!   `chatId\nop\nfrom\nto\nexcept\nmid,mid,..\nbytes`.
+//!
+//! `<conv>` is `d:<low>:<high>` for a 1:1 conversation, `g:<group>` for a
+//! group.
+
+/// `live(prefix, node)`: the node's heartbeat is fresh and its feed has a
+/// subscriber. `push_inbox(prefix, mid, bound, tail)`: appends an entry to the mid's
+/// inbox under the next seq and drops the oldest past the bound.
+const TRIM: &str = r"
+local function live(p, n)
+  if redis.call('EXISTS', p .. 'node:' .. n) == 0 then return false end
+  local subs = redis.call('PUBSUB', 'NUMSUB', p .. 'ch:' .. n)
+  return tonumber(subs[2]) > 0
+end
+local function push_inbox(p, m, imax, entry_tail)
+  local seq = redis.call('INCR', p .. 'inseq')
+  local ik = p .. 'in:' .. m
+  redis.call('ZADD', ik, seq, seq .. '\n' .. entry_tail)
+  if redis.call('ZCARD', ik) > imax then
+    redis.call('ZREMRANGEBYRANK', ik, 0, -(imax + 1))
+  end
+end
+";
+
+/// One send. ARGV: prefix, op, from, to, bytes, conv, hist_max, inbox_max,
+/// route (1: check membership and route, 0: store only, as
+/// `MessageStore::append`), node, except. Returns the chatId, or -1 when an
+/// op 20 sender is not a member (nothing written).
+const SEND_BODY: &str = r"
+local p, op, from, to, msg, conv = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local hmax, imax = tonumber(ARGV[7]), tonumber(ARGV[8])
+local route, node, except = ARGV[9], ARGV[10], ARGV[11]
+local targets
+if route ~= '1' then
+  targets = {}
+elseif op == '20' then
+  if redis.call('SISMEMBER', p .. 'gm:' .. to, from) == 0 then return -1 end
+  targets = redis.call('SMEMBERS', p .. 'gm:' .. to)
+elseif from == to then
+  targets = {from}
+else
+  targets = {to, from}
+end
+local chat = redis.call('INCR', p .. 'head:' .. conv)
+if hmax > 0 then
+  redis.call('XADD', p .. 'h:' .. conv, 'MAXLEN', hmax, chat .. '-0', 'f', from, 'm', msg)
+else
+  redis.call('DEL', p .. 'h:' .. conv)
+end
+if route ~= '1' then return chat end
+local tail = op .. '\n' .. from .. '\n' .. to .. '\n' .. chat .. '\n'
+local alive, bynode, order, reached = {}, {}, {}, {}
+for _, m in ipairs(targets) do
+  for _, n in ipairs(redis.call('SMEMBERS', p .. 'pr:' .. m)) do
+    local a = alive[n]
+    if a == nil then
+      a = redis.call('EXISTS', p .. 'node:' .. n) == 1
+      alive[n] = a
+    end
+    if a then
+      local l = bynode[n]
+      if l == nil then
+        l = {}
+        bynode[n] = l
+        order[#order + 1] = n
+      end
+      l[#l + 1] = m
+    else
+      redis.call('SREM', p .. 'pr:' .. m, n)
+    end
+  end
+end
+for _, n in ipairs(order) do
+  local ex = '0'
+  if n == node then ex = except end
+  local heard = redis.call('PUBLISH', p .. 'ch:' .. n,
+    chat .. '\n' .. op .. '\n' .. from .. '\n' .. to .. '\n' .. ex .. '\n' .. table.concat(bynode[n], ',') .. '\n' .. msg)
+  if heard > 0 then
+    for _, m in ipairs(bynode[n]) do reached[m] = true end
+  else
+    -- Nobody listens on the node's feed: it died (its heartbeat has not
+    -- expired yet) or lost its subscription (it closes its sessions).
+    -- Count it as gone until it heartbeats or logs a session in again.
+    redis.call('DEL', p .. 'node:' .. n)
+  end
+end
+if op ~= '20' then
+  for _, m in ipairs(targets) do
+    if not reached[m] and m ~= from then
+      push_inbox(p, m, imax, tail .. msg)
+    end
+  end
+end
+return chat
+";
+
+/// The send script's source.
+pub(crate) fn send() -> String {
+    format!("{TRIM}{SEND_BODY}")
+}
+
+/// A session of a mid arrives on a node. ARGV: prefix, mid, node,
+/// node_ttl_ms, catch-up max per group, inbox max. If the mid was online
+/// nowhere (no live node in its presence), copies what its groups got since
+/// it left (at most the max per group, newest kept, its own messages left
+/// out) into its inbox; then records the node in its presence and the
+/// groups' heads as read. Returns how many catch-up entries it copied.
+const LOGIN_BODY: &str = r"
+local p, m, node = ARGV[1], ARGV[2], ARGV[3]
+local ttl, max, imax = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+redis.call('SET', p .. 'node:' .. node, '1', 'PX', ttl)
+local online = false
+for _, n in ipairs(redis.call('SMEMBERS', p .. 'pr:' .. m)) do
+  if live(p, n) then
+    online = true
+  else
+    redis.call('SREM', p .. 'pr:' .. m, n)
+  end
+end
+redis.call('SADD', p .. 'pr:' .. m, node)
+redis.call('SADD', p .. 'nm:' .. node, m)
+local copied = 0
+if not online then
+  for _, g in ipairs(redis.call('SMEMBERS', p .. 'ug:' .. m)) do
+    local conv = 'g:' .. g
+    local head = tonumber(redis.call('GET', p .. 'head:' .. conv) or '0')
+    local lr = tonumber(redis.call('HGET', p .. 'lr:' .. m, g) or head)
+    if head > lr then
+      local start = lr + 1
+      if head - lr > max then start = head - max + 1 end
+      for _, e in ipairs(redis.call('XRANGE', p .. 'h:' .. conv, start .. '-0', '+')) do
+        local f = e[2][2]
+        if f ~= m then
+          local id = string.match(e[1], '^(%d+)')
+          push_inbox(p, m, imax, '20\n' .. f .. '\n' .. g .. '\n' .. id .. '\n' .. e[2][4])
+          copied = copied + 1
+        end
+      end
+    end
+    redis.call('HSET', p .. 'lr:' .. m, g, head)
+  end
+end
+return copied
+";
+
+/// The login script's source.
+pub(crate) fn login() -> String {
+    format!("{TRIM}{LOGIN_BODY}")
+}
+
+/// The last session of a mid on a node has ended. ARGV: prefix, mid, node.
+/// Removes the node from the mid's presence; if no live node holds the mid
+/// any more, records its groups' heads as read (later messages are caught
+/// up at its next login). Returns 1 when the mid went offline everywhere.
+const LOGOUT_BODY: &str = r"
+local p, m, node = ARGV[1], ARGV[2], ARGV[3]
+redis.call('SREM', p .. 'pr:' .. m, node)
+redis.call('SREM', p .. 'nm:' .. node, m)
+for _, n in ipairs(redis.call('SMEMBERS', p .. 'pr:' .. m)) do
+  if live(p, n) then return 0 end
+  redis.call('SREM', p .. 'pr:' .. m, n)
+end
+for _, g in ipairs(redis.call('SMEMBERS', p .. 'ug:' .. m)) do
+  redis.call('HSET', p .. 'lr:' .. m, g, redis.call('GET', p .. 'head:g:' .. g) or '0')
+end
+return 1
+";
+
+/// The logout script's source.
+pub(crate) fn logout() -> String {
+    format!("{TRIM}{LOGOUT_BODY}")
+}
+
+/// A node (re)starts: forgets the presence it had registered before.
+/// ARGV: prefix, node.
+pub(crate) const RESET_NODE: &str = r"
+local p, node = ARGV[1], ARGV[2]
+for _, m in ipairs(redis.call('SMEMBERS', p .. 'nm:' .. node)) do
+  redis.call('SREM', p .. 'pr:' .. m, node)
+end
+redis.call('DEL', p .. 'nm:' .. node)
+return 1
+";
+
+/// A page of history, read atomically. ARGV: prefix, conv, after, limit.
+/// Returns `{head, oldest, id1, from1, bytes1, id2, ...}`.
+pub(crate) const HISTORY: &str = r"
+local p, conv, after, limit = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local head = tonumber(redis.call('GET', p .. 'head:' .. conv) or '0')
+local out = {head, 0}
+if head == 0 then return out end
+local first = redis.call('XRANGE', p .. 'h:' .. conv, '-', '+', 'COUNT', 1)
+if #first == 0 then
+  out[2] = head + 1
+  return out
+end
+out[2] = tonumber(string.match(first[1][1], '^(%d+)'))
+if limit == 0 or after >= head then return out end
+local start = after + 1
+if start < 1 then start = 1 end
+for _, e in ipairs(redis.call('XRANGE', p .. 'h:' .. conv, start .. '-0', '+', 'COUNT', limit)) do
+  out[#out + 1] = tonumber(string.match(e[1], '^(%d+)'))
+  out[#out + 1] = e[2][2]
+  out[#out + 1] = e[2][4]
+end
+return out
+";
+
+/// Keeps a message in an inbox. ARGV: prefix, mid, inbox_max, op, from,
+/// to, chatId, bytes.
+const PUSH_BODY: &str = r"
+local p, m, imax = ARGV[1], ARGV[2], tonumber(ARGV[3])
+if imax == 0 then return 0 end
+push_inbox(p, m, imax, ARGV[4] .. '\n' .. ARGV[5] .. '\n' .. ARGV[6] .. '\n' .. ARGV[7] .. '\n' .. ARGV[8])
+return 1
+";
+
+/// The push script's source.
+pub(crate) fn push() -> String {
+    format!("{TRIM}{PUSH_BODY}")
+}
+
+/// Adds a member to a group (idempotent): its catch-up starts at the
+/// group's current chatId. ARGV: prefix, group, mid.
+pub(crate) const JOIN: &str = r"
+local p, g, m = ARGV[1], ARGV[2], ARGV[3]
+redis.call('SADD', p .. 'gm:' .. g, m)
+if redis.call('SADD', p .. 'ug:' .. m, g) == 1 then
+  redis.call('HSET', p .. 'lr:' .. m, g, redis.call('GET', p .. 'head:g:' .. g) or '0')
+end
+return 1
+";
+
+/// Removes a member from a group. ARGV: prefix, group, mid.
+pub(crate) const LEAVE: &str = r"
+local p, g, m = ARGV[1], ARGV[2], ARGV[3]
+redis.call('SREM', p .. 'gm:' .. g, m)
+redis.call('SREM', p .. 'ug:' .. m, g)
+redis.call('HDEL', p .. 'lr:' .. m, g)
+return 1
+";

@@ -1,0 +1,642 @@
+//! Cluster mode over a real `redis-server` that each test starts on a free
+//! port (and kills at the end): three comet nodes (`server::start` with
+//! `[store] backend = "redis"`, or real `chat_server` processes where a
+//! node must die by SIGKILL), clients in TCP, WS-JSON and WS-binary spread
+//! over them. A missing `redis-server` binary fails the test with a
+//! message (`.ci/run` installs it).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use comet::server::{Running, StoreBackend};
+use common::raw::{Client, Closed, Kind, Msg};
+use serde_json::json;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `redis-server` child process on a free port, with its own directory
+/// (AOF on, no RDB snapshots).
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Redis {
+            child: None,
+            port: free_port(),
+            dir,
+        };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "yes", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run `redis-server` ({e}): the cluster tests need it; install it \
+                     with `apt-get install -y --no-install-recommends redis-server` (.ci/run \
+                     does this)"
+                )
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut c) = self.client().get_connection() {
+                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn client(&self) -> redis::Client {
+        redis::Client::open(self.url()).unwrap()
+    }
+
+    fn cmd<T: redis::FromRedisValue>(&self, cmd: &mut redis::Cmd) -> T {
+        let mut c = self.client().get_connection().expect("redis connection");
+        cmd.query(&mut c).expect("redis command")
+    }
+
+    /// Stops the server (SIGTERM: it writes its AOF and exits).
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// One in-process node on `redis`, users 1..=9 ("k{mid}"), group 100 =
+/// {1, 2, 3}, group 200 = {1..=9}.
+async fn node(redis: &Redis, id: &str) -> Running {
+    let url = redis.url();
+    let id = id.to_string();
+    common::server::start_edit(move |c| {
+        c.store.backend = StoreBackend::Redis;
+        c.store.url = url;
+        c.cluster.node_id = Some(id);
+        c.server.max_frames_per_sec = 0;
+        c.server.sync_limit = 1000;
+    })
+    .await
+}
+
+async fn nodes(redis: &Redis) -> Vec<Running> {
+    vec![
+        node(redis, "a").await,
+        node(redis, "b").await,
+        node(redis, "c").await,
+    ]
+}
+
+fn addr(n: &Running, kind: Kind) -> SocketAddr {
+    match kind {
+        Kind::Tcp => n.tcp_addr.unwrap(),
+        _ => n.ws_addr.unwrap(),
+    }
+}
+
+async fn login(n: &Running, kind: Kind, mid: i32) -> Client {
+    Client::login(kind, addr(n, kind), mid, &format!("k{mid}")).await
+}
+
+/// Logs in, retrying while the node refuses (e.g. resubscribing).
+async fn login_eventually(n: &Running, kind: Kind, mid: i32) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut c = Client::connect(kind, addr(n, kind)).await;
+        let (ret, body) = c.auth(json!({"mid": mid, "mkey": format!("k{mid}")})).await;
+        if ret == 0 {
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "login of {mid} still refused: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The messages of `c` until none arrived for a heartbeat round trip after
+/// `want` of them.
+async fn take(c: &mut Client, want: usize) -> Vec<Msg> {
+    let mut got = Vec::new();
+    while got.len() < want {
+        got.push(common::within("a delivery", c.msg()).await);
+    }
+    c.heartbeat().await;
+    got.extend(c.take_msgs());
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cross_node_one_to_one_and_group_in_every_wire_mode() {
+    let redis = Redis::start();
+    let n = nodes(&redis).await;
+    // User 1 on node a (TCP) and node b (WS-JSON); user 2 on node b
+    // (WS-binary); user 3 on node c (WS-JSON).
+    let mut one_a = login(&n[0], Kind::Tcp, 1).await;
+    let mut one_b = login(&n[1], Kind::WsJson, 1).await;
+    let mut two = login(&n[1], Kind::WsBinary, 2).await;
+    let mut three = login(&n[2], Kind::WsJson, 3).await;
+
+    let ack = one_a.send_msg(18, 1, 2, b"hello two").await;
+    assert_eq!((ack.ret, ack.chat_id), (0, 1));
+    let want = Msg {
+        op: 18,
+        chat_id: 1,
+        from: 1,
+        to: 2,
+        msg: b"hello two".to_vec(),
+    };
+    assert_eq!(take(&mut two, 1).await, vec![want.clone()]);
+    // The sender's other session, on another node, has its copy...
+    assert_eq!(take(&mut one_b, 1).await, vec![want]);
+    // ...and the sending connection none.
+    one_a.no_msg().await;
+    three.no_msg().await;
+
+    let ack = three
+        .send_msg(20, 3, 100, "to the group ✓".as_bytes())
+        .await;
+    assert_eq!((ack.ret, ack.chat_id), (0, 1));
+    let want = Msg {
+        op: 20,
+        chat_id: 1,
+        from: 3,
+        to: 100,
+        msg: "to the group ✓".as_bytes().to_vec(),
+    };
+    for c in [&mut one_a, &mut one_b, &mut two] {
+        assert_eq!(take(c, 1).await, vec![want.clone()]);
+    }
+    three.no_msg().await;
+
+    // A refused op 20 consumes no chatId.
+    let mut nine = login(&n[0], Kind::WsBinary, 9).await;
+    assert_eq!(nine.send_msg(20, 9, 100, b"not a member").await.ret, -1);
+    let ack = two.send_msg(20, 2, 100, b"next").await;
+    assert_eq!((ack.ret, ack.chat_id), (0, 2));
+    for c in [&mut one_a, &mut one_b, &mut three] {
+        let got = take(c, 1).await;
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].chat_id, got[0].from), (2, 2));
+    }
+    nine.no_msg().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chat_ids_are_gapless_and_delivered_in_order_across_nodes() {
+    const EACH: usize = 60;
+    let redis = Redis::start();
+    let n = nodes(&redis).await;
+    let mut watch_a = login(&n[0], Kind::WsBinary, 7).await;
+    let mut watch_c = login(&n[2], Kind::WsJson, 8).await;
+    // Senders 1, 2, 3 on nodes a, b, c, one per wire mode, all into group
+    // 200 at once.
+    let mut tasks = Vec::new();
+    for (i, kind) in common::raw::KINDS.into_iter().enumerate() {
+        let mut c = login(&n[i], kind, i as i32 + 1).await;
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for k in 0..EACH {
+                let ack = c
+                    .send_msg(20, i as i32 + 1, 200, format!("{i}-{k}").as_bytes())
+                    .await;
+                assert_eq!(ack.ret, 0, "{ack:?}");
+                acked.push(ack.chat_id);
+            }
+            acked
+        }));
+    }
+    let mut all = BTreeSet::new();
+    for t in tasks {
+        for id in t.await.unwrap() {
+            assert!(all.insert(id), "chatId {id} acknowledged twice");
+        }
+    }
+    let total = 3 * EACH as i64;
+    assert_eq!(all, (1..=total).collect(), "chatIds 1..={total}, no gap");
+    // Every node delivers in the order Redis assigned.
+    for w in [&mut watch_a, &mut watch_c] {
+        let ids: Vec<i64> = take(w, 3 * EACH).await.iter().map(|m| m.chat_id).collect();
+        assert_eq!(ids, (1..=total).collect::<Vec<_>>());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn offline_inbox_group_catch_up_and_sync_from_any_node() {
+    let redis = Redis::start();
+    let n = nodes(&redis).await;
+    // 9 logs in once and out again (its catch-up point is now), then
+    // messages arrive while it is offline everywhere.
+    login(&n[1], Kind::Tcp, 9).await.close().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut one = login(&n[0], Kind::Tcp, 1).await;
+    for k in 1..=3 {
+        let ack = one
+            .send_msg(18, 1, 9, format!("direct {k}").as_bytes())
+            .await;
+        assert_eq!((ack.ret, ack.chat_id), (0, k));
+        let ack = one
+            .send_msg(20, 1, 200, format!("group {k}").as_bytes())
+            .await;
+        assert_eq!((ack.ret, ack.chat_id), (0, k));
+    }
+    // Logs in on another node: the inbox and the group's catch-up.
+    let mut nine = login(&n[2], Kind::WsJson, 9).await;
+    let got = take(&mut nine, 6).await;
+    let direct: Vec<_> = got
+        .iter()
+        .filter(|m| m.op == 18)
+        .map(|m| (m.chat_id, m.msg.clone()))
+        .collect();
+    let group: Vec<_> = got
+        .iter()
+        .filter(|m| m.op == 20)
+        .map(|m| (m.chat_id, m.msg.clone()))
+        .collect();
+    assert_eq!(
+        direct,
+        (1..=3)
+            .map(|k| (k, format!("direct {k}").into_bytes()))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        group,
+        (1..=3)
+            .map(|k| (k, format!("group {k}").into_bytes()))
+            .collect::<Vec<_>>()
+    );
+    // Nothing twice, and a second login gets nothing again.
+    assert_eq!(got.len(), 6, "{got:?}");
+    nine.close().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut nine = login(&n[1], Kind::WsBinary, 9).await;
+    nine.no_msg().await;
+    // Sync reads the shared history from any node.
+    for (i, kind) in common::raw::KINDS.into_iter().enumerate() {
+        let mut c = login(&n[i], kind, 9).await;
+        let (ack, msgs) = c.sync(18, 1, 0, None).await;
+        assert_eq!((ack.ret, ack.oldest, ack.head), (0, 1, 3), "node {i}");
+        assert_eq!(
+            msgs.iter().map(|m| m.chat_id).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        let (ack, msgs) = c.sync(20, 200, 1, None).await;
+        assert_eq!((ack.ret, ack.head), (0, 3));
+        assert_eq!(
+            msgs.iter().map(|m| m.chat_id).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+    }
+}
+
+/// Sends 1:1 from `c` until `n` acks or the connection closes; returns the
+/// acked (chatId, msg).
+async fn send_until_closed(
+    c: &mut Client,
+    from: i32,
+    to: i32,
+    tag: &str,
+    n: usize,
+) -> Vec<(i64, Vec<u8>)> {
+    let mut acked = Vec::new();
+    for k in 0..n {
+        let msg = format!("{tag}-{k}").into_bytes();
+        let seq = c.next_seq();
+        let mut body = from.to_be_bytes().to_vec();
+        body.extend_from_slice(&to.to_be_bytes());
+        body.extend_from_slice(&msg);
+        if c.kind == Kind::WsJson {
+            c.send_frame(
+                18,
+                seq,
+                Some(
+                    json!({"from": from, "to": to, "msg": String::from_utf8(msg.clone()).unwrap()}),
+                ),
+                None,
+            )
+            .await;
+        } else {
+            c.send_frame(18, seq, None, Some(&body)).await;
+        }
+        let Ok(reply) = c.reply().await else { break };
+        assert_eq!(reply.op, 19);
+        let (ret, chat_id) = if c.kind == Kind::WsJson {
+            (
+                reply.json["ret"].as_i64().unwrap(),
+                reply.json["chatId"].as_i64().unwrap(),
+            )
+        } else {
+            (
+                reply.bytes[0] as i8 as i64,
+                i64::from_be_bytes(reply.bytes[1..9].try_into().unwrap()),
+            )
+        };
+        if ret == 0 {
+            acked.push((chat_id, msg));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    acked
+}
+
+/// The chatId through which `have` holds every message without a gap: what
+/// a client syncs after (chatIds are gapless, so a hole means a message
+/// it missed, e.g. one routed to a node as that node died).
+fn gapless_through(have: &BTreeMap<i64, Vec<u8>>) -> i64 {
+    let mut through = 0;
+    while have.contains_key(&(through + 1)) {
+        through += 1;
+    }
+    through
+}
+
+/// Every message `mid` can see of its direct conversation with `peer`:
+/// `seen` plus a sync after the first gap in them.
+async fn synced(c: &mut Client, peer: i32, seen: &[Msg]) -> BTreeMap<i64, Vec<u8>> {
+    let mut all: BTreeMap<i64, Vec<u8>> = seen
+        .iter()
+        .filter(|m| m.op == 18)
+        .map(|m| (m.chat_id, m.msg.clone()))
+        .collect();
+    let (ack, msgs) = c.sync(18, peer, gapless_through(&all), None).await;
+    assert_eq!(ack.ret, 0, "{ack:?}");
+    // `sync` also hands back live and inbox messages that arrived with it
+    // (e.g. group catch-up): keep this conversation's.
+    for m in msgs.into_iter().filter(|m| m.op == 18) {
+        all.insert(m.chat_id, m.msg);
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_pubsub_connection_closes_sessions_and_sync_recovers_everything() {
+    let redis = Redis::start();
+    let n = nodes(&redis).await;
+    let mut two = login(&n[1], Kind::WsBinary, 2).await;
+    let mut one = login(&n[0], Kind::Tcp, 1).await;
+    let sender = tokio::spawn(async move {
+        let acked = send_until_closed(&mut one, 1, 2, "k", 300).await;
+        (one, acked)
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let killed: i64 = redis.cmd(redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub"));
+    assert!(killed >= 3, "every node's subscription killed ({killed})");
+    // The receiver's node closes its session: its client reconnects.
+    let (seen, closed) = common::within("session closed", two.msgs_until_closed()).await;
+    assert!(matches!(closed, Closed::Ws(..) | Closed::Eof));
+    let (_, mut acked) = sender.await.unwrap();
+    // The sender reconnects too and sends more once its node is back.
+    let mut one = login_eventually(&n[0], Kind::Tcp, 1).await;
+    acked.extend(send_until_closed(&mut one, 1, 2, "after", 20).await);
+    assert!(acked.len() >= 20);
+    let mut two = login_eventually(&n[2], Kind::WsJson, 2).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    two.heartbeat().await;
+    let mut seen = seen;
+    seen.extend(two.take_msgs());
+    let all = synced(&mut two, 1, &seen).await;
+    for (id, msg) in &acked {
+        assert_eq!(
+            all.get(id),
+            Some(msg),
+            "acknowledged chatId {id} missing after sync"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_down_refuses_sends_and_logins_then_recovers() {
+    let mut redis = Redis::start();
+    let a = node(&redis, "a").await;
+    let b = node(&redis, "b").await;
+    let mut one = login(&a, Kind::Tcp, 1).await;
+    let mut two = login(&b, Kind::WsJson, 2).await;
+    assert_eq!(one.send_msg(18, 1, 2, b"before").await.chat_id, 1);
+    assert_eq!(take(&mut two, 1).await[0].msg, b"before");
+
+    redis.stop();
+    // Sessions are closed (their feed is gone)...
+    common::within("session closed", one.closed()).await;
+    common::within("session closed", two.closed()).await;
+    // ...sends fail (ret -1 on the wire: `SendError::Store`)...
+    let err = a.comet.send_to_user(1, 2, "down".into()).await.unwrap_err();
+    assert!(matches!(err, comet::core::SendError::Store(_)), "{err:?}");
+    // ...and logins are refused with a reason, without a panic.
+    for kind in common::raw::KINDS {
+        let mut c = Client::connect(kind, addr(&b, kind)).await;
+        let (ret, body) = c.auth(json!({"mid": 3, "mkey": "k3"})).await;
+        assert_ne!(ret, 0, "login while Redis is down: {body}");
+        let reason = body["error"].as_str().unwrap_or_default();
+        assert!(!reason.is_empty(), "refused without a reason: {body}");
+    }
+
+    // Redis comes back (same port, same AOF; its script cache is empty).
+    redis.spawn();
+    let mut one = login_eventually(&a, Kind::Tcp, 1).await;
+    let mut two = login_eventually(&b, Kind::WsJson, 2).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ack = loop {
+        let ack = one.send_msg(18, 1, 2, b"after").await;
+        if ack.ret == 0 || Instant::now() > deadline {
+            break ack;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // The history survived (AOF), so chatIds go on.
+    assert_eq!((ack.ret, ack.chat_id), (0, 2), "{ack:?}");
+    let got = take(&mut two, 1).await;
+    assert_eq!((got[0].chat_id, &got[0].msg[..]), (2, &b"after"[..]));
+    let (ack, msgs) = two.sync(18, 1, 0, None).await;
+    assert_eq!((ack.ret, ack.head), (0, 2));
+    assert_eq!(msgs.len(), 2);
+}
+
+fn chat_server_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = profile_dir
+        .join("examples")
+        .join(format!("chat_server{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo test` (which builds the examples) or \
+         `cargo build --example chat_server` first",
+        bin.display()
+    );
+    bin
+}
+
+/// A `chat_server` process in cluster mode.
+struct Proc {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Proc {
+    fn start(redis: &Redis, dir: &Path, name: &str) -> Proc {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut config = format!(
+            "[server]\ntcp = \"{addr}\"\nmax_frames_per_sec = 0\nsync_limit = 1000\n\
+             [store]\nbackend = \"redis\"\nurl = \"{}\"\n[cluster]\nnode_id = \"{name}\"\n",
+            redis.url()
+        );
+        for mid in 1..=9 {
+            config.push_str(&format!("[[users]]\nmid = {mid}\nmkey = \"k{mid}\"\n"));
+        }
+        config.push_str("[[groups]]\nid = 100\nmembers = [1, 2, 3]\n");
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, config).unwrap();
+        let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+        let child = Command::new(chat_server_binary())
+            .arg("--config")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("chat_server starts");
+        let mut p = Proc { child, addr };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(p.addr).is_err() {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                let log = std::fs::read_to_string(dir.join(format!("{name}.log")));
+                panic!("chat_server exited with {status}: {log:?}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "chat_server did not listen in time"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sigkilled_node_loses_nothing_acknowledged() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut doomed = Proc::start(&redis, dir.path(), "doomed");
+    let survivor = Proc::start(&redis, dir.path(), "survivor");
+    // 2 and 3 sit on the node that dies; 1 sends from the other.
+    let mut two = Client::login(Kind::Tcp, doomed.addr, 2, "k2").await;
+    let mut three = Client::login(Kind::Tcp, doomed.addr, 3, "k3").await;
+    let mut one = Client::login(Kind::Tcp, survivor.addr, 1, "k1").await;
+    let sender = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        for k in 0..200 {
+            let a = one.send_msg(18, 1, 2, format!("d{k}").as_bytes()).await;
+            if a.ret == 0 {
+                acked.push((18, a.chat_id, format!("d{k}").into_bytes()));
+            }
+            let a = one.send_msg(20, 1, 100, format!("g{k}").as_bytes()).await;
+            if a.ret == 0 {
+                acked.push((20, a.chat_id, format!("g{k}").into_bytes()));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        acked
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    doomed.child.kill().expect("SIGKILL");
+    doomed.child.wait().unwrap();
+    let (seen2, _) = common::within("closed", two.msgs_until_closed()).await;
+    let (seen3, _) = common::within("closed", three.msgs_until_closed()).await;
+    let acked = sender.await.unwrap();
+    assert!(
+        acked.len() >= 300,
+        "the survivor kept acknowledging ({})",
+        acked.len()
+    );
+    // They reconnect to the survivor and sync.
+    let mut two = Client::login(Kind::Tcp, survivor.addr, 2, "k2").await;
+    let mut three = Client::login(Kind::Tcp, survivor.addr, 3, "k3").await;
+    two.heartbeat().await;
+    three.heartbeat().await;
+    let mut seen2 = seen2;
+    seen2.extend(two.take_msgs());
+    let mut seen3 = seen3;
+    seen3.extend(three.take_msgs());
+    let direct = synced(&mut two, 1, &seen2).await;
+    let mut group: BTreeMap<i64, Vec<u8>> = seen3
+        .iter()
+        .filter(|m| m.op == 20)
+        .map(|m| (m.chat_id, m.msg.clone()))
+        .collect();
+    let (ack, msgs) = three.sync(20, 100, gapless_through(&group), None).await;
+    assert_eq!(ack.ret, 0);
+    for m in msgs.into_iter().filter(|m| m.op == 20) {
+        group.insert(m.chat_id, m.msg);
+    }
+    for (op, id, msg) in &acked {
+        let have = if *op == 18 { &direct } else { &group };
+        assert_eq!(
+            have.get(id),
+            Some(msg),
+            "acknowledged op {op} chatId {id} missing"
+        );
+    }
+}
