@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! comet-bench serve --server comet   --tcp 127.0.0.1:4101 --ws 127.0.0.1:4102 --users 20000 --groups 1 --group-size 2000
+//! comet-bench serve --server comet   --tcp 127.0.0.1:4101 --users 2010 --groups 1 --group-size 2000 --metrics
 //! comet-bench serve --server ceiling --tcp 127.0.0.1:4201 --groups 1 --group-size 2000
 //! comet-bench serve --server peer    --tcp 127.0.0.1:4301 --groups 1 --group-size 2000
 //! comet-bench run fanout --addr 127.0.0.1:4101 --server-pid PID --members 2000 --messages 2000
@@ -12,7 +13,8 @@
 //! ```
 //!
 //! Every `run` prints a human-readable summary on stderr and one JSON line of
-//! results on stdout. `examples/scripts/bench.sh` runs the whole matrix.
+//! results on stdout. `examples/scripts/bench.sh` runs the whole matrix;
+//! `examples/scripts/bench_metrics.sh` compares `--metrics` on and off.
 
 mod ceiling;
 mod peer;
@@ -123,6 +125,16 @@ enum Command {
         /// The embedded store's fsync mode.
         #[arg(long, value_enum, default_value_t = FsyncArg::Interval)]
         fsync: FsyncArg,
+        /// comet only: install the Prometheus recorder (as chat_server does
+        /// with `[admin]`) before the comet is built, so every series is
+        /// recorded, and render the exposition every `--scrape-secs` as a
+        /// scraper would. Off: the `metrics` facade has no recorder and every
+        /// handle is a no-op.
+        #[arg(long)]
+        metrics: bool,
+        /// With `--metrics`: seconds between two renders of `/metrics`.
+        #[arg(long, default_value_t = 15)]
+        scrape_secs: u64,
         /// The Redis of `--store redis`.
         #[arg(long, default_value = "redis://127.0.0.1:6379/")]
         redis_url: String,
@@ -286,6 +298,8 @@ fn main() -> ExitCode {
                 store,
                 store_path,
                 fsync,
+                metrics,
+                scrape_secs,
                 redis_url,
                 node_id,
                 layout,
@@ -297,6 +311,16 @@ fn main() -> ExitCode {
                     redis_url,
                     node_id,
                 };
+                if metrics {
+                    if server != ServerKind::Comet {
+                        eprintln!("error: --metrics needs --server comet");
+                        return ExitCode::FAILURE;
+                    }
+                    if let Err(e) = record_metrics(Duration::from_secs(scrape_secs.max(1))) {
+                        eprintln!("error: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
                 serve(server, tcp, ws, users, history, store, layout).await
             }
             Command::StoreFill {
@@ -339,6 +363,23 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// Installs chat_server's Prometheus recorder (before the comet is built:
+/// the comet takes its metric handles from the recorder installed then) and
+/// renders the exposition every `every`, as a scraper would.
+fn record_metrics(every: Duration) -> Result<(), &'static str> {
+    let handle =
+        comet::server::prometheus().ok_or("the Prometheus recorder could not be installed")?;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let text = handle.render();
+            tracing::debug!(bytes = text.len(), "metrics rendered");
+        }
+    });
+    Ok(())
 }
 
 async fn serve(

@@ -521,23 +521,37 @@ impl Registry {
         self.kick_all(Kick::Disconnected);
     }
 
-    /// Pushes to the live sessions of `mid`; returns `false` when it has none
-    /// (the caller then keeps the message offline).
-    fn push_live(&self, mid: Mid, msg: &Arc<Message>, except: Option<ConnId>) -> bool {
+    /// Pushes to the live sessions of `mid`, adding them to `delivered`;
+    /// returns `false` when it has none (the caller then keeps the message
+    /// offline).
+    fn push_live(
+        &self,
+        mid: Mid,
+        msg: &Arc<Message>,
+        except: Option<ConnId>,
+        delivered: &mut u64,
+    ) -> bool {
         let map = self.shard(mid).read();
         map.get(&mid)
-            .is_some_and(|entry| self.push_to(entry, msg, except))
+            .is_some_and(|entry| self.push_to(entry, msg, except, delivered))
     }
 
-    /// Pushes to every session of `entry` but `except`; `false` if it has
-    /// none.
-    fn push_to(&self, entry: &Entry, msg: &Arc<Message>, except: Option<ConnId>) -> bool {
+    /// Pushes to every session of `entry` but `except`, adding them to
+    /// `delivered` (the caller adds the total to `comet_deliveries_total`
+    /// once per send, not once per session); `false` if it has none.
+    fn push_to(
+        &self,
+        entry: &Entry,
+        msg: &Arc<Message>,
+        except: Option<ConnId>,
+        delivered: &mut u64,
+    ) -> bool {
         for s in &entry.sessions {
             if Some(s.conn_id) != except {
                 // A refused push has kicked the session (counted once, as it
                 // ends) or found it closing.
                 s.push_message(msg);
-                self.stats.tel.deliveries.increment(1);
+                *delivered += 1;
             }
         }
         !entry.sessions.is_empty()
@@ -558,7 +572,9 @@ impl Registry {
             let mut map = shard.write();
             let entry = map.entry(mid).or_default();
             // A session may have arrived since push_live looked.
-            if self.push_to(entry, msg, except) {
+            let mut delivered = 0;
+            if self.push_to(entry, msg, except, &mut delivered) {
+                self.stats.tel.deliveries.increment(delivered);
                 return;
             }
             entry.offline_inflight += 1;
@@ -653,8 +669,12 @@ impl Registry {
         msg: &Arc<Message>,
         except: Option<ConnId>,
     ) {
+        // One counter update per send, not per delivery: a fan-out to N
+        // members costs one increment (before each await too, so that a
+        // dropped future loses no count).
+        let mut delivered = 0;
         if let Some(mid) = echo {
-            self.push_live(mid, msg, except);
+            self.push_live(mid, msg, except, &mut delivered);
         }
         // Every offline push of one send shares one hook timeout, so a
         // group send to many offline members holds its conversation's
@@ -668,10 +688,15 @@ impl Registry {
             if Some(mid) == echo {
                 continue;
             }
-            if !self.push_live(mid, msg, except) {
+            if !self.push_live(mid, msg, except, &mut delivered) {
+                self.stats
+                    .tel
+                    .deliveries
+                    .increment(std::mem::take(&mut delivered));
                 let stored = stored.get_or_insert_with(|| Message::new(msg.delivered().clone()));
                 self.push_offline(mid, msg, stored, except, deadline).await;
             }
         }
+        self.stats.tel.deliveries.increment(delivered);
     }
 }

@@ -19,7 +19,7 @@
 //! | `comet_frames_in_total` | counter | `op` (2, 3, 7, 8, 9, 18–23, `other`) | frames read from logged-in sessions |
 //! | `comet_frames_out_total` | counter | `op` | frames written (op 9 counts once per batch) |
 //! | `comet_sends_total` | counter | `result` (`accepted`, `refused`), `reason` (`ok`; `spoofed`, `bad_request`, `too_large`, `not_member`, `unknown_user`, `unavailable`) | op 18/20 and handle sends |
-//! | `comet_deliveries_total` | counter | | messages queued to a live session |
+//! | `comet_deliveries_total` | counter | | messages queued to a live session (added once per send) |
 //! | `comet_batch_messages` | histogram | | messages per op 9 batch written |
 //! | `comet_outbound_queued_bytes` | gauge | | bytes waiting in outbound queues (sampled) |
 //! | `comet_closes_total` | counter | `cause` (`peer_closed`, `handshake_timeout`, `heartbeat_timeout`, `protocol_error`, `auth_failed`, `slow_consumer`, `kick`, `replaced`, `panic`, `shutdown`, `handler_error`, `limit`, `transport_error`) | connections ended, by cause |
