@@ -9,7 +9,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -503,24 +503,6 @@ async fn redis_down_refuses_sends_and_logins_then_recovers() {
     assert_eq!(msgs.len(), 2);
 }
 
-fn chat_server_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps");
-    let bin = profile_dir
-        .join("examples")
-        .join(format!("chat_server{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo test` (which builds the examples) or \
-         `cargo build --example chat_server` first",
-        bin.display()
-    );
-    bin
-}
-
 /// A `chat_server` process in cluster mode.
 struct Proc {
     child: Child,
@@ -543,7 +525,7 @@ impl Proc {
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(&path, config).unwrap();
         let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-        let child = Command::new(chat_server_binary())
+        let child = Command::new(common::chat_server_binary())
             .arg("--config")
             .arg(&path)
             .stdin(Stdio::null())
