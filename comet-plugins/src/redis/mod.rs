@@ -157,6 +157,34 @@ impl Inner {
     fn con(&self) -> ConnectionManager {
         self.con.clone()
     }
+
+    /// One call of the send script: the chatId (negative: refused, not a
+    /// member). `route` publishes to the nodes holding recipients (and
+    /// fills inboxes); without it the message is only stored. `except` is
+    /// the sending connection (0: none).
+    async fn send_script(
+        &self,
+        draft: &Draft,
+        route: bool,
+        except: ConnId,
+    ) -> redis::RedisResult<i64> {
+        let o = &self.opts;
+        self.scripts
+            .send
+            .arg(&o.prefix)
+            .arg(draft.op)
+            .arg(draft.from)
+            .arg(draft.to)
+            .arg(&draft.msg[..])
+            .arg(conv_key(draft.conversation))
+            .arg(o.history)
+            .arg(o.inbox)
+            .arg(i32::from(route))
+            .arg(&o.node_id)
+            .arg(except)
+            .invoke_async(&mut self.con())
+            .await
+    }
 }
 
 /// One node's connection to the cluster's Redis; cheap to clone. See the
@@ -440,24 +468,9 @@ impl RedisBroker {
 #[async_trait]
 impl Broker for RedisBroker {
     async fn send(&self, draft: Draft, except: Option<ConnId>) -> Result<i64, BrokerError> {
-        let o = &self.inner.opts;
-        let mut con = self.inner.con();
-        let chat: i64 = self
+        let chat = self
             .inner
-            .scripts
-            .send
-            .arg(&o.prefix)
-            .arg(draft.op)
-            .arg(draft.from)
-            .arg(draft.to)
-            .arg(&draft.msg[..])
-            .arg(conv_key(draft.conversation))
-            .arg(o.history)
-            .arg(o.inbox)
-            .arg(1)
-            .arg(&o.node_id)
-            .arg(except.unwrap_or(0))
-            .invoke_async(&mut con)
+            .send_script(&draft, true, except.unwrap_or(0))
             .await
             .map_err(unavailable)?;
         if chat < 0 {
@@ -561,25 +574,7 @@ fn bad_reply(what: &str) -> BoxError {
 #[async_trait]
 impl MessageStore for RedisStore {
     async fn append(&self, draft: Draft) -> Result<Arc<Message>, BoxError> {
-        let o = &self.inner.opts;
-        let mut con = self.inner.con();
-        let chat: i64 = self
-            .inner
-            .scripts
-            .send
-            .arg(&o.prefix)
-            .arg(draft.op)
-            .arg(draft.from)
-            .arg(draft.to)
-            .arg(&draft.msg[..])
-            .arg(conv_key(draft.conversation))
-            .arg(o.history)
-            .arg(o.inbox)
-            .arg(0)
-            .arg(&o.node_id)
-            .arg(0)
-            .invoke_async(&mut con)
-            .await?;
+        let chat = self.inner.send_script(&draft, false, 0).await?;
         Ok(draft.into_message(chat))
     }
 
