@@ -432,11 +432,7 @@ impl Registry {
     pub fn unregister(&self, mid: Mid, conn_id: ConnId) {
         let mut map = self.shard(mid).write();
         if let Some(entry) = map.get_mut(&mid) {
-            let before = entry.sessions.len();
-            entry.sessions.retain(|s| s.conn_id != conn_id);
-            if entry.sessions.len() < before {
-                self.sessions.fetch_sub(1, Ordering::Relaxed);
-            }
+            self.remove_session(entry, conn_id);
             if entry.sessions.is_empty() && entry.offline_inflight == 0 {
                 map.remove(&mid);
             }
@@ -452,14 +448,19 @@ impl Registry {
         {
             let mut map = shard.write();
             let entry = map.entry(mid).or_default();
-            let before = entry.sessions.len();
-            entry.sessions.retain(|s| s.conn_id != conn_id);
-            if entry.sessions.len() < before {
-                self.sessions.fetch_sub(1, Ordering::Relaxed);
-            }
+            self.remove_session(entry, conn_id);
             entry.offline_inflight += 1;
         }
         Inflight { shard, mid }
+    }
+
+    /// Drops connection `conn_id` from `entry`, keeping the session count.
+    fn remove_session(&self, entry: &mut Entry, conn_id: ConnId) {
+        let before = entry.sessions.len();
+        entry.sessions.retain(|s| s.conn_id != conn_id);
+        if entry.sessions.len() < before {
+            self.sessions.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// Number of live sessions of `mid`.

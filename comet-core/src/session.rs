@@ -165,23 +165,24 @@ impl<'a> Registered<'a> {
             .engine
             .registry
             .unregister_settling(this.mid, this.conn_id);
-        if this.brokered {
-            if let Some(broker) = &this.engine.broker {
-                broker.logout(this.mid);
+        this.logout();
+        settling
+    }
+
+    /// Tells the cluster broker (if it accepted the login) the session ended.
+    fn logout(&self) {
+        if self.brokered {
+            if let Some(broker) = &self.engine.broker {
+                broker.logout(self.mid);
             }
         }
-        settling
     }
 }
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
         self.engine.registry.unregister(self.mid, self.conn_id);
-        if self.brokered {
-            if let Some(broker) = &self.engine.broker {
-                broker.logout(self.mid);
-            }
-        }
+        self.logout();
     }
 }
 
