@@ -13,11 +13,20 @@
 //! - [`auth`], [`store`], [`groups`]: the plug-in traits [`Authenticator`],
 //!   [`MessageStore`], [`GroupDirectory`];
 //! - [`registry`]: live sessions and the [`Delivery`] seam;
-//! - [`session`]: one connection's life; [`middleware`]: the tower stack;
+//! - [`middleware`]: the tower stack; [`session`]: one connection's life;
 //! - [`comet`]: the [`Comet`] handle and its builder;
 //! - [`telemetry`]: the `metrics` series the engine reports;
 //! - [`testing`]: conformance kits for store and group-directory authors.
 //!
+//! The modules depend on each other in one direction, read top-down:
+//! frame → codec → queue (a session's outbound queue) → registry → engine
+//! (the state one comet's sessions share: plug-ins, settings, the send
+//! path) → middleware → session → comet (the handle). A module calls only
+//! into those before it. Two type names point the other way, without
+//! calls: the engine keeps the middleware's router and layers (to build
+//! each connection's stack), and the middleware's [`ConnContext`] holds a
+//! [`Comet`] handle to give handlers.
+
 //! ## Quick start
 //!
 //! ```
@@ -66,6 +75,7 @@ pub mod broker;
 pub mod codec;
 pub mod comet;
 pub mod config;
+mod engine;
 pub mod error;
 pub mod frame;
 pub mod groups;

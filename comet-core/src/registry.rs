@@ -18,7 +18,7 @@ use crate::auth::ConnId;
 use crate::error::BoxError;
 use crate::frame::{Frame, WireMode, HEADER_LEN};
 use crate::message::Message;
-use crate::queue::{Queue, Refused};
+use crate::queue::{Outbound, Queue, Refused};
 use crate::stats::Stats;
 use crate::store::MessageStore;
 use crate::Mid;
@@ -71,29 +71,6 @@ impl std::hash::Hasher for MidHash {
 /// Bytes of one queue slot, counted against the outbound bound with
 /// whatever the slot holds.
 const SLOT: usize = std::mem::size_of::<Outbound>();
-
-/// What a session's writer has to send.
-#[derive(Debug)]
-pub(crate) enum Outbound {
-    /// A reply or other frame, already in the session's mode (boxed: it is
-    /// rarer than messages, and keeps queue slots at two words).
-    Frame(Box<Frame>),
-    /// A delivered message, batched into op 9 by the writer.
-    Message(Arc<Message>),
-    /// A message of the session's offline inbox and its entry's seq: once
-    /// written, the entry leaves the store.
-    Inbox(Arc<Message>, u64),
-}
-
-impl Outbound {
-    #[cfg(test)]
-    pub(crate) fn into_message(self) -> Arc<Message> {
-        match self {
-            Outbound::Message(m) | Outbound::Inbox(m, _) => m,
-            Outbound::Frame(_) => unreachable!("a frame"),
-        }
-    }
-}
 
 /// Why a session was told to close from outside its own task.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

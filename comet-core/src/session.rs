@@ -15,12 +15,14 @@ use tracing::Instrument;
 
 use crate::auth::{AuthContext, AuthOutcome, AuthRequest, ConnInfo, Identity, TlsInfo};
 use crate::codec::{BatchWriter, Units};
-use crate::comet::{Comet, Engine, Event};
+use crate::comet::Comet;
+use crate::engine::{Engine, Event};
 use crate::error::FrameError;
 use crate::frame::{op, Frame, WireMode};
 use crate::middleware::{ConnContext, Request, Stack};
 use crate::payload::AuthReply;
-use crate::registry::{Kick, Outbound, SessionHandle, Shared};
+use crate::queue::Outbound;
+use crate::registry::{Kick, SessionHandle, Shared};
 use crate::store::Offline;
 use crate::Mid;
 

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use tower::{Service, ServiceExt};
 
 use super::{Handler, Request, Response};
-use crate::comet::Engine;
+use crate::engine::Engine;
 use crate::error::BoxError;
 use crate::frame::op;
 use crate::payload::{SendReply, SendRequest, SyncReply, SyncRequest};
