@@ -67,15 +67,15 @@ impl Authenticator for RoleAuth {
 #[derive(Clone)]
 struct WhoAmI<S>(S);
 
-impl<S> Service<comet::core::Request> for WhoAmI<S>
+impl<S> Service<comet::core::FrameRequest> for WhoAmI<S>
 where
-    S: Service<comet::core::Request, Response = comet::core::Response, Error = BoxError>,
+    S: Service<comet::core::FrameRequest, Response = comet::core::FrameResponse, Error = BoxError>,
     S::Future: Send + 'static,
 {
-    type Response = comet::core::Response;
+    type Response = comet::core::FrameResponse;
     type Error = BoxError;
     type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<comet::core::Response, BoxError>> + Send>,
+        Box<dyn std::future::Future<Output = Result<comet::core::FrameResponse, BoxError>> + Send>,
     >;
 
     fn poll_ready(
@@ -85,7 +85,7 @@ where
         self.0.poll_ready(cx)
     }
 
-    fn call(&mut self, req: comet::core::Request) -> Self::Future {
+    fn call(&mut self, req: comet::core::FrameRequest) -> Self::Future {
         if req.frame.op != 1000 {
             return Box::pin(self.0.call(req));
         }

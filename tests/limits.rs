@@ -12,7 +12,7 @@ use comet::core::middleware::FrameRateLimitLayer;
 use comet::core::payload::{AuthReply, SendReply};
 use comet::core::{
     async_trait, AuthContext, AuthOutcome, Authenticator, BoxError, Comet, Config, Conversation,
-    Draft, History, Message, MessageStore, Offline, Request, Response, SessionEnd,
+    Draft, FrameRequest, FrameResponse, History, Message, MessageStore, Offline, SessionEnd,
 };
 use comet::plugins::memory::{MemoryAuth, MemoryGroups, MemoryStore};
 use common::engine::{setup, Conn};
@@ -134,15 +134,15 @@ async fn panics_close_only_the_connection_concerned() {
         .groups(groups)
         .handler(
             1000,
-            service_fn(|req: Request| async move {
+            service_fn(|req: FrameRequest| async move {
                 if req.frame.body.is_empty() {
                     panic!("handler bug");
                 }
-                Ok::<Response, BoxError>(None)
+                Ok::<FrameResponse, BoxError>(None)
             }),
         )
         .layer(tower::layer::layer_fn(|inner: comet::core::BoxService| {
-            tower::util::MapRequest::new(inner, |req: Request| {
+            tower::util::MapRequest::new(inner, |req: FrameRequest| {
                 assert!(req.frame.op != 4242, "layer bug");
                 req
             })

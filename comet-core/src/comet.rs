@@ -21,7 +21,7 @@ use crate::error::{BoxError, FrameError, SendError, SyncError};
 use crate::frame::{op, Frame, Transport, WireMode};
 use crate::groups::GroupDirectory;
 use crate::message::Conversation;
-use crate::middleware::{BoxService, Handler, Request, Response, Router};
+use crate::middleware::{BoxService, FrameRequest, FrameResponse, Handler, Router};
 use crate::payload::SendRequest;
 use crate::registry::{Delivery, Kick, Registry};
 use crate::session::{self, Outgoing, SessionEnd};
@@ -144,9 +144,9 @@ impl CometBuilder {
     pub fn layer<L>(mut self, layer: L) -> Self
     where
         L: Layer<BoxService> + Send + Sync + 'static,
-        L::Service: Service<Request, Response = Response> + Send + 'static,
-        <L::Service as Service<Request>>::Error: Into<BoxError>,
-        <L::Service as Service<Request>>::Future: Send + 'static,
+        L::Service: Service<FrameRequest, Response = FrameResponse> + Send + 'static,
+        <L::Service as Service<FrameRequest>>::Error: Into<BoxError>,
+        <L::Service as Service<FrameRequest>>::Future: Send + 'static,
     {
         self.layers.push(Arc::new(move |inner: BoxService| {
             BoxService::new(layer.layer(inner).map_err(Into::into))
@@ -158,7 +158,7 @@ impl CometBuilder {
     /// `service`. `build` refuses handlers for the protocol's own ops.
     pub fn handler<S>(mut self, op: u32, service: S) -> Self
     where
-        S: Service<Request, Response = Response> + Clone + Send + Sync + 'static,
+        S: Service<FrameRequest, Response = FrameResponse> + Clone + Send + Sync + 'static,
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
     {

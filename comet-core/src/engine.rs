@@ -112,7 +112,7 @@ impl Engine {
         &self,
         what: &'static str,
         call: impl std::future::Future<Output = Result<T, BoxError>>,
-    ) -> Result<T, String> {
+    ) -> Result<T, BoxError> {
         crate::stats::bounded(&self.stats, self.config.hook_timeout, what, call).await
     }
 
@@ -260,8 +260,10 @@ impl Engine {
                 Ok(chat_id)
             }
             Ok(Err(BrokerError::NotMember)) => Err(SendError::NotMember(req.to)),
-            Ok(Err(e)) => Err(SendError::Store(e.to_string())),
-            Err(_) => Err(SendError::Store("cluster broker timed out".into())),
+            Ok(Err(e)) => Err(SendError::Store(Box::new(e))),
+            Err(_) => Err(SendError::Store(Box::new(crate::error::PluginTimeout(
+                "cluster broker",
+            )))),
         }
     }
 

@@ -114,7 +114,7 @@ pub use crate::comet::{BuildError, Comet, CometBuilder, Event};
 #[doc(inline)]
 pub use crate::config::Config;
 #[doc(inline)]
-pub use crate::error::{BoxError, FrameError, PayloadError, SendError, SyncError};
+pub use crate::error::{BoxError, FrameError, PayloadError, PluginTimeout, SendError, SyncError};
 #[doc(inline)]
 pub use crate::frame::{op, Frame, Transport, WireMode};
 #[doc(inline)]
@@ -122,7 +122,7 @@ pub use crate::groups::{GroupDirectory, GroupMembership, Members};
 #[doc(inline)]
 pub use crate::message::{Conversation, Message};
 #[doc(inline)]
-pub use crate::middleware::{BoxService, ConnContext, Request, Response};
+pub use crate::middleware::{BoxService, ConnContext, FrameRequest, FrameResponse};
 #[doc(inline)]
 pub use crate::registry::{Delivery, Registry, SessionHandle};
 #[doc(inline)]

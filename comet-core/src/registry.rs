@@ -24,7 +24,7 @@ use crate::store::MessageStore;
 use crate::Mid;
 
 /// Number of registry shards (a power of two).
-pub const SHARDS: usize = 64;
+pub(crate) const SHARDS: usize = 64;
 
 /// Hashes mids with one multiply (Fibonacci hashing of the mid xor a
 /// per-process random seed): a fan-out to thousands of members hashes every
@@ -355,7 +355,7 @@ impl Registry {
     ///
     /// With `max_per_mid` sessions already there, the oldest is closed and
     /// removed first (the newest device wins).
-    pub async fn register(&self, handle: SessionHandle, max_per_mid: usize) {
+    pub(crate) async fn register(&self, handle: SessionHandle, max_per_mid: usize) {
         let shard = self.shard(handle.mid);
         let mid = handle.mid;
         {
@@ -406,7 +406,7 @@ impl Registry {
     }
 
     /// Removes connection `conn_id` of `mid`.
-    pub fn unregister(&self, mid: Mid, conn_id: ConnId) {
+    pub(crate) fn unregister(&self, mid: Mid, conn_id: ConnId) {
         let mut map = self.shard(mid).write();
         if let Some(entry) = map.get_mut(&mid) {
             self.remove_session(entry, conn_id);
