@@ -13,10 +13,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tower::{Layer, Service, ServiceExt as _};
 
-use crate::auth::{Authenticator, ConnInfo, UserDirectory};
+use crate::auth::{Authenticator, ConnId, ConnInfo, UserDirectory};
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::engine::{Engine, EventHook, LayerFn, SEND_STRIPES};
+use crate::engine::{Engine, EventHook, LayerFn, EVENT_BUFFER, SEND_STRIPES};
 use crate::error::{BoxError, FrameError, SendError, SyncError};
 use crate::frame::{op, Frame, Transport, WireMode};
 use crate::groups::GroupDirectory;
@@ -88,7 +88,7 @@ pub struct CometBuilder {
     layers: Vec<LayerFn>,
     handlers: HashMap<u32, Handler>,
     reserved: Option<u32>,
-    events: Option<EventHook>,
+    events: Vec<EventHook>,
     delivery: Option<DeliveryFn>,
     broker: Option<BrokerFn>,
 }
@@ -198,10 +198,13 @@ impl CometBuilder {
         self
     }
 
-    /// Calls `hook` on every connection event (authenticated, disconnected).
-    /// It runs on the session's task: keep it short and non-blocking.
+    /// Adds `hook`, called on every connection event (authenticated,
+    /// disconnected). Hooks run in the order they were added, on the
+    /// session's task: keep them short and non-blocking. For async work
+    /// (a database write on disconnect, say) use
+    /// [`Comet::subscribe_events`] instead.
     pub fn on_event(mut self, hook: impl Fn(&Event) + Send + Sync + 'static) -> Self {
-        self.events = Some(Arc::new(hook));
+        self.events.push(Arc::new(hook));
         self
     }
 
@@ -248,7 +251,8 @@ impl CometBuilder {
                 broker,
                 registry,
                 stats,
-                events: self.events,
+                events: self.events.into_boxed_slice(),
+                event_tx: tokio::sync::broadcast::Sender::new(EVENT_BUFFER),
                 stripes: (0..SEND_STRIPES)
                     .map(|_| tokio::sync::Mutex::new(()))
                     .collect(),
@@ -294,7 +298,7 @@ impl Comet {
             layers: Vec::new(),
             handlers: HashMap::default(),
             reserved: None,
-            events: None,
+            events: Vec::new(),
             delivery: None,
             broker: None,
         }
@@ -488,6 +492,49 @@ impl Comet {
     /// Closes every session of `mid`; returns how many there were.
     pub fn disconnect(&self, mid: Mid) -> usize {
         self.engine.registry.disconnect(mid)
+    }
+
+    /// Closes one connection: the authenticated session with id `conn_id`
+    /// (from [`Event`]s, [`ConnContext::conn_id`](crate::ConnContext::conn_id)
+    /// or [`ConnInfo::conn_id`]), leaving the user's other sessions alone.
+    /// It ends as [`disconnect`](Self::disconnect) ends sessions
+    /// ([`SessionEnd::Disconnected`], WebSocket close 1000). Returns whether
+    /// such a session was live on this node. It walks every session: meant
+    /// for occasional calls, not per message.
+    pub fn disconnect_conn(&self, conn_id: ConnId) -> bool {
+        self.engine.registry.disconnect_conn(conn_id)
+    }
+
+    /// Subscribes to connection events, for async observers: every
+    /// [`Event`] after this call, in order, as the hooks of
+    /// [`CometBuilder::on_event`] see them. Sessions never wait for a
+    /// subscriber: one that falls more than 1,024 events behind loses the
+    /// oldest (its next `recv` is `Err(RecvError::Lagged(n))`). Events are
+    /// only built and sent while someone is subscribed (or a hook is set).
+    ///
+    /// ```no_run
+    /// # async fn demo(comet: comet_core::Comet) {
+    /// use comet_core::Event;
+    /// use tokio::sync::broadcast::error::RecvError;
+    ///
+    /// let mut events = comet.subscribe_events();
+    /// tokio::spawn(async move {
+    ///     loop {
+    ///         match events.recv().await {
+    ///             Ok(Event::Disconnected { mid: Some(mid), .. }) => {
+    ///                 // e.g. write "last seen" to the database
+    ///                 let _ = mid;
+    ///             }
+    ///             Ok(_) => {}
+    ///             Err(RecvError::Lagged(missed)) => eprintln!("missed {missed} events"),
+    ///             Err(RecvError::Closed) => break,
+    ///         }
+    ///     }
+    /// });
+    /// # }
+    /// ```
+    pub fn subscribe_events(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.engine.event_tx.subscribe()
     }
 
     /// The engine's counters.

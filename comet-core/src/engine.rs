@@ -28,6 +28,10 @@ use crate::stats::Stats;
 use crate::store::{Draft, History, MessageStore};
 use crate::Mid;
 
+/// Events the broadcast keeps for its slowest subscriber; one further
+/// behind loses the oldest (`RecvError::Lagged`).
+pub(crate) const EVENT_BUFFER: usize = 1024;
+
 /// Number of stripes of the per-conversation send lock.
 pub(crate) const SEND_STRIPES: usize = 1024;
 
@@ -76,7 +80,10 @@ pub(crate) struct Engine {
     pub(crate) delivery: Option<Arc<dyn Delivery>>,
     pub(crate) broker: Option<Arc<dyn Broker>>,
     pub(crate) stats: Arc<Stats>,
-    pub(crate) events: Option<EventHook>,
+    /// Hooks, in the order they were added.
+    pub(crate) events: Box<[EventHook]>,
+    /// The broadcast behind [`Comet::subscribe_events`](crate::Comet::subscribe_events).
+    pub(crate) event_tx: tokio::sync::broadcast::Sender<Event>,
     pub(crate) router: Router,
     pub(crate) layers: Vec<LayerFn>,
     pub(crate) stripes: Box<[tokio::sync::Mutex<()>]>,
@@ -100,10 +107,22 @@ impl Engine {
         Stack::Layered(service)
     }
 
-    /// Reports an event; `event` is only called when someone listens.
+    /// Reports an event to every hook, in order, then to the broadcast's
+    /// subscribers; `event` is only called when someone listens. A send to
+    /// the broadcast never waits: a subscriber that lags loses the oldest
+    /// events.
     pub(crate) fn emit(&self, event: impl FnOnce() -> Event) {
-        if let Some(hook) = &self.events {
-            hook(&event());
+        let subscribed = self.event_tx.receiver_count() > 0;
+        if self.events.is_empty() && !subscribed {
+            return;
+        }
+        let event = event();
+        for hook in self.events.iter() {
+            hook(&event);
+        }
+        if subscribed {
+            // An error only means every subscriber went away meanwhile.
+            let _ = self.event_tx.send(event);
         }
     }
 

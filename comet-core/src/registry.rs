@@ -494,6 +494,22 @@ impl Registry {
         entry.sessions.len()
     }
 
+    /// Closes the authenticated session of connection `conn_id`, if it is
+    /// live on this node; returns whether it was. It walks every session
+    /// (connections are indexed by mid, not by id): meant for an operator's
+    /// or a moderation hook's occasional call, not for every frame.
+    pub fn disconnect_conn(&self, conn_id: ConnId) -> bool {
+        for shard in self.shards.iter() {
+            for entry in shard.read().values() {
+                if let Some(s) = entry.sessions.iter().find(|s| s.conn_id == conn_id) {
+                    s.disconnect();
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
     /// Closes every session.
     pub fn disconnect_all(&self) {
         self.kick_all(Kick::Disconnected);
