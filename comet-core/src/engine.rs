@@ -35,8 +35,9 @@ pub(crate) const EVENT_BUFFER: usize = 1024;
 /// Number of stripes of the per-conversation send lock.
 pub(crate) const SEND_STRIPES: usize = 1024;
 
-/// Something that happened to a connection, reported to the hook set with
-/// [`CometBuilder::on_event`].
+/// Something that happened to a connection, reported to the hooks added
+/// with [`CometBuilder::on_event`](crate::CometBuilder::on_event) and to
+/// [`Comet::subscribe_events`](crate::Comet::subscribe_events)'s receivers.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum Event {

@@ -68,6 +68,14 @@
 //! assert_eq!(comet.session_count(), 0);
 //! ```
 
+//! ## Where items live
+//!
+//! Every item has one home, its module, where it is documented. The crate
+//! root re-exports the ones an embedder names most (the handle, the plug-in
+//! traits, frames, errors) as plain re-exports that link to that page, so
+//! `comet_core::Comet` and `comet_core::comet::Comet` are the same item,
+//! documented once.
+
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod auth;
@@ -102,32 +110,32 @@ pub use async_trait::async_trait;
 /// embedders use the same version.
 pub use http;
 
-#[doc(inline)]
+#[doc(no_inline)]
 pub use crate::auth::{
     AuthContext, AuthOutcome, AuthRequest, Authenticator, ConnId, ConnInfo, Extensions, Identity,
     TlsInfo, UserDirectory,
 };
-#[doc(inline)]
+#[doc(no_inline)]
 pub use crate::broker::{Broker, BrokerError};
-#[doc(inline)]
+#[doc(no_inline)]
 pub use crate::comet::{BuildError, Comet, CometBuilder, Event};
-#[doc(inline)]
+#[doc(no_inline)]
 pub use crate::config::Config;
-#[doc(inline)]
+#[doc(no_inline)]
 pub use crate::error::{BoxError, FrameError, PayloadError, PluginTimeout, SendError, SyncError};
-#[doc(inline)]
+#[doc(no_inline)]
 pub use crate::frame::{op, Frame, Transport, WireMode};
-#[doc(inline)]
+#[doc(no_inline)]
 pub use crate::groups::{GroupDirectory, GroupMembership, Members};
-#[doc(inline)]
+#[doc(no_inline)]
 pub use crate::message::{Conversation, Message};
-#[doc(inline)]
+#[doc(no_inline)]
 pub use crate::middleware::{BoxService, ConnContext, FrameRequest, FrameResponse};
-#[doc(inline)]
+#[doc(no_inline)]
 pub use crate::registry::{Delivery, Registry, SessionHandle};
-#[doc(inline)]
+#[doc(no_inline)]
 pub use crate::session::{Outgoing, SessionEnd};
-#[doc(inline)]
+#[doc(no_inline)]
 pub use crate::stats::StatsSnapshot;
-#[doc(inline)]
+#[doc(no_inline)]
 pub use crate::store::{Draft, History, MessageStore, Offline};

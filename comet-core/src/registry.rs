@@ -1,7 +1,7 @@
 //! Live sessions by mid, and the [`Delivery`] seam that hands messages to them.
 //!
 //! The registry is sharded by mid: delivering to one user takes a read lock on
-//! one shard out of [`SHARDS`], never a global lock. Pushing to a session
+//! one shard out of 64, never a global lock. Pushing to a session
 //! never waits: its queue is bounded in bytes, and a session over its bound
 //! is closed (slow consumer) instead of slowing the sender.
 
