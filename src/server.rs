@@ -856,7 +856,7 @@ pub async fn start(config: ServerConfig) -> io::Result<Running> {
     let s = &config.server;
     let acceptor = match (&s.tls_cert, &s.tls_key) {
         (Some(cert), Some(key)) if s.tcp_tls.is_some() || s.websocket_tls.is_some() => {
-            Some(tls::acceptor_from_pem_files(cert, key)?)
+            Some(tls::TlsConfig::from_pem_files(cert, key)?)
         }
         _ => None,
     };
@@ -895,10 +895,11 @@ pub async fn start(config: ServerConfig) -> io::Result<Running> {
 
     // The web client is served on the WebSocket listeners, same origin as
     // the endpoint it connects to.
-    let options = ws::WsOptions {
-        path: s.ws_path.clone(),
-        static_files: Some(crate::web::files()),
-    };
+    let ws_options = ws::WsOptions::default()
+        .with_path(s.ws_path.clone())
+        .with_static_files(crate::web::files())
+        .with_limits(limits.clone());
+    let tcp_options = tcp::TcpOptions::default().with_limits(limits.clone());
     let mut listeners = Vec::new();
     // Listeners still serving, for the admin API's /readyz.
     let up = Arc::new(AtomicUsize::new(0));
@@ -912,19 +913,18 @@ pub async fn start(config: ServerConfig) -> io::Result<Running> {
         }));
     };
     if let Some(l) = tcp_listener {
-        spawn(Box::pin(tcp::serve(comet.clone(), l, limits.clone())));
+        spawn(Box::pin(tcp::serve(l, comet.clone(), tcp_options.clone())));
     }
     if let Some(l) = ws_listener {
-        let serve = ws::serve(comet.clone(), l, options.clone(), limits.clone());
-        spawn(Box::pin(serve));
+        spawn(Box::pin(ws::serve(l, comet.clone(), ws_options.clone())));
     }
-    if let (Some(l), Some(acceptor)) = (tcp_tls_listener, &acceptor) {
-        let serve = tcp::serve_tls(comet.clone(), l, limits.clone(), acceptor.clone());
-        spawn(Box::pin(serve));
+    if let (Some(l), Some(tls)) = (tcp_tls_listener, &acceptor) {
+        let options = tcp_options.with_tls(tls.clone());
+        spawn(Box::pin(tcp::serve(l, comet.clone(), options)));
     }
-    if let (Some(l), Some(acceptor)) = (ws_tls_listener, &acceptor) {
-        let serve = ws::serve_tls(comet.clone(), l, options, limits.clone(), acceptor.clone());
-        spawn(Box::pin(serve));
+    if let (Some(l), Some(tls)) = (ws_tls_listener, &acceptor) {
+        let options = ws_options.with_tls(tls.clone());
+        spawn(Box::pin(ws::serve(l, comet.clone(), options)));
     }
     let serving = listeners.len();
     if let (Some(l), Some(section)) = (admin_listener, &config.admin) {
