@@ -62,7 +62,7 @@ use comet_core::{Comet, Config, MessageStore};
 use comet_plugins::embedded::{EmbeddedConfig, EmbeddedStore, Fsync};
 use comet_plugins::memory::{MemoryAuth, MemoryGroups, MemoryLimits, MemoryStore};
 use comet_plugins::redis::{RedisCluster, RedisOptions, RedisStore};
-use comet_transports::{admin, tcp, tls, ws, Limits};
+use comet_transports::{admin, tcp, tls, ws, Limits, TrustedProxies};
 use futures_util::future::BoxFuture;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
@@ -196,6 +196,11 @@ pub struct ServerSection {
     /// this many bits (default 64; 128: per address).
     #[serde(default = "defaults::ipv6_prefix_len")]
     pub ipv6_prefix_len: u8,
+    /// Proxies (addresses or CIDR networks) whose connections, on every
+    /// listener, start with a PROXY protocol v1/v2 header naming the client
+    /// (default none). Connections from other peers are never read as one.
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<String>,
 }
 
 /// Which message store the server runs on.
@@ -512,6 +517,9 @@ impl ServerConfig {
         }
         if s.ipv6_prefix_len > 128 {
             return bad("server.ipv6_prefix_len", "must be between 0 and 128");
+        }
+        if let Err(e) = TrustedProxies::new(&s.proxy_protocol_from) {
+            return bad("server.proxy_protocol_from", &e.to_string());
         }
         if s.sync_limit == 0 {
             return bad("server.sync_limit", "must be greater than 0");
@@ -895,11 +903,17 @@ pub async fn start(config: ServerConfig) -> io::Result<Running> {
 
     // The web client is served on the WebSocket listeners, same origin as
     // the endpoint it connects to.
+    // Checked by `ServerConfig::check`.
+    let proxies = TrustedProxies::new(&s.proxy_protocol_from)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let ws_options = ws::WsOptions::default()
         .with_path(s.ws_path.clone())
         .with_static_files(crate::web::files())
-        .with_limits(limits.clone());
-    let tcp_options = tcp::TcpOptions::default().with_limits(limits.clone());
+        .with_limits(limits.clone())
+        .with_proxy_protocol(proxies.clone());
+    let tcp_options = tcp::TcpOptions::default()
+        .with_limits(limits.clone())
+        .with_proxy_protocol(proxies);
     let mut listeners = Vec::new();
     // Listeners still serving, for the admin API's /readyz.
     let up = Arc::new(AtomicUsize::new(0));
