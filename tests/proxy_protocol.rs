@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use comet::core::{
-    async_trait, AuthOutcome, AuthRequest, Authenticator, BoxError, Comet, ConnInfo, Identity,
+    async_trait, AuthContext, AuthOutcome, Authenticator, BoxError, Comet, Identity,
 };
 use comet::plugins::memory::{MemoryGroups, MemoryStore};
 use comet::transports::tcp::{self, TcpOptions};
@@ -29,13 +29,10 @@ struct Peers(Mutex<Vec<SocketAddr>>);
 
 #[async_trait]
 impl Authenticator for Peers {
-    async fn authenticate(
-        &self,
-        req: &AuthRequest,
-        conn: &ConnInfo,
-    ) -> Result<AuthOutcome, BoxError> {
-        self.0.lock().unwrap().push(conn.peer);
-        Ok(AuthOutcome::Accepted(Identity::new(req.mid().unwrap_or(1))))
+    async fn authenticate(&self, ctx: &AuthContext) -> Result<AuthOutcome, BoxError> {
+        self.0.lock().unwrap().push(ctx.peer());
+        let mid = ctx.auth_request().mid().unwrap_or(1);
+        Ok(AuthOutcome::Accepted(Identity::new(mid)))
     }
 }
 

@@ -15,8 +15,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use comet::core::{
-    async_trait, AuthOutcome, AuthRequest, Authenticator, BoxError, ConnInfo, Conversation,
-    Identity, Mid, SendError,
+    async_trait, AuthContext, AuthOutcome, Authenticator, BoxError, Conversation, Identity, Mid,
+    SendError,
 };
 use comet::plugins::memory::{MemoryGroups, MemoryStore};
 use comet::transports::axum::CometWs;
@@ -148,11 +148,8 @@ impl SqlUsers {
 
 #[async_trait]
 impl Authenticator for SqlUsers {
-    async fn authenticate(
-        &self,
-        req: &AuthRequest,
-        _conn: &ConnInfo,
-    ) -> Result<AuthOutcome, BoxError> {
+    async fn authenticate(&self, ctx: &AuthContext) -> Result<AuthOutcome, BoxError> {
+        let req = ctx.auth_request();
         let (Some(mid), Some(mkey)) = (req.mid(), req.mkey()) else {
             return Ok(AuthOutcome::Denied("mid and mkey are required".into()));
         };
