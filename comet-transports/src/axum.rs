@@ -51,7 +51,7 @@ use tower::Service;
 
 use crate::limits::Admission;
 use crate::login::{Budgeted, ReadBudget};
-use crate::ws::{pre_auth_budget, serve_upgraded, ws_config, UPGRADE_ALLOWANCE};
+use crate::ws::{pre_auth_budget, request_parts, serve_upgraded, ws_config, UPGRADE_ALLOWANCE};
 use crate::{BadProxy, Limits, TrustedProxies};
 
 /// A tower service that turns WebSocket upgrade requests into comet
@@ -206,6 +206,7 @@ impl CometWs {
             },
             None => Admission::unlimited(),
         };
+        let request = Box::new(request_parts(req));
         let on_upgrade = hyper::upgrade::on(req);
         let comet = self.comet.clone();
         tokio::spawn(async move {
@@ -218,7 +219,8 @@ impl CometWs {
                         ReadBudget::new(pre_auth_budget(comet.config()) - UPGRADE_ALLOWANCE);
                     let io = Budgeted::new(TokioIo::new(upgraded), budget.clone());
                     let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-                    serve_upgraded(&comet, ws, peer, admission, Some(budget)).await;
+                    let request = Some(request);
+                    serve_upgraded(&comet, ws, peer, admission, Some(budget), request, None).await;
                 }
                 Ok(Err(e)) => tracing::warn!(%peer, cause = %e, "websocket upgrade failed"),
                 Err(_) => tracing::info!(%peer, "websocket upgrade not completed in time"),

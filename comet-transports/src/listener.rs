@@ -5,7 +5,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use comet_core::Comet;
+use comet_core::{Comet, TlsInfo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -144,20 +144,32 @@ pub(crate) fn handshake_deadline(comet: &Comet, admission: &Admission) -> tokio:
     admission.accepted_at() + comet.config().handshake_timeout
 }
 
-/// Completes a TLS handshake by the handshake deadline, logging failures.
+/// Completes a TLS handshake by the handshake deadline, logging failures;
+/// the stream, and what the handshake negotiated for the authenticator
+/// (boxed: the connection's futures carry it until the login).
 pub(crate) async fn tls_handshake<S>(
     comet: &Comet,
     tls: &TlsConfig,
     stream: S,
     peer: SocketAddr,
     admission: &Admission,
-) -> Option<tokio_rustls::server::TlsStream<S>>
+) -> Option<(tokio_rustls::server::TlsStream<S>, Box<TlsInfo>)>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let deadline = handshake_deadline(comet, admission);
     match tokio::time::timeout_at(deadline, tls.acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => Some(tls),
+        Ok(Ok(tls)) => {
+            let session = tls.get_ref().1;
+            let mut info = TlsInfo::new();
+            if let Some(name) = session.server_name() {
+                info = info.with_server_name(name);
+            }
+            if let Some(alpn) = session.alpn_protocol() {
+                info = info.with_alpn(alpn);
+            }
+            Some((tls, Box::new(info)))
+        }
         Ok(Err(e)) => {
             tracing::warn!(%peer, cause = %e, "TLS handshake failed");
             None

@@ -5,7 +5,7 @@ use std::io;
 use std::net::SocketAddr;
 
 use comet_core::codec::TcpCodec;
-use comet_core::{Comet, SessionEnd, Transport, WireMode};
+use comet_core::{Comet, SessionEnd, TlsInfo, Transport, WireMode};
 use futures_util::FutureExt as _;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -102,10 +102,10 @@ pub async fn serve(listener: TcpListener, comet: Comet, options: TcpOptions) -> 
                 move |comet, stream, peer, admission| {
                     let tls = tls.clone();
                     async move {
-                        if let Some(tls) =
+                        if let Some((stream, info)) =
                             tls_handshake(&comet, &tls, stream, peer, &admission).await
                         {
-                            serve_stream(&comet, tls, peer, admission).await;
+                            serve_stream(&comet, stream, peer, admission, Some(info)).await;
                         }
                     }
                 },
@@ -136,27 +136,29 @@ where
     async move {
         let admission = admission?;
         match tls {
-            None => Some(serve_stream(&comet, stream, peer, admission).await),
+            None => Some(serve_stream(&comet, stream, peer, admission, None).await),
             Some(tls) => {
-                let tls = tls_handshake(&comet, &tls, stream, peer, &admission).await?;
-                Some(serve_stream(&comet, tls, peer, admission).await)
+                let (stream, info) = tls_handshake(&comet, &tls, stream, peer, &admission).await?;
+                Some(serve_stream(&comet, stream, peer, admission, Some(info)).await)
             }
         }
     }
 }
 
-/// Serves one binary-frame connection to its end.
+/// Serves one binary-frame connection to its end; `tls` is what its TLS
+/// handshake negotiated, if it had one.
 fn serve_stream<S>(
     comet: &Comet,
     stream: S,
     peer: SocketAddr,
     admission: Admission,
+    tls: Option<Box<TlsInfo>>,
 ) -> impl Future<Output = SessionEnd>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin,
 {
     let (read, write) = tokio::io::split(stream);
-    serve_halves(comet, read, write, peer, admission)
+    serve_halves(comet, read, write, peer, admission, tls)
 }
 
 /// Like [`serve_stream`], for a plain TCP connection, split without a lock
@@ -170,7 +172,7 @@ fn serve_tcp(
     admission: Admission,
 ) -> impl Future<Output = SessionEnd> {
     let (read, write) = stream.into_split();
-    serve_halves(comet, read, write, peer, admission)
+    serve_halves(comet, read, write, peer, admission, None)
 }
 
 /// Plain functions returning the session's future, not `async fn`s awaiting
@@ -187,6 +189,7 @@ fn serve_halves<R, W>(
     write: W,
     peer: SocketAddr,
     admission: Admission,
+    tls: Option<Box<TlsInfo>>,
 ) -> impl Future<Output = SessionEnd>
 where
     R: AsyncRead + Send + Unpin,
@@ -198,6 +201,9 @@ where
     let framed = FramedRead::with_capacity(read, codec, READ_BUFFER);
     let mut info = comet.conn_info(Transport::Tcp, WireMode::Binary, peer);
     info.accepted_at = admission.accepted_at();
+    if let Some(tls) = tls {
+        info = info.with_tls(*tls);
+    }
     let inbound = LoginGuard::new(framed, admission, move |f: &mut FramedRead<R, TcpCodec>| {
         f.decoder_mut().set_max_body(max_body)
     });

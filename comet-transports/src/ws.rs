@@ -10,7 +10,7 @@ use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use comet_core::codec::{json, split_frames};
-use comet_core::{Comet, Frame, FrameError, Outgoing, SessionEnd, Transport, WireMode};
+use comet_core::{Comet, Frame, FrameError, Outgoing, SessionEnd, TlsInfo, Transport, WireMode};
 use futures_util::future::Either;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
@@ -175,7 +175,7 @@ pub async fn serve(listener: TcpListener, comet: Comet, options: WsOptions) -> i
                 move |comet, stream, peer, admission| {
                     let (path, files) = (path.clone(), files.clone());
                     async move {
-                        accept(&comet, stream, peer, &path, files.as_ref(), admission).await;
+                        accept(&comet, stream, peer, &path, files.as_ref(), admission, None).await;
                     }
                 },
             )
@@ -190,12 +190,13 @@ pub async fn serve(listener: TcpListener, comet: Comet, options: WsOptions) -> i
                 move |comet, stream, peer, admission| {
                     let (path, files, tls) = (path.clone(), files.clone(), tls.clone());
                     async move {
-                        let Some(stream) =
+                        let Some((stream, info)) =
                             tls_handshake(&comet, &tls, stream, peer, &admission).await
                         else {
                             return;
                         };
-                        accept(&comet, stream, peer, &path, files.as_ref(), admission).await;
+                        let files = files.as_ref();
+                        accept(&comet, stream, peer, &path, files, admission, Some(info)).await;
                     }
                 },
             )
@@ -230,10 +231,19 @@ where
     async move {
         let admission = admission?;
         match tls {
-            None => accept(&comet, stream, peer, &path, files.as_ref(), admission).await,
+            None => accept(&comet, stream, peer, &path, files.as_ref(), admission, None).await,
             Some(tls) => {
-                let stream = tls_handshake(&comet, &tls, stream, peer, &admission).await?;
-                accept(&comet, stream, peer, &path, files.as_ref(), admission).await
+                let (stream, info) = tls_handshake(&comet, &tls, stream, peer, &admission).await?;
+                accept(
+                    &comet,
+                    stream,
+                    peer,
+                    &path,
+                    files.as_ref(),
+                    admission,
+                    Some(info),
+                )
+                .await
             }
         }
     }
@@ -249,15 +259,16 @@ fn accept<'a, S>(
     path: &'a str,
     files: Option<&'a StaticFiles>,
     admission: Admission,
+    tls: Option<Box<TlsInfo>>,
 ) -> impl Future<Output = Option<SessionEnd>> + Send + 'a
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'a,
 {
     match files {
         Some(files) => Either::Left(accept_or_serve_file(
-            comet, stream, peer, path, files, admission,
+            comet, stream, peer, path, files, admission, tls,
         )),
-        None => Either::Right(accept_stream(comet, stream, peer, path, admission)),
+        None => Either::Right(accept_stream(comet, stream, peer, path, admission, tls)),
     }
 }
 
@@ -271,13 +282,14 @@ async fn accept_stream<S>(
     peer: SocketAddr,
     path: &str,
     admission: Admission,
+    tls: Option<Box<TlsInfo>>,
 ) -> Option<SessionEnd>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin,
 {
     let budget = ReadBudget::new(pre_auth_budget(comet.config()));
     let stream = Budgeted::new(stream, budget.clone());
-    upgrade(comet, stream, budget, peer, path, admission).await
+    upgrade(comet, stream, budget, peer, path, admission, tls).await
 }
 
 /// Like [`accept_stream`], reading the request head first: a plain request
@@ -291,6 +303,7 @@ async fn accept_or_serve_file<S>(
     path: &str,
     files: &StaticFiles,
     admission: Admission,
+    tls: Option<Box<TlsInfo>>,
 ) -> Option<SessionEnd>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin,
@@ -302,7 +315,7 @@ where
     match tokio::time::timeout_at(deadline, routed).await {
         Ok(Ok(Routed::Upgrade(head))) => {
             let stream = Rewind::new(head, stream);
-            upgrade(comet, stream, budget, peer, path, admission).await
+            upgrade(comet, stream, budget, peer, path, admission, tls).await
         }
         Ok(Ok(Routed::Answered)) => None,
         Ok(Err(e)) => {
@@ -316,7 +329,9 @@ where
     }
 }
 
-/// The WebSocket handshake on a budgeted stream, then the session.
+/// The WebSocket handshake on a budgeted stream, then the session. The
+/// upgrade request's method, URI, version and headers go to the
+/// authenticator ([`AuthContext`](comet_core::AuthContext)).
 async fn upgrade<S>(
     comet: &Comet,
     stream: S,
@@ -324,14 +339,17 @@ async fn upgrade<S>(
     peer: SocketAddr,
     path: &str,
     admission: Admission,
+    tls: Option<Box<TlsInfo>>,
 ) -> Option<SessionEnd>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin,
 {
+    let mut request = None;
     // tungstenite's callback signature fixes the error type.
     #[allow(clippy::result_large_err)]
     let check_path = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         if req.uri().path() == path {
+            request = Some(Box::new(request_parts(req)));
             Ok(resp)
         } else {
             let mut not_found =
@@ -356,7 +374,18 @@ where
             return None;
         }
     };
-    Some(serve_upgraded(comet, ws, peer, admission, Some(budget)).await)
+    Some(serve_upgraded(comet, ws, peer, admission, Some(budget), request, tls).await)
+}
+
+/// A copy of an upgrade request's method, URI, version and headers (not
+/// its extensions, which belong to the server that read it).
+pub(crate) fn request_parts<B>(req: &http::Request<B>) -> http::request::Parts {
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = req.method().clone();
+    parts.uri = req.uri().clone();
+    parts.version = req.version();
+    parts.headers = req.headers().clone();
+    parts
 }
 
 /// Serves one upgraded WebSocket connection to its end: waits for the
@@ -364,6 +393,8 @@ where
 /// data frame and op 7 must arrive within the handshake timeout of the
 /// accept, and messages before the login may be at most
 /// [`auth_message_limit`] long; `budget` (if any) is lifted at login.
+/// `request` and `tls` (boxed: the connection's futures carry them until
+/// here) go to the authenticator.
 ///
 /// A plain function returning the future, not an `async fn`: an `async
 /// fn` keeps room for its arguments (the whole `WebSocketStream`, here)
@@ -376,6 +407,8 @@ pub(crate) fn serve_upgraded<'a, S>(
     peer: SocketAddr,
     admission: Admission,
     budget: Option<ReadBudget>,
+    request: Option<Box<http::request::Parts>>,
+    tls: Option<Box<TlsInfo>>,
 ) -> impl std::future::Future<Output = SessionEnd> + Send + 'a
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'a,
@@ -393,6 +426,12 @@ where
         };
         let mut info = comet.conn_info(Transport::WebSocket, frames.mode, peer);
         info.accepted_at = admission.accepted_at();
+        if let Some(request) = request {
+            info = info.with_request(*request);
+        }
+        if let Some(tls) = tls {
+            info = info.with_tls(*tls);
+        }
         let max_body = comet.config().max_body;
         let frames = LoginGuard::new(frames, admission, move |frames: &mut WsFrames<S>| {
             frames.max_body = max_body;
