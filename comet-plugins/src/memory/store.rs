@@ -350,9 +350,12 @@ enum Gone {
 ///   pushed to or read and by a sweep that pushes drive (every inbox is
 ///   looked at at least every `min(inbox_ttl, 64 s)` while pushes arrive).
 ///
-/// A message shared by a history and inboxes (or by many inboxes: one group
-/// message to offline members) is charged once to the store, and in full
-/// to each conversation and inbox bound it counts against.
+/// A message shared by many inboxes (one group message to offline members)
+/// is charged once for all of them; its history slot charges it once more,
+/// so a message is charged at most twice, whatever the number of its
+/// holders, and in full to each conversation and inbox bound it counts
+/// against. (Counting the history slot apart keeps the common send, whose
+/// recipients are online, off the shared holder table.)
 ///
 /// ```
 /// # use comet_plugins::memory::MemoryStore;
@@ -364,7 +367,7 @@ pub struct MemoryStore {
     limits: MemoryLimits,
     conversations: Box<[Mutex<ConvShard>]>,
     inboxes: Box<[Mutex<InboxShard>]>,
-    /// How many history slots and inbox entries share each message (by
+    /// How many inbox entries share each message (by
     /// address: an entry holds its `Arc`, so the address is not reused
     /// while it is counted here).
     held: Box<[Mutex<HashMap<usize, u32>>]>,
@@ -594,7 +597,7 @@ impl MemoryStore {
             return;
         };
         conv.bytes -= msg.delivered().msg.len();
-        self.sub_bytes(self.release(&msg) + HISTORY_ENTRY);
+        self.sub_bytes(charge(&msg) + HISTORY_ENTRY);
         self.history_messages.fetch_sub(1, Ordering::Relaxed);
         self.dropped_history.fetch_add(1, Ordering::Relaxed);
         if conv.history.is_empty() {
@@ -772,7 +775,7 @@ impl MessageStore for MemoryStore {
         conv.stamp = self.clock.fetch_add(1, Ordering::Relaxed);
         conv.history.push_back(msg.clone());
         conv.bytes += msg.delivered().msg.len();
-        self.add_bytes(self.hold(&msg) + HISTORY_ENTRY);
+        self.add_bytes(charge(&msg) + HISTORY_ENTRY);
         self.history_messages.fetch_add(1, Ordering::Relaxed);
         lru.touch(conv.stamp, key, new);
         while conv.history.len() > self.limits.history || conv.bytes > self.limits.history_bytes {
@@ -988,8 +991,8 @@ mod tests {
         let u = store.usage();
         assert_eq!((u.dropped_history, u.dropped_offline), (2, 3));
         assert_eq!((u.history_messages, u.inbox_messages), (3, 2));
-        // Charged once though held by the history and the inbox.
-        let want = CONV_RECORD + INBOX_RECORD + 3 * (one + HISTORY_ENTRY) + 2 * INBOX_ENTRY;
+        // Charged once by the history slot and once for all its inboxes.
+        let want = CONV_RECORD + INBOX_RECORD + 3 * (one + HISTORY_ENTRY) + 2 * (one + INBOX_ENTRY);
         assert_eq!(u.bytes, want);
         // A message over the history budget is numbered, delivered, not kept.
         let big = store.append(draft(g, 1, 7, 40_000)).await.unwrap();
@@ -1042,6 +1045,30 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(next.chat_id(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_group_message_in_many_inboxes_is_charged_once_for_all_of_them() {
+        let store = MemoryStore::default();
+        let msg = store
+            .append(draft(Conversation::Group(3), 1, 3, 1_000))
+            .await
+            .unwrap();
+        let one = charge(&msg);
+        assert_eq!(store.usage().bytes, CONV_RECORD + one + HISTORY_ENTRY);
+        for mid in 10..110 {
+            store.push_offline(mid, msg.clone()).await.unwrap();
+        }
+        let inboxes = 100 * (INBOX_RECORD + INBOX_ENTRY);
+        assert_eq!(
+            store.usage().bytes,
+            CONV_RECORD + one + HISTORY_ENTRY + one + inboxes
+        );
+        // The last reader frees the inboxes' charge; the history keeps its own.
+        for mid in 10..110 {
+            store.remove_offline(mid, u64::MAX).await.unwrap();
+        }
+        assert_eq!(store.usage().bytes, CONV_RECORD + one + HISTORY_ENTRY);
     }
 
     #[tokio::test]
