@@ -564,6 +564,19 @@ impl MemoryStore {
         oldest[i].store(first.map_or(u64::MAX, |e| e.0), Ordering::Relaxed);
     }
 
+    /// After an append to conversation shard `i` with `stamp`: keeps the
+    /// order compact and the shard's recorded stamp a lower bound of its
+    /// least recent one (exact when the shard had none), which costs no
+    /// lookup. [`make_room`](Self::make_room) corrects a stale record
+    /// before it evicts by it.
+    fn appended(oldest: &[AtomicU64], i: usize, shard: &mut ConvShard, stamp: u64) {
+        let ConvShard { map, lru } = shard;
+        lru.compact(|stamp, key| conv_current(map, stamp, key));
+        if oldest[i].load(Ordering::Relaxed) == u64::MAX {
+            oldest[i].store(stamp, Ordering::Relaxed);
+        }
+    }
+
     /// Records inbox shard `i`'s least recent stamp after a change.
     fn settle_inboxes(oldest: &[AtomicU64], i: usize, shard: &mut InboxShard) {
         let InboxShard { map, lru } = shard;
@@ -675,7 +688,13 @@ impl MemoryStore {
             };
             let mut shard = lock(&self.conversations[i]);
             let ConvShard { map, lru } = &mut *shard;
-            if let Some((_, key)) = lru.first(|stamp, key| conv_current(map, stamp, key)) {
+            let first = lru.first(|stamp, key| conv_current(map, stamp, key));
+            if first.map_or(u64::MAX, |e| e.0) != self.conv_oldest[i].load(Ordering::Relaxed) {
+                // A lower bound left by appends: correct it and choose again.
+                Self::settle_convs(&self.conv_oldest, i, &mut shard);
+                continue;
+            }
+            if let Some((_, key)) = first {
                 if let Some(conv) = map.get_mut(&key) {
                     while !conv.history.is_empty() && over() {
                         self.pop_history(conv, lru, &mut victims);
@@ -781,7 +800,8 @@ impl MessageStore for MemoryStore {
         while conv.history.len() > self.limits.history || conv.bytes > self.limits.history_bytes {
             self.pop_history(conv, lru, &mut victims);
         }
-        Self::settle_convs(&self.conv_oldest, start, &mut shard);
+        let stamp = conv.stamp;
+        Self::appended(&self.conv_oldest, start, &mut shard, stamp);
         // Evicted messages (maybe the last references to their bytes and
         // encodings) are freed after the lock is released, not under it.
         drop(shard);
