@@ -12,9 +12,9 @@ use bytes::Bytes;
 use comet::core::frame::{op, Frame, WireMode};
 use comet::core::payload::{AuthReply, SendReply};
 use comet::core::{
-    async_trait, AuthOutcome, AuthRequest, Authenticator, BoxError, Comet, Config, ConnInfo,
-    Conversation, Draft, GroupDirectory, History, Identity, Members, Message, MessageStore,
-    Offline, Request, Response, SessionEnd,
+    async_trait, AuthContext, AuthOutcome, Authenticator, BoxError, Comet, Config, Conversation,
+    Draft, GroupDirectory, History, Identity, Members, Message, MessageStore, Offline, Request,
+    Response, SessionEnd,
 };
 use common::engine::Conn;
 use tower::{service_fn, Service};
@@ -25,13 +25,10 @@ struct TokenAuth;
 
 #[async_trait]
 impl Authenticator for TokenAuth {
-    async fn authenticate(
-        &self,
-        req: &AuthRequest,
-        conn: &ConnInfo,
-    ) -> Result<AuthOutcome, BoxError> {
-        assert_eq!(conn.peer.ip().to_string(), "127.0.0.1");
-        let token = req
+    async fn authenticate(&self, ctx: &AuthContext) -> Result<AuthOutcome, BoxError> {
+        assert_eq!(ctx.peer().ip().to_string(), "127.0.0.1");
+        let token = ctx
+            .auth_request()
             .field("key")
             .and_then(|v| v.as_str())
             .unwrap_or_default();
@@ -366,7 +363,7 @@ struct Hanging;
 
 #[async_trait]
 impl Authenticator for Hanging {
-    async fn authenticate(&self, _: &AuthRequest, _: &ConnInfo) -> Result<AuthOutcome, BoxError> {
+    async fn authenticate(&self, _: &AuthContext) -> Result<AuthOutcome, BoxError> {
         std::future::pending().await
     }
 }
