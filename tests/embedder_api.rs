@@ -12,7 +12,6 @@ use comet::core::{
     Transport, WireMode,
 };
 use comet::plugins::memory::{MemoryGroups, MemoryStore};
-use comet::transports::Limits;
 use common::raw::{Client, Kind};
 use common::within;
 use serde_json::json;
@@ -131,15 +130,14 @@ async fn start(
     let ws = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (tcp_addr, ws_addr) = (tcp.local_addr().unwrap(), ws.local_addr().unwrap());
     tokio::spawn(comet::transports::tcp::serve(
-        comet.clone(),
         tcp,
-        Limits::default(),
+        comet.clone(),
+        Default::default(),
     ));
     tokio::spawn(comet::transports::ws::serve(
-        comet.clone(),
         ws,
+        comet.clone(),
         Default::default(),
-        Limits::default(),
     ));
     Server {
         comet,

@@ -195,10 +195,13 @@ impl Engine {
             (Conversation::Group(req.to), Some(members))
         } else {
             if let Some(users) = self.users.as_ref().filter(|_| req.to != req.from) {
-                let exists = self
-                    .bounded("user directory", users.exists(req.to))
-                    .await
-                    .map_err(SendError::Users)?;
+                let exists = match users.exists_now(req.to) {
+                    Some(known) => known,
+                    None => self
+                        .bounded("user directory", users.exists(req.to))
+                        .await
+                        .map_err(SendError::Users)?,
+                };
                 if !exists {
                     return Err(SendError::UnknownUser(req.to));
                 }
@@ -256,10 +259,13 @@ impl Engine {
             Conversation::Group(req.to)
         } else {
             if let Some(users) = self.users.as_ref().filter(|_| req.to != req.from) {
-                let exists = self
-                    .bounded("user directory", users.exists(req.to))
-                    .await
-                    .map_err(SendError::Users)?;
+                let exists = match users.exists_now(req.to) {
+                    Some(known) => known,
+                    None => self
+                        .bounded("user directory", users.exists(req.to))
+                        .await
+                        .map_err(SendError::Users)?,
+                };
                 if !exists {
                     return Err(SendError::UnknownUser(req.to));
                 }

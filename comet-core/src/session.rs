@@ -770,17 +770,36 @@ where
     let mut deadline = tokio::time::Instant::now() + silence;
     let timer = tokio::time::sleep_until(deadline);
     tokio::pin!(timer);
+    // The waker the timer holds. A pending `Sleep` registers its waker again
+    // on every poll, and the reader is polled on every wake-up of the
+    // session (about 700 instructions per 1:1 round trip), so the timer is
+    // polled only when it has fired or holds another waker.
+    let mut armed: Option<std::task::Waker> = None;
     loop {
-        let next = tokio::select! {
-            biased;
-            next = inbound.next() => next,
-            _ = &mut timer => {
-                if tokio::time::Instant::now() >= deadline {
-                    return SessionEnd::HeartbeatTimeout;
-                }
-                timer.as_mut().reset(deadline);
-                continue;
+        let woke = std::future::poll_fn(|cx| {
+            if let Poll::Ready(next) = inbound.poll_next_unpin(cx) {
+                return Poll::Ready(Some(next));
             }
+            let holds = armed.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+            if !holds || timer.is_elapsed() {
+                // Unconstrained: out of coop budget, a `Sleep` would answer
+                // Pending without registering the waker recorded below.
+                let mut poll = tokio::task::coop::unconstrained(timer.as_mut());
+                if std::pin::Pin::new(&mut poll).poll(cx).is_ready() {
+                    armed = None;
+                    return Poll::Ready(None);
+                }
+                armed = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await;
+        let Some(next) = woke else {
+            if tokio::time::Instant::now() >= deadline {
+                return SessionEnd::HeartbeatTimeout;
+            }
+            timer.as_mut().reset(deadline);
+            continue;
         };
         // Scoped so that neither `next` nor `frame` outlives its move into
         // the request: the future keeps no room for them across the call.

@@ -52,6 +52,11 @@ impl MemoryAuth {
         self.len() == 0
     }
 
+    fn knows(&self, mid: Mid) -> bool {
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        keys.contains_key(&mid)
+    }
+
     fn check(&self, mid: Mid, mkey: &[u8]) -> bool {
         let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
         match keys.get(&mid) {
@@ -64,8 +69,11 @@ impl MemoryAuth {
 #[async_trait]
 impl UserDirectory for MemoryAuth {
     async fn exists(&self, mid: Mid) -> Result<bool, BoxError> {
-        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
-        Ok(keys.contains_key(&mid))
+        Ok(self.knows(mid))
+    }
+
+    fn exists_now(&self, mid: Mid) -> Option<bool> {
+        Some(self.knows(mid))
     }
 }
 
