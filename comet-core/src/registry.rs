@@ -273,6 +273,8 @@ impl Shard {
 /// Where delivered messages go: the one seam between the engine and the
 /// sessions. [`Registry`] delivers to this process's sessions; a multi-node
 /// backend wraps it and forwards to other nodes, without touching the engine.
+///
+/// An extension point: applications implement it.
 #[async_trait]
 pub trait Delivery: Send + Sync + 'static {
     /// Hands `msg` to every session of every mid in `recipients`, and to the
