@@ -328,10 +328,7 @@ async fn heartbeat_replies_count_what_they_hold_against_the_outbound_bound() {
         .authenticator(Arc::new(MemoryAuth::from_iter([(1, "k1".to_string())])))
         .store(Arc::new(MemoryStore::new(100, 100)))
         .groups(Arc::new(MemoryGroups::default()))
-        .config(Config {
-            max_outbound_bytes: 64 * 1024,
-            ..Config::default()
-        })
+        .config(Config::default().with_max_outbound_bytes(64 * 1024))
         .build()
         .unwrap();
     let socket = tokio::net::TcpSocket::new_v4().unwrap();

@@ -24,10 +24,7 @@ fn users() -> Arc<MemoryAuth> {
 
 #[tokio::test]
 async fn a_login_past_the_sessions_per_mid_limit_closes_the_oldest() {
-    let s = setup(Config {
-        max_sessions_per_mid: 2,
-        ..Config::default()
-    });
+    let s = setup(Config::default().with_max_sessions_per_mid(2));
     let mut first = Conn::login(&s.comet, WireMode::Binary, 1).await;
     first.sync().await;
     let mut second = Conn::login(&s.comet, WireMode::Json, 1).await;

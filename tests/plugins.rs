@@ -431,10 +431,7 @@ async fn plugin_failures_become_failure_replies() {
         .authenticator(Arc::new(Hanging))
         .store(Arc::new(LogStore::default()))
         .groups(Arc::new(Divisors))
-        .config(Config {
-            hook_timeout: Duration::from_millis(50),
-            ..Config::default()
-        })
+        .config(Config::default().with_hook_timeout(Duration::from_millis(50)))
         .build()
         .unwrap();
     let mut c = Conn::connect(&comet, WireMode::Binary);
@@ -532,10 +529,7 @@ async fn group_directory_failures_and_hangs_become_op21_failures() {
         .authenticator(auth)
         .store(Arc::new(comet::plugins::memory::MemoryStore::default()))
         .groups(Arc::new(BrokenGroups))
-        .config(Config {
-            hook_timeout: Duration::from_millis(50),
-            ..Config::default()
-        })
+        .config(Config::default().with_hook_timeout(Duration::from_millis(50)))
         .build()
         .unwrap();
     let mut a = Conn::login(&comet, WireMode::Json, 1).await;
@@ -593,10 +587,7 @@ async fn a_hanging_inbox_and_a_vanished_sender_never_lock_the_recipient_out() {
             comet::plugins::memory::MemoryStore::default(),
         )))
         .groups(Arc::new(Divisors))
-        .config(Config {
-            hook_timeout: Duration::from_millis(200),
-            ..Config::default()
-        })
+        .config(Config::default().with_hook_timeout(Duration::from_millis(200)))
         .build()
         .unwrap();
     let mut a = Conn::login(&comet, WireMode::Binary, 1).await;
@@ -632,10 +623,7 @@ async fn a_group_send_to_offline_members_is_bounded_as_a_whole() {
             comet::plugins::memory::MemoryStore::default(),
         )))
         .groups(Arc::new(Divisors))
-        .config(Config {
-            hook_timeout: Duration::from_millis(300),
-            ..Config::default()
-        })
+        .config(Config::default().with_hook_timeout(Duration::from_millis(300)))
         .build()
         .unwrap();
     let mut a = Conn::login(&comet, WireMode::Binary, 1).await;
@@ -757,12 +745,12 @@ async fn a_client_that_logs_in_and_never_reads_its_inbox_is_closed_and_keeps_it(
         ])))
         .store(Arc::new(comet::plugins::memory::MemoryStore::default()))
         .groups(Arc::new(Divisors))
-        .config(Config {
-            heartbeat_timeout: Duration::from_millis(300),
-            // One message per op 9: the inbox takes five units.
-            max_body: 256,
-            ..Config::default()
-        })
+        .config(
+            Config::default()
+                .with_heartbeat_timeout(Duration::from_millis(300))
+                // One message per op 9: the inbox takes five units.
+                .with_max_body(256),
+        )
         .build()
         .unwrap();
     let msg = |i: i64| format!("m{i}-{}", "x".repeat(150));

@@ -72,7 +72,7 @@ pub enum BuildError {
 ///     .authenticator(Arc::new(A))
 ///     .store(Arc::new(S))
 ///     .groups(Arc::new(G))
-///     .config(Config { max_body: 8192, ..Config::default() })
+///     .config(Config::default().with_max_body(8192))
 ///     .layer(tower::limit::ConcurrencyLimitLayer::new(1))
 ///     .build()
 ///     .unwrap();

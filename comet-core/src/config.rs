@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 use crate::frame::{DEFAULT_MAX_AUTH_BODY, DEFAULT_MAX_BODY, MSG_OVERHEAD};
 
 /// Settings of the session engine. Every field has a safe default
-/// (PROTOCOL.md's): build one with `Config { max_body: 8192, ..Config::default() }`.
+/// (PROTOCOL.md's): build one with
+/// `Config::default().with_max_body(8192)`, or set its public fields. It is
+/// `#[non_exhaustive]`, so settings can be added without breaking callers.
 ///
 /// It reads from any serde format, with durations as whole milliseconds
 /// under `*_ms` keys, absent keys at their defaults and unknown keys
@@ -23,6 +25,7 @@ use crate::frame::{DEFAULT_MAX_AUTH_BODY, DEFAULT_MAX_BODY, MSG_OVERHEAD};
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct Config {
     /// Time a new connection has to send op 7 (default 10 s), counted from
     /// when the transport accepted it ([`crate::ConnInfo::accepted_at`]):
@@ -77,7 +80,32 @@ impl Default for Config {
     }
 }
 
+/// `with_<field>` setters, one per field.
+macro_rules! setters {
+    ($($field:ident: $ty:ty => $name:ident;)*) => {
+        $(
+            #[doc = concat!("Sets [`", stringify!($field), "`](Self::", stringify!($field), ").")]
+            pub fn $name(mut self, value: $ty) -> Self {
+                self.$field = value;
+                self
+            }
+        )*
+    };
+}
+
 impl Config {
+    setters! {
+        handshake_timeout: Duration => with_handshake_timeout;
+        heartbeat_timeout: Duration => with_heartbeat_timeout;
+        max_body: usize => with_max_body;
+        max_auth_body: usize => with_max_auth_body;
+        max_outbound_bytes: usize => with_max_outbound_bytes;
+        hook_timeout: Duration => with_hook_timeout;
+        shutdown_timeout: Duration => with_shutdown_timeout;
+        max_sessions_per_mid: usize => with_max_sessions_per_mid;
+        sync_limit: usize => with_sync_limit;
+    }
+
     /// The longest `msg` a send may carry: `max_body - 32`, so that one
     /// delivered message always fits one op 9.
     pub fn max_msg(&self) -> usize {
