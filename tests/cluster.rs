@@ -151,9 +151,15 @@ async fn login(n: &Running, kind: Kind, mid: i32) -> Client {
 
 /// Logs in, retrying while the node refuses (e.g. resubscribing).
 async fn login_eventually(n: &Running, kind: Kind, mid: i32) -> Client {
+    login_at_eventually(kind, addr(n, kind), mid).await
+}
+
+/// Logs in at `at`, retrying while the node refuses (e.g. not subscribed
+/// to its feed yet).
+async fn login_at_eventually(kind: Kind, at: SocketAddr, mid: i32) -> Client {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let mut c = Client::connect(kind, addr(n, kind)).await;
+        let mut c = Client::connect(kind, at).await;
         let (ret, body) = c.auth(json!({"mid": mid, "mkey": format!("k{mid}")})).await;
         if ret == 0 {
             return c;
@@ -271,6 +277,139 @@ async fn chat_ids_are_gapless_and_delivered_in_order_across_nodes() {
         let ids: Vec<i64> = take(w, 3 * EACH).await.iter().map(|m| m.chat_id).collect();
         assert_eq!(ids, (1..=total).collect::<Vec<_>>());
     }
+}
+
+/// The cluster's group directory, as an application's admin path uses it.
+async fn groups(redis: &Redis) -> std::sync::Arc<comet::plugins::redis::RedisGroups> {
+    use comet::plugins::redis::{RedisCluster, RedisOptions};
+    RedisCluster::connect(RedisOptions::new(redis.url(), "admin"))
+        .await
+        .expect("connects to the test redis")
+        .groups()
+}
+
+/// Takes exactly one message and checks its chatId and bytes.
+async fn one_msg(c: &mut Client, chat_id: i64, msg: &[u8]) {
+    let got = take(c, 1).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!((got[0].chat_id, &got[0].msg[..]), (chat_id, msg));
+}
+
+/// A group message is published once for all nodes; each delivers it to
+/// its own sessions of the members from its membership cache, which joins
+/// and leaves made on any node keep in step, and which is loaded again
+/// after the feed was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn group_routing_follows_joins_and_leaves_on_every_node() {
+    let redis = Redis::start();
+    let n = nodes(&redis).await;
+    let groups = groups(&redis).await;
+    let mut one = login(&n[0], Kind::Tcp, 1).await;
+    let mut two = login(&n[1], Kind::WsBinary, 2).await;
+    let mut three = login(&n[2], Kind::WsJson, 3).await;
+    let mut four = login(&n[1], Kind::Tcp, 4).await;
+    let mut five = login(&n[2], Kind::Tcp, 5).await;
+
+    let ack = one.send_msg(20, 1, 100, b"g1").await;
+    assert_eq!((ack.ret, ack.chat_id), (0, 1));
+    one_msg(&mut two, 1, b"g1").await;
+    one_msg(&mut three, 1, b"g1").await;
+    four.no_msg().await;
+
+    // 4 joins (node b has the group cached): the next message reaches it.
+    groups.join(100, 4).await.unwrap();
+    let ack = one.send_msg(20, 1, 100, b"g2").await;
+    assert_eq!((ack.ret, ack.chat_id), (0, 2));
+    for c in [&mut two, &mut three, &mut four] {
+        one_msg(c, 2, b"g2").await;
+    }
+
+    // 2 leaves: the next message does not reach it, and 2 may not send.
+    groups.leave(100, 2).await.unwrap();
+    let ack = one.send_msg(20, 1, 100, b"g3").await;
+    assert_eq!((ack.ret, ack.chat_id), (0, 3));
+    one_msg(&mut three, 3, b"g3").await;
+    one_msg(&mut four, 3, b"g3").await;
+    assert_eq!(two.send_msg(20, 2, 100, b"gone").await.ret, -1);
+    two.no_msg().await;
+    five.no_msg().await;
+    one.no_msg().await;
+
+    // Every feed lost; 5 joins while the nodes resubscribe. Their caches
+    // were forgotten with the feed, so they load the group again.
+    let killed: i64 = redis.cmd(redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub"));
+    assert!(killed >= 3, "every node's subscription killed ({killed})");
+    groups.join(100, 5).await.unwrap();
+    for mut c in [one, two, three, four, five] {
+        let _ = common::within("session closed", c.msgs_until_closed()).await;
+    }
+    let mut one = login_eventually(&n[0], Kind::Tcp, 1).await;
+    let mut two = login_eventually(&n[1], Kind::WsBinary, 2).await;
+    let mut three = login_eventually(&n[2], Kind::WsJson, 3).await;
+    let mut five = login_eventually(&n[2], Kind::Tcp, 5).await;
+    let ack = one.send_msg(20, 1, 100, b"g4").await;
+    assert_eq!((ack.ret, ack.chat_id), (0, 4));
+    one_msg(&mut three, 4, b"g4").await;
+    one_msg(&mut five, 4, b"g4").await;
+    two.no_msg().await;
+    one.no_msg().await;
+}
+
+/// Nodes that have never seen a group load its members when its first
+/// message arrives, while joins and leaves keep coming: each message still
+/// reaches exactly the members it had when it was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cold_membership_caches_deliver_to_the_members_of_each_send() {
+    const GROUPS: i32 = 20;
+    let redis = Redis::start();
+    let n = nodes(&redis).await;
+    let groups = groups(&redis).await;
+    let mut one = login(&n[0], Kind::WsBinary, 1).await;
+    let mut seven = login(&n[1], Kind::WsJson, 7).await;
+    let mut eight = login(&n[1], Kind::WsBinary, 8).await;
+    let mut nine = login(&n[2], Kind::Tcp, 9).await;
+    for g in 0..GROUPS {
+        let group = 1000 + g;
+        groups.join(group, 1).await.unwrap();
+        groups.join(group, 7).await.unwrap();
+        groups.join(group, 9).await.unwrap();
+        // m1: 7, 9; then 8 joins; m2: 7, 8, 9; then 7 leaves; m3: 8, 9.
+        assert_eq!(one.send_msg(20, 1, group, b"m1").await.ret, 0);
+        groups.join(group, 8).await.unwrap();
+        assert_eq!(one.send_msg(20, 1, group, b"m2").await.ret, 0);
+        groups.leave(group, 7).await.unwrap();
+        assert_eq!(one.send_msg(20, 1, group, b"m3").await.ret, 0);
+    }
+    let per_group = |c: Vec<Msg>| {
+        let mut by: BTreeMap<i32, Vec<(i64, Vec<u8>)>> = BTreeMap::new();
+        for m in c {
+            assert_eq!(m.op, 20);
+            by.entry(m.to).or_default().push((m.chat_id, m.msg));
+        }
+        by
+    };
+    let want = |ids: &[(i64, &[u8])]| {
+        (0..GROUPS)
+            .map(|g| {
+                let msgs = ids.iter().map(|(id, m)| (*id, m.to_vec())).collect();
+                (1000 + g, msgs)
+            })
+            .collect::<BTreeMap<_, _>>()
+    };
+    let g = GROUPS as usize;
+    assert_eq!(
+        per_group(take(&mut seven, 2 * g).await),
+        want(&[(1, b"m1"), (2, b"m2")])
+    );
+    assert_eq!(
+        per_group(take(&mut eight, 2 * g).await),
+        want(&[(2, b"m2"), (3, b"m3")])
+    );
+    assert_eq!(
+        per_group(take(&mut nine, 3 * g).await),
+        want(&[(1, b"m1"), (2, b"m2"), (3, b"m3")])
+    );
+    one.no_msg().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -563,10 +702,11 @@ async fn a_sigkilled_node_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let mut doomed = Proc::start(&redis, dir.path(), "doomed");
     let survivor = Proc::start(&redis, dir.path(), "survivor");
-    // 2 and 3 sit on the node that dies; 1 sends from the other.
-    let mut two = Client::login(Kind::Tcp, doomed.addr, 2, "k2").await;
-    let mut three = Client::login(Kind::Tcp, doomed.addr, 3, "k3").await;
-    let mut one = Client::login(Kind::Tcp, survivor.addr, 1, "k1").await;
+    // 2 and 3 sit on the node that dies; 1 sends from the other. (A node
+    // listens before its feed is subscribed, and refuses logins until then.)
+    let mut two = login_at_eventually(Kind::Tcp, doomed.addr, 2).await;
+    let mut three = login_at_eventually(Kind::Tcp, doomed.addr, 3).await;
+    let mut one = login_at_eventually(Kind::Tcp, survivor.addr, 1).await;
     let sender = tokio::spawn(async move {
         let mut acked = Vec::new();
         for k in 0..200 {

@@ -209,6 +209,70 @@ async fn a_refused_group_send_consumes_no_chat_id() {
     assert_eq!(page.head, 1, "the refused send left no trace");
 }
 
+/// Calls of `command` since the last `CONFIG RESETSTAT`.
+fn calls(server: &RedisServer, command: &str) -> u64 {
+    let stats = server.cli(&["INFO", "commandstats"]).unwrap_or_default();
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_send_costs_the_same_whatever_the_group_size() {
+    let server = RedisServer::start();
+    let (broker, _store, cluster) = broker_node(&server, "size:", "n1").await;
+    let groups = cluster.groups();
+    groups.set_members(1, [1, 2]).await.unwrap();
+    groups.set_members(2, 1..=500).await.unwrap();
+    for group in [1, 2] {
+        // The first message of a group makes the node load its members
+        // (one more PUBLISH, of the member list, to the node): wait for it.
+        server.cli(&["CONFIG", "RESETSTAT"]).unwrap();
+        assert_eq!(
+            broker
+                .send(group_draft(1, group, "first"), None)
+                .await
+                .unwrap(),
+            1
+        );
+        for _ in 0..100 {
+            if calls(&server, "publish") == 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            calls(&server, "publish"),
+            2,
+            "group {group}: members loaded once"
+        );
+        server.cli(&["CONFIG", "RESETSTAT"]).unwrap();
+        assert_eq!(
+            broker
+                .send(group_draft(1, group, "hi"), None)
+                .await
+                .unwrap(),
+            2
+        );
+        assert_eq!(calls(&server, "publish"), 1, "group {group}: one PUBLISH");
+        assert_eq!(
+            calls(&server, "smembers"),
+            0,
+            "group {group}: no member lookup"
+        );
+        assert_eq!(
+            calls(&server, "sismember"),
+            1,
+            "group {group}: the membership check"
+        );
+        assert_eq!(calls(&server, "incr"), 1);
+        assert_eq!(calls(&server, "xadd"), 1);
+        assert_eq!(calls(&server, "evalsha"), 1, "one round trip");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_catch_up_at_login_copies_what_was_missed_once() {
     let server = RedisServer::start();

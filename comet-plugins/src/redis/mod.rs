@@ -11,13 +11,19 @@
 //! - [`RedisGroups`], the shared [`GroupDirectory`], with join and leave;
 //! - [`RedisBroker`], the [`Broker`]: one Lua script call per send checks
 //!   membership (a refused op 20 consumes no chatId), assigns the chatId
-//!   (`INCR`), appends to the capped history (`XADD … MAXLEN`), and routes:
-//!   `PUBLISH` to each node that holds a recipient (the sending node
-//!   included: it delivers its own message from its feed, so every node
-//!   delivers a conversation in the script's order), or into the inbox of a
-//!   1:1 recipient online nowhere. A group message is kept once, in the
-//!   group's history; a member who was offline everywhere catches up from it
-//!   at login, from the chatId it had read when it left.
+//!   (`INCR`), appends to the capped history (`XADD … MAXLEN`), and routes.
+//!   A 1:1 message: `PUBLISH` to each node that holds its recipient or
+//!   another session of its sender (the sending node included: it delivers
+//!   its own message from its feed, so every node delivers a conversation in
+//!   the script's order), or into the inbox of a recipient online nowhere. A
+//!   group message: one `PUBLISH` on the channel every node reads, whatever
+//!   the group's size; each node delivers it to its own sessions of the
+//!   members, from a membership cache that joins and leaves keep in step
+//!   (they publish on the same channel, so every node sees them in order
+//!   with the messages), loaded on a group's first message and forgotten
+//!   when the feed is lost. A group message is kept once, in the group's
+//!   history; a member who was offline everywhere catches up from it at
+//!   login, from the chatId it had read when it left.
 //!
 //! Presence (which nodes hold which mids) lives in Redis next to a
 //! heartbeat key per node that expires: a dead node's entries are ignored
@@ -62,7 +68,8 @@
 
 mod scripts;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -144,6 +151,7 @@ struct Scripts {
     push: Script,
     join: Script,
     leave: Script,
+    load_group: Script,
 }
 
 struct Inner {
@@ -226,6 +234,7 @@ impl RedisCluster {
             push: Script::new(&scripts::push()),
             join: Script::new(scripts::JOIN),
             leave: Script::new(scripts::LEAVE),
+            load_group: Script::new(scripts::LOAD_GROUP),
         };
         Ok(RedisCluster {
             inner: Arc::new(Inner {
@@ -261,17 +270,13 @@ impl RedisCluster {
     /// the node's heartbeat and feed on the current tokio runtime; they stop
     /// when the broker is dropped.
     pub fn broker(&self, registry: Arc<Registry>) -> Arc<dyn Broker> {
-        let subscribed = Arc::new(AtomicBool::new(false));
-        let feed = tokio::spawn(feed(
-            self.inner.clone(),
-            registry.clone(),
-            subscribed.clone(),
-        ));
+        let link = Arc::new(Link::default());
+        let feed = tokio::spawn(feed(self.inner.clone(), registry.clone(), link.clone()));
         let heartbeat = tokio::spawn(heartbeat(self.inner.clone()));
         Arc::new(RedisBroker {
             inner: self.inner.clone(),
             registry,
-            subscribed,
+            link,
             stripes: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
             tasks: [feed.abort_handle(), heartbeat.abort_handle()],
         })
@@ -307,14 +312,367 @@ async fn heartbeat(inner: Arc<Inner>) {
     }
 }
 
-/// Subscribes to this node's channel and delivers what it carries, in the
-/// order Redis published it; when the subscription is lost, closes every
-/// session of the node (they reconnect and sync) and subscribes again.
-async fn feed(inner: Arc<Inner>, registry: Arc<Registry>, subscribed: Arc<AtomicBool>) {
-    let channel = format!("{}ch:{}", inner.opts.prefix, inner.opts.node_id);
+/// The state of this node's feed that logins check: whether it is
+/// subscribed, and how many times it has subscribed (a login whose script
+/// ran across a resubscription is refused: its `I` went to the lost feed).
+#[derive(Debug, Default)]
+struct Link {
+    subscribed: AtomicBool,
+    epoch: AtomicU64,
+}
+
+impl Link {
+    /// The current subscription, if the feed is subscribed.
+    fn current(&self) -> Option<u64> {
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        self.subscribed.load(Ordering::SeqCst).then_some(epoch)
+    }
+}
+
+/// Most groups a node's membership cache holds; past it the cache forgets
+/// every loaded group (each is loaded again on its next message).
+const MAX_CACHED_GROUPS: usize = 100_000;
+/// Most feed items held for one group while its members load; past it the
+/// node closes its sessions (they resync) and forgets the group.
+const MAX_PENDING: usize = 10_000;
+
+/// A group in the node's membership cache.
+enum Group {
+    /// Its members as of the feed's current position, kept so by `J`/`L`.
+    Ready(HashSet<Mid>),
+    /// Its members were asked for (`LOAD_GROUP`); until their `S` arrives,
+    /// the group's feed items wait here, in order.
+    Loading(Vec<Pending>),
+}
+
+enum Pending {
+    Msg(Arc<Message>, Option<ConnId>),
+    Join(Mid),
+    Leave(Mid),
+}
+
+/// What the feed task keeps between messages; reset when the feed is lost.
+struct Feed {
+    inner: Arc<Inner>,
+    registry: Arc<Registry>,
+    link: Arc<Link>,
+    /// Mids whose login (`I`) this feed has seen and whose logout (`O`) it
+    /// has not: group messages reach their sessions here.
+    local: HashSet<Mid>,
+    groups: HashMap<GroupId, Group>,
+    /// Reused for each delivery's recipients.
+    recipients: Vec<Mid>,
+}
+
+impl Feed {
+    fn reset(&mut self) {
+        self.local.clear();
+        self.groups.clear();
+    }
+
+    /// One payload of either channel (see the layout in `scripts`).
+    async fn handle(&mut self, payload: &[u8]) {
+        let handled = match payload.split_first() {
+            Some((kind, rest)) if rest.first() == Some(&b'\n') => {
+                let rest = &rest[1..];
+                match kind {
+                    b'D' => self.direct(rest).await,
+                    b'G' => self.group_message(rest).await,
+                    b'J' | b'L' => self.membership(*kind == b'J', rest),
+                    b'I' | b'O' => num(rest).map(|mid: Mid| {
+                        if *kind == b'I' {
+                            self.local.insert(mid);
+                        } else {
+                            self.local.remove(&mid);
+                        }
+                    }),
+                    b'S' => self.snapshot(rest).await,
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        if handled.is_none() {
+            tracing::error!(node = %self.inner.opts.node_id, "cluster feed: malformed message dropped");
+        }
+    }
+
+    /// A 1:1 message for the mids listed, delivered to their sessions here
+    /// (a recipient without one any more gets it in its inbox).
+    async fn direct(&mut self, payload: &[u8]) -> Option<()> {
+        let [chat, op, from, to, except, mids, msg] = fields::<7>(payload)?;
+        let from: Mid = num(from)?;
+        let except: ConnId = num(except)?;
+        let mids = std::str::from_utf8(mids).ok()?;
+        self.recipients.clear();
+        let mut echo = None;
+        for m in mids.split(',') {
+            let m: Mid = m.parse().ok()?;
+            if m == from {
+                echo = Some(m);
+            } else {
+                self.recipients.push(m);
+            }
+        }
+        let msg = Message::new(Delivered {
+            op: num(op)?,
+            chat_id: num(chat)?,
+            from,
+            to: num(to)?,
+            msg: Bytes::copy_from_slice(msg),
+        });
+        // A self-addressed 1:1 message: the sender is its recipient.
+        if self.recipients.is_empty() && msg.delivered().to == from {
+            self.recipients.push(from);
+            echo = None;
+        }
+        let except = (except != 0).then_some(except);
+        let _ = self
+            .registry
+            .deliver(&self.recipients, echo, &msg, except)
+            .await;
+        Some(())
+    }
+
+    /// A group message: delivered to this node's sessions of the group's
+    /// members, from the membership cache (loaded first if need be).
+    async fn group_message(&mut self, payload: &[u8]) -> Option<()> {
+        let [chat, from, group, node, except, msg] = fields::<6>(payload)?;
+        let from: Mid = num(from)?;
+        let group: GroupId = num(group)?;
+        let except = if node == self.inner.opts.node_id.as_bytes() {
+            Some(num::<ConnId>(except)?).filter(|&c| c != 0)
+        } else {
+            None
+        };
+        let msg = Message::new(Delivered {
+            op: comet_core::op::SEND_TO_GROUP,
+            chat_id: num(chat)?,
+            from,
+            to: group,
+            msg: Bytes::copy_from_slice(msg),
+        });
+        match self.groups.get_mut(&group) {
+            Some(Group::Ready(members)) => {
+                deliver_group(
+                    &self.registry,
+                    &self.local,
+                    members,
+                    &mut self.recipients,
+                    &msg,
+                    except,
+                )
+                .await;
+            }
+            Some(Group::Loading(pending)) => {
+                pending.push(Pending::Msg(msg, except));
+                if pending.len() > MAX_PENDING {
+                    self.overflow(group);
+                }
+            }
+            None => {
+                if self.groups.len() >= MAX_CACHED_GROUPS {
+                    self.groups.retain(|_, g| matches!(g, Group::Loading(_)));
+                }
+                self.groups
+                    .insert(group, Group::Loading(vec![Pending::Msg(msg, except)]));
+                let epoch = self.link.epoch.load(Ordering::SeqCst);
+                tokio::spawn(load_group(
+                    self.inner.clone(),
+                    self.link.clone(),
+                    epoch,
+                    group,
+                ));
+            }
+        }
+        Some(())
+    }
+
+    /// A group's members took so long to load that too much waits for them:
+    /// this node's sessions are closed (they resync) rather than fed late.
+    fn overflow(&mut self, group: GroupId) {
+        tracing::warn!(
+            group,
+            "cluster feed: group members did not load in time; closing this node's sessions so they resync"
+        );
+        self.groups.remove(&group);
+        self.registry.disconnect_all();
+    }
+
+    fn membership(&mut self, joined: bool, payload: &[u8]) -> Option<()> {
+        let [group, mid] = fields::<2>(payload)?;
+        let (group, mid): (GroupId, Mid) = (num(group)?, num(mid)?);
+        match self.groups.get_mut(&group) {
+            Some(Group::Ready(members)) => {
+                if joined {
+                    members.insert(mid);
+                } else {
+                    members.remove(&mid);
+                }
+            }
+            Some(Group::Loading(pending)) => {
+                pending.push(if joined {
+                    Pending::Join(mid)
+                } else {
+                    Pending::Leave(mid)
+                });
+                if pending.len() > MAX_PENDING {
+                    self.overflow(group);
+                }
+            }
+            // Not cached here: loaded, when needed, as of that moment.
+            None => {}
+        }
+        Some(())
+    }
+
+    /// The members of a group as of this point of the feed. What waited
+    /// for them came before this point: undoing the membership events among
+    /// it, newest first, gives the members as of the first waiting item;
+    /// then the items are played forward, each message delivered to the
+    /// members of its own moment.
+    async fn snapshot(&mut self, payload: &[u8]) -> Option<()> {
+        let [group, mids] = fields::<2>(payload)?;
+        let group: GroupId = num(group)?;
+        let mut members = HashSet::new();
+        for m in std::str::from_utf8(mids).ok()?.split(',') {
+            if !m.is_empty() {
+                members.insert(m.parse::<Mid>().ok()?);
+            }
+        }
+        // Ready already (an earlier load answered first), or forgotten.
+        if !matches!(self.groups.get(&group), Some(Group::Loading(_))) {
+            return Some(());
+        }
+        let Some(Group::Loading(pending)) = self.groups.remove(&group) else {
+            return Some(());
+        };
+        rewind(&mut members, &pending);
+        for p in pending {
+            match p {
+                Pending::Msg(msg, except) => {
+                    deliver_group(
+                        &self.registry,
+                        &self.local,
+                        &members,
+                        &mut self.recipients,
+                        &msg,
+                        except,
+                    )
+                    .await;
+                }
+                Pending::Join(m) => {
+                    members.insert(m);
+                }
+                Pending::Leave(m) => {
+                    members.remove(&m);
+                }
+            }
+        }
+        self.groups.insert(group, Group::Ready(members));
+        Some(())
+    }
+}
+
+/// Turns the members as of the end of `pending` into the members as of its
+/// start, by undoing its membership events newest first. Events are
+/// published only for real changes (a join of a non-member, a leave of a
+/// member), so each undoes exactly.
+fn rewind(members: &mut HashSet<Mid>, pending: &[Pending]) {
+    for p in pending.iter().rev() {
+        match p {
+            Pending::Join(m) => {
+                members.remove(m);
+            }
+            Pending::Leave(m) => {
+                members.insert(*m);
+            }
+            Pending::Msg(..) => {}
+        }
+    }
+}
+
+/// Delivers a group message to this node's sessions of `members`: those
+/// whose login reached this feed, skipping the sending connection. A member
+/// whose last session here ended but whose logout has not reached the feed
+/// gets it in its inbox (its catch-up position will be past it); the
+/// sender's other sessions get live copies only.
+async fn deliver_group(
+    registry: &Registry,
+    local: &HashSet<Mid>,
+    members: &HashSet<Mid>,
+    recipients: &mut Vec<Mid>,
+    msg: &Arc<Message>,
+    except: Option<ConnId>,
+) {
+    let from = msg.delivered().from;
+    recipients.clear();
+    let mut echo = None;
+    let mut take = |m: Mid| {
+        if m == from {
+            echo = Some(m);
+        } else {
+            recipients.push(m);
+        }
+    };
+    // Whichever side is smaller drives the intersection.
+    if local.len() < members.len() {
+        local
+            .iter()
+            .filter(|m| members.contains(m))
+            .for_each(|&m| take(m));
+    } else {
+        members
+            .iter()
+            .filter(|m| local.contains(m))
+            .for_each(|&m| take(m));
+    }
+    if recipients.is_empty() && echo.is_none() {
+        return;
+    }
+    let _ = registry.deliver(recipients, echo, msg, except).await;
+}
+
+/// Asks for `group`'s members to be published on this node's feed, again
+/// every 250 ms until Redis takes the request, while the feed stays on
+/// subscription `epoch` (meanwhile the group's feed items wait).
+async fn load_group(inner: Arc<Inner>, link: Arc<Link>, epoch: u64, group: GroupId) {
+    while link.current() == Some(epoch) {
+        let mut con = inner.con();
+        let loaded: redis::RedisResult<i64> = inner
+            .scripts
+            .load_group
+            .arg(&inner.opts.prefix)
+            .arg(group)
+            .arg(&inner.opts.node_id)
+            .invoke_async(&mut con)
+            .await;
+        match loaded {
+            Ok(_) => return,
+            Err(e) => tracing::warn!(group, cause = %e, "cluster: loading group members failed"),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Subscribes to this node's channel and the group channel and delivers
+/// what they carry, in the order Redis published it; when the subscription
+/// is lost, closes every session of the node (they reconnect and sync),
+/// forgets its membership cache, and subscribes again.
+async fn feed(inner: Arc<Inner>, registry: Arc<Registry>, link: Arc<Link>) {
+    let own = format!("{}ch:{}", inner.opts.prefix, inner.opts.node_id);
+    let all = format!("{}all", inner.opts.prefix);
+    let mut state = Feed {
+        inner: inner.clone(),
+        registry: registry.clone(),
+        link: link.clone(),
+        local: HashSet::new(),
+        groups: HashMap::new(),
+        recipients: Vec::new(),
+    };
     let mut first = true;
     loop {
-        match subscribe(&inner, &channel).await {
+        match subscribe(&inner, [own.as_str(), all.as_str()]).await {
             Ok(stream) => {
                 if first {
                     // Presence left by this node's previous life.
@@ -333,13 +691,15 @@ async fn feed(inner: Arc<Inner>, registry: Arc<Registry>, subscribed: Arc<Atomic
                     }
                     first = false;
                 }
-                subscribed.store(true, Ordering::SeqCst);
+                state.reset();
+                link.epoch.fetch_add(1, Ordering::SeqCst);
+                link.subscribed.store(true, Ordering::SeqCst);
                 tracing::info!(node = %inner.opts.node_id, "cluster feed subscribed");
                 let mut stream = stream;
                 while let Some(msg) = stream.next().await {
-                    deliver(&registry, &inner.opts.node_id, msg.get_payload_bytes()).await;
+                    state.handle(msg.get_payload_bytes()).await;
                 }
-                subscribed.store(false, Ordering::SeqCst);
+                link.subscribed.store(false, Ordering::SeqCst);
                 let sessions = registry.session_count();
                 tracing::warn!(
                     sessions,
@@ -353,10 +713,13 @@ async fn feed(inner: Arc<Inner>, registry: Arc<Registry>, subscribed: Arc<Atomic
     }
 }
 
-async fn subscribe(inner: &Inner, channel: &str) -> redis::RedisResult<redis::aio::PubSubStream> {
+async fn subscribe(
+    inner: &Inner,
+    channels: [&str; 2],
+) -> redis::RedisResult<redis::aio::PubSubStream> {
     let connect = async {
         let mut pubsub = inner.client.get_async_pubsub().await?;
-        pubsub.subscribe(channel).await?;
+        pubsub.subscribe(&channels[..]).await?;
         Ok(pubsub.into_on_message())
     };
     match tokio::time::timeout(inner.opts.timeout, connect).await {
@@ -385,46 +748,6 @@ fn num<T: std::str::FromStr>(field: &[u8]) -> Option<T> {
     std::str::from_utf8(field).ok()?.parse().ok()
 }
 
-/// One feed payload (see the key layout in `scripts`) delivered to this
-/// node's sessions.
-async fn deliver(registry: &Registry, node: &str, payload: &[u8]) {
-    let parsed = (|| {
-        let [chat, op, from, to, except, mids, msg] = fields::<7>(payload)?;
-        let from: Mid = num(from)?;
-        let except: ConnId = num(except)?;
-        let mids = std::str::from_utf8(mids).ok()?;
-        let mut recipients = Vec::new();
-        let mut echo = None;
-        for m in mids.split(',') {
-            let m: Mid = m.parse().ok()?;
-            if m == from {
-                echo = Some(m);
-            } else {
-                recipients.push(m);
-            }
-        }
-        let msg = Message::new(Delivered {
-            op: num(op)?,
-            chat_id: num(chat)?,
-            from,
-            to: num(to)?,
-            msg: Bytes::copy_from_slice(msg),
-        });
-        // A self-addressed 1:1 message: the sender is its recipient.
-        if recipients.is_empty() && msg.delivered().to == from {
-            recipients.push(from);
-            echo = None;
-        }
-        Some((recipients, echo, msg, (except != 0).then_some(except)))
-    })();
-    let Some((recipients, echo, msg, except)) = parsed else {
-        tracing::error!(node, "cluster feed: malformed message dropped");
-        return;
-    };
-    // Recipients without a session here any more get it in their inbox.
-    let _ = registry.deliver(&recipients, echo, &msg, except).await;
-}
-
 fn unavailable(e: redis::RedisError) -> BrokerError {
     BrokerError::Unavailable(Box::new(e))
 }
@@ -434,7 +757,7 @@ fn unavailable(e: redis::RedisError) -> BrokerError {
 pub struct RedisBroker {
     inner: Arc<Inner>,
     registry: Arc<Registry>,
-    subscribed: Arc<AtomicBool>,
+    link: Arc<Link>,
     /// Orders one mid's presence changes on this node (login against a
     /// logout still under way).
     stripes: Arc<[tokio::sync::Mutex<()>]>,
@@ -445,7 +768,7 @@ impl std::fmt::Debug for RedisBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisBroker")
             .field("node_id", &self.inner.opts.node_id)
-            .field("subscribed", &self.subscribed.load(Ordering::Relaxed))
+            .field("subscribed", &self.is_subscribed())
             .finish_non_exhaustive()
     }
 }
@@ -461,7 +784,7 @@ impl Drop for RedisBroker {
 impl RedisBroker {
     /// Whether the node's feed is subscribed (logins are refused while not).
     pub fn is_subscribed(&self) -> bool {
-        self.subscribed.load(Ordering::SeqCst)
+        self.link.current().is_some()
     }
 }
 
@@ -480,9 +803,9 @@ impl Broker for RedisBroker {
     }
 
     async fn login(&self, mid: Mid) -> Result<(), BoxError> {
-        if !self.is_subscribed() {
+        let Some(epoch) = self.link.current() else {
             return Err("cluster feed not subscribed".into());
-        }
+        };
         let o = &self.inner.opts;
         let _order = stripe(&self.stripes, mid).lock().await;
         let mut con = self.inner.con();
@@ -498,10 +821,10 @@ impl Broker for RedisBroker {
             .arg(o.inbox)
             .invoke_async(&mut con)
             .await?;
-        // Lost while the script ran: the feed may have missed this mid's
-        // messages, and `disconnect_all` may have run before the session
-        // was registered.
-        if !self.is_subscribed() {
+        // Lost while the script ran (even if subscribed again since): the
+        // feed may have missed this mid's messages and its `I`, and
+        // `disconnect_all` may have run before the session was registered.
+        if self.link.current() != Some(epoch) {
             return Err("cluster feed not subscribed".into());
         }
         Ok(())
@@ -790,5 +1113,44 @@ impl GroupDirectory for RedisGroups {
             .query_async(&mut con)
             .await?;
         Ok(members.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewind_undoes_the_membership_events_that_waited() {
+        let msg = Message::new(Delivered {
+            op: comet_core::op::SEND_TO_GROUP,
+            chat_id: 1,
+            from: 1,
+            to: 9,
+            msg: Bytes::from_static(b"m"),
+        });
+        // Before: {1, 2}. Then a message, 3 joins, 2 leaves, 2 joins again,
+        // 1 leaves: the snapshot that follows says {2, 3}.
+        let pending = [
+            Pending::Msg(msg, None),
+            Pending::Join(3),
+            Pending::Leave(2),
+            Pending::Join(2),
+            Pending::Leave(1),
+        ];
+        let mut members: HashSet<Mid> = [2, 3].into();
+        rewind(&mut members, &pending);
+        assert_eq!(members, [1, 2].into());
+        rewind(&mut members, &pending[..1]);
+        assert_eq!(members, [1, 2].into(), "messages change nothing");
+    }
+
+    #[test]
+    fn feed_fields_split_at_newlines_and_keep_the_rest_whole() {
+        assert_eq!(
+            fields::<3>(b"1\n2\nbytes\nwith\nnewlines"),
+            Some([&b"1"[..], b"2", b"bytes\nwith\nnewlines"])
+        );
+        assert_eq!(fields::<3>(b"1\n2"), None);
     }
 }

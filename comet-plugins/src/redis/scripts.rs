@@ -12,9 +12,27 @@
 //!   group's messages, read while it is offline everywhere (catch-up);
 //! - `P pr:<mid>`: the nodes holding a session of `mid` (presence);
 //!   `P nm:<node>`: the mids a node registered; `P node:<node>`: the node's
-//!   heartbeat, a key that expires unless refreshed;
-//! - channel `P ch:<node>`: the node's feed, payload
-//!   `chatId\nop\nfrom\nto\nexcept\nmid,mid,..\nbytes`.
+//!   heartbeat, a key that expires unless refreshed.
+//!
+//! Channels, every payload a one-letter kind, then `\n`-separated fields:
+//!
+//! - `P ch:<node>`, the node's own feed:
+//!   - `D\nchatId\nop\nfrom\nto\nexcept\nmid,mid,..\nbytes`: a 1:1 message
+//!     for those mids' sessions on the node (`except`: the sending
+//!     connection, 0: none);
+//!   - `I\nmid` / `O\nmid`: the login / logout script of `mid` ran for this
+//!     node: group messages published after it reach (no longer reach)
+//!     `mid`'s sessions here;
+//!   - `S\ngroup\nmid,mid,..`: the group's members when the node asked for
+//!     them (`LOAD_GROUP`);
+//! - `P all`, every node's group feed:
+//!   - `G\nchatId\nfrom\ngroup\nnode\nexcept\nbytes`: a group message,
+//!     sent through `node` by connection `except`;
+//!   - `J\ngroup\nmid` / `L\ngroup\nmid`: `mid` joined / left the group
+//!     (published only when membership really changed).
+//!
+//! Both channels are read on one connection, so a node sees them in the
+//! order the scripts ran.
 //!
 //! `<conv>` is `d:<low>:<high>` for a 1:1 conversation, `g:<group>` for a
 //! group.
@@ -42,6 +60,11 @@ end
 /// route (1: check membership and route, 0: store only, as
 /// `MessageStore::append`), node, except. Returns the chatId, or -1 when an
 /// op 20 sender is not a member (nothing written).
+///
+/// A group message is published once, on `P all`: every node delivers it
+/// to its own sessions of the group's members (its membership cache), so
+/// the script's cost does not grow with the group. A 1:1 message goes to
+/// the nodes in the presence of its recipient and sender, or the inbox.
 const SEND_BODY: &str = r"
 local p, op, from, to, msg, conv = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local hmax, imax = tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -51,7 +74,6 @@ if route ~= '1' then
   targets = {}
 elseif op == '20' then
   if redis.call('SISMEMBER', p .. 'gm:' .. to, from) == 0 then return -1 end
-  targets = redis.call('SMEMBERS', p .. 'gm:' .. to)
 elseif from == to then
   targets = {from}
 else
@@ -64,6 +86,10 @@ else
   redis.call('DEL', p .. 'h:' .. conv)
 end
 if route ~= '1' then return chat end
+if op == '20' then
+  redis.call('PUBLISH', p .. 'all', 'G\n' .. chat .. '\n' .. from .. '\n' .. to .. '\n' .. node .. '\n' .. except .. '\n' .. msg)
+  return chat
+end
 local tail = op .. '\n' .. from .. '\n' .. to .. '\n' .. chat .. '\n'
 local alive, bynode, order, reached = {}, {}, {}, {}
 for _, m in ipairs(targets) do
@@ -90,7 +116,7 @@ for _, n in ipairs(order) do
   local ex = '0'
   if n == node then ex = except end
   local heard = redis.call('PUBLISH', p .. 'ch:' .. n,
-    chat .. '\n' .. op .. '\n' .. from .. '\n' .. to .. '\n' .. ex .. '\n' .. table.concat(bynode[n], ',') .. '\n' .. msg)
+    'D\n' .. chat .. '\n' .. op .. '\n' .. from .. '\n' .. to .. '\n' .. ex .. '\n' .. table.concat(bynode[n], ',') .. '\n' .. msg)
   if heard > 0 then
     for _, m in ipairs(bynode[n]) do reached[m] = true end
   else
@@ -100,11 +126,9 @@ for _, n in ipairs(order) do
     redis.call('DEL', p .. 'node:' .. n)
   end
 end
-if op ~= '20' then
-  for _, m in ipairs(targets) do
-    if not reached[m] and m ~= from then
-      push_inbox(p, m, imax, tail .. msg)
-    end
+for _, m in ipairs(targets) do
+  if not reached[m] and m ~= from then
+    push_inbox(p, m, imax, tail .. msg)
   end
 end
 return chat
@@ -120,7 +144,9 @@ pub(crate) fn send() -> String {
 /// nowhere (no live node in its presence), copies what its groups got since
 /// it left (at most the max per group, newest kept, its own messages left
 /// out) into its inbox; then records the node in its presence and the
-/// groups' heads as read. Returns how many catch-up entries it copied.
+/// groups' heads as read. Tells the node's feed (`I`) that group messages
+/// from here on reach the mid's sessions there. Returns how many catch-up
+/// entries it copied.
 const LOGIN_BODY: &str = r"
 local p, m, node = ARGV[1], ARGV[2], ARGV[3]
 local ttl, max, imax = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -156,6 +182,7 @@ if not online then
     redis.call('HSET', p .. 'lr:' .. m, g, head)
   end
 end
+redis.call('PUBLISH', p .. 'ch:' .. node, 'I\n' .. m)
 return copied
 ";
 
@@ -167,11 +194,16 @@ pub(crate) fn login() -> String {
 /// The last session of a mid on a node has ended. ARGV: prefix, mid, node.
 /// Removes the node from the mid's presence; if no live node holds the mid
 /// any more, records its groups' heads as read (later messages are caught
-/// up at its next login). Returns 1 when the mid went offline everywhere.
+/// up at its next login). Tells the node's feed (`O`): a group message
+/// published before this script that finds no session of the mid there
+/// goes to its inbox (the catch-up position set here is past it), one
+/// published after it is not for this node. Returns 1 when the mid went
+/// offline everywhere.
 const LOGOUT_BODY: &str = r"
 local p, m, node = ARGV[1], ARGV[2], ARGV[3]
 redis.call('SREM', p .. 'pr:' .. m, node)
 redis.call('SREM', p .. 'nm:' .. node, m)
+redis.call('PUBLISH', p .. 'ch:' .. node, 'O\n' .. m)
 for _, n in ipairs(redis.call('SMEMBERS', p .. 'pr:' .. m)) do
   if live(p, n) then return 0 end
   redis.call('SREM', p .. 'pr:' .. m, n)
@@ -237,21 +269,37 @@ pub(crate) fn push() -> String {
 }
 
 /// Adds a member to a group (idempotent): its catch-up starts at the
-/// group's current chatId. ARGV: prefix, group, mid.
+/// group's current chatId; every node's membership cache hears of it (`J`)
+/// in order with the group's messages. ARGV: prefix, group, mid.
 pub(crate) const JOIN: &str = r"
 local p, g, m = ARGV[1], ARGV[2], ARGV[3]
-redis.call('SADD', p .. 'gm:' .. g, m)
+if redis.call('SADD', p .. 'gm:' .. g, m) == 1 then
+  redis.call('PUBLISH', p .. 'all', 'J\n' .. g .. '\n' .. m)
+end
 if redis.call('SADD', p .. 'ug:' .. m, g) == 1 then
   redis.call('HSET', p .. 'lr:' .. m, g, redis.call('GET', p .. 'head:g:' .. g) or '0')
 end
 return 1
 ";
 
-/// Removes a member from a group. ARGV: prefix, group, mid.
+/// Removes a member from a group; every node's membership cache hears of
+/// it (`L`). ARGV: prefix, group, mid.
 pub(crate) const LEAVE: &str = r"
 local p, g, m = ARGV[1], ARGV[2], ARGV[3]
-redis.call('SREM', p .. 'gm:' .. g, m)
+if redis.call('SREM', p .. 'gm:' .. g, m) == 1 then
+  redis.call('PUBLISH', p .. 'all', 'L\n' .. g .. '\n' .. m)
+end
 redis.call('SREM', p .. 'ug:' .. m, g)
 redis.call('HDEL', p .. 'lr:' .. m, g)
 return 1
+";
+
+/// A node's membership cache asks for a group: its members are published
+/// on the node's own feed (`S`), where they take their place among the
+/// group's messages and membership events. ARGV: prefix, group, node.
+pub(crate) const LOAD_GROUP: &str = r"
+local p, g, node = ARGV[1], ARGV[2], ARGV[3]
+local members = redis.call('SMEMBERS', p .. 'gm:' .. g)
+redis.call('PUBLISH', p .. 'ch:' .. node, 'S\n' .. g .. '\n' .. table.concat(members, ','))
+return #members
 ";
