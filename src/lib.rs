@@ -54,7 +54,9 @@
 //! it on an axum `Router` with [`transports::axum`], or start a ready server
 //! from a TOML file with [`server`].
 
+#[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "ws")]
 pub mod web;
 
 #[doc(inline)]

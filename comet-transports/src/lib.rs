@@ -39,13 +39,28 @@
 pub mod admin;
 #[cfg(feature = "axum")]
 pub mod axum;
+// The helpers shared by the listeners: with only some listeners enabled,
+// parts of them have no caller.
+#[cfg_attr(not(all(feature = "tcp", feature = "ws")), allow(dead_code))]
 mod io;
 mod limits;
+#[cfg_attr(
+    not(all(feature = "tcp", feature = "ws", feature = "tls")),
+    allow(dead_code)
+)]
 mod listener;
+#[cfg_attr(
+    not(all(feature = "tcp", feature = "ws", feature = "axum")),
+    allow(dead_code)
+)]
 mod login;
+#[cfg(feature = "ws")]
 pub mod static_files;
+#[cfg(feature = "tcp")]
 pub mod tcp;
+#[cfg(feature = "tls")]
 pub mod tls;
+#[cfg(feature = "ws")]
 pub mod ws;
 
 pub use limits::{

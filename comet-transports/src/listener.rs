@@ -83,6 +83,7 @@ pub(crate) fn handshake_deadline(comet: &Comet, admission: &Admission) -> tokio:
     admission.accepted_at() + comet.config().handshake_timeout
 }
 
+#[cfg(feature = "tls")]
 /// Completes a TLS handshake by the handshake deadline, logging failures.
 pub(crate) async fn tls_handshake(
     comet: &Comet,

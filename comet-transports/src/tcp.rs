@@ -12,8 +12,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::FramedRead;
 
 use crate::io::WriteSink;
-use crate::listener::{accept_loop, tls_handshake};
+use crate::listener::accept_loop;
+#[cfg(feature = "tls")]
+use crate::listener::tls_handshake;
 use crate::login::LoginGuard;
+#[cfg(feature = "tls")]
 use crate::tls::TlsAcceptor;
 use crate::{Admission, Limits};
 
@@ -35,6 +38,7 @@ pub async fn serve(comet: Comet, listener: TcpListener, limits: Limits) -> io::R
     .await
 }
 
+#[cfg(feature = "tls")]
 /// Like [`serve`], over TLS: the TLS handshake and op 7 must both be done
 /// within the handshake timeout of the accept.
 pub async fn serve_tls(

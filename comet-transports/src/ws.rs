@@ -19,9 +19,12 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::listener::{accept_loop, handshake_deadline, tls_handshake};
+#[cfg(feature = "tls")]
+use crate::listener::tls_handshake;
+use crate::listener::{accept_loop, handshake_deadline};
 use crate::login::{BudgetSpent, Budgeted, LoginGuard, ReadBudget};
 use crate::static_files::{route, Rewind, Routed, StaticFiles};
+#[cfg(feature = "tls")]
 use crate::tls::TlsAcceptor;
 use crate::{Admission, Limits};
 
@@ -121,6 +124,7 @@ pub async fn serve(
     .await
 }
 
+#[cfg(feature = "tls")]
 /// Like [`serve`], over TLS (WSS): the TLS handshake, the upgrade and op 7
 /// must all be done within the handshake timeout of the accept.
 pub async fn serve_tls(
