@@ -18,7 +18,7 @@
 //! ## Quick start: a comet with your own user database
 //!
 //! ```
-//! use comet::core::{async_trait, AuthOutcome, AuthRequest, Authenticator, BoxError, ConnInfo, Identity};
+//! use comet::core::{async_trait, AuthContext, AuthOutcome, Authenticator, BoxError, Identity};
 //! use comet::plugins::memory::{MemoryGroups, MemoryStore};
 //! use std::sync::Arc;
 //!
@@ -27,7 +27,8 @@
 //!
 //! #[async_trait]
 //! impl Authenticator for MyUsers {
-//!     async fn authenticate(&self, req: &AuthRequest, _conn: &ConnInfo) -> Result<AuthOutcome, BoxError> {
+//!     async fn authenticate(&self, ctx: &AuthContext) -> Result<AuthOutcome, BoxError> {
+//!         let req = ctx.auth_request();
 //!         match (req.mid(), req.mkey()) {
 //!             (Some(mid), Some("let-me-in")) => Ok(AuthOutcome::Accepted(Identity::new(mid))),
 //!             _ => Ok(AuthOutcome::Denied("unknown mid or wrong mkey".into())),

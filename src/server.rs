@@ -62,7 +62,7 @@ use comet_core::{Comet, Config, MessageStore};
 use comet_plugins::embedded::{EmbeddedConfig, EmbeddedStore, Fsync};
 use comet_plugins::memory::{MemoryAuth, MemoryGroups, MemoryLimits, MemoryStore};
 use comet_plugins::redis::{RedisCluster, RedisOptions, RedisStore};
-use comet_transports::{admin, tcp, tls, ws, Limits};
+use comet_transports::{admin, tcp, tls, ws, Limits, TrustedProxies};
 use futures_util::future::BoxFuture;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
@@ -196,6 +196,11 @@ pub struct ServerSection {
     /// this many bits (default 64; 128: per address).
     #[serde(default = "defaults::ipv6_prefix_len")]
     pub ipv6_prefix_len: u8,
+    /// Proxies (addresses or CIDR networks) whose connections, on every
+    /// listener, start with a PROXY protocol v1/v2 header naming the client
+    /// (default none). Connections from other peers are never read as one.
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<String>,
 }
 
 /// Which message store the server runs on.
@@ -512,6 +517,9 @@ impl ServerConfig {
         }
         if s.ipv6_prefix_len > 128 {
             return bad("server.ipv6_prefix_len", "must be between 0 and 128");
+        }
+        if let Err(e) = TrustedProxies::new(&s.proxy_protocol_from) {
+            return bad("server.proxy_protocol_from", &e.to_string());
         }
         if s.sync_limit == 0 {
             return bad("server.sync_limit", "must be greater than 0");
@@ -856,7 +864,7 @@ pub async fn start(config: ServerConfig) -> io::Result<Running> {
     let s = &config.server;
     let acceptor = match (&s.tls_cert, &s.tls_key) {
         (Some(cert), Some(key)) if s.tcp_tls.is_some() || s.websocket_tls.is_some() => {
-            Some(tls::acceptor_from_pem_files(cert, key)?)
+            Some(tls::TlsConfig::from_pem_files(cert, key)?)
         }
         _ => None,
     };
@@ -895,10 +903,17 @@ pub async fn start(config: ServerConfig) -> io::Result<Running> {
 
     // The web client is served on the WebSocket listeners, same origin as
     // the endpoint it connects to.
-    let options = ws::WsOptions {
-        path: s.ws_path.clone(),
-        static_files: Some(crate::web::files()),
-    };
+    // Checked by `ServerConfig::check`.
+    let proxies = TrustedProxies::new(&s.proxy_protocol_from)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let ws_options = ws::WsOptions::default()
+        .with_path(s.ws_path.clone())
+        .with_static_files(crate::web::files())
+        .with_limits(limits.clone())
+        .with_proxy_protocol(proxies.clone());
+    let tcp_options = tcp::TcpOptions::default()
+        .with_limits(limits.clone())
+        .with_proxy_protocol(proxies);
     let mut listeners = Vec::new();
     // Listeners still serving, for the admin API's /readyz.
     let up = Arc::new(AtomicUsize::new(0));
@@ -912,19 +927,18 @@ pub async fn start(config: ServerConfig) -> io::Result<Running> {
         }));
     };
     if let Some(l) = tcp_listener {
-        spawn(Box::pin(tcp::serve(comet.clone(), l, limits.clone())));
+        spawn(Box::pin(tcp::serve(l, comet.clone(), tcp_options.clone())));
     }
     if let Some(l) = ws_listener {
-        let serve = ws::serve(comet.clone(), l, options.clone(), limits.clone());
-        spawn(Box::pin(serve));
+        spawn(Box::pin(ws::serve(l, comet.clone(), ws_options.clone())));
     }
-    if let (Some(l), Some(acceptor)) = (tcp_tls_listener, &acceptor) {
-        let serve = tcp::serve_tls(comet.clone(), l, limits.clone(), acceptor.clone());
-        spawn(Box::pin(serve));
+    if let (Some(l), Some(tls)) = (tcp_tls_listener, &acceptor) {
+        let options = tcp_options.with_tls(tls.clone());
+        spawn(Box::pin(tcp::serve(l, comet.clone(), options)));
     }
-    if let (Some(l), Some(acceptor)) = (ws_tls_listener, &acceptor) {
-        let serve = ws::serve_tls(comet.clone(), l, options, limits.clone(), acceptor.clone());
-        spawn(Box::pin(serve));
+    if let (Some(l), Some(tls)) = (ws_tls_listener, &acceptor) {
+        let options = ws_options.with_tls(tls.clone());
+        spawn(Box::pin(ws::serve(l, comet.clone(), options)));
     }
     let serving = listeners.len();
     if let (Some(l), Some(section)) = (admin_listener, &config.admin) {

@@ -44,7 +44,7 @@ pub const FILES: &[(&str, &str, &[u8])] = &[
 ];
 
 /// The client as a [`StaticFiles`] map for
-/// [`WsOptions::static_files`](comet_transports::ws::WsOptions::static_files).
+/// [`WsOptions::with_static_files`](comet_transports::ws::WsOptions::with_static_files).
 pub fn files() -> StaticFiles {
     FILES
         .iter()

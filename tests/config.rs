@@ -182,6 +182,10 @@ fn bad_configs_are_refused_with_file_key_and_problem() {
             &["server.heartbeat_timeout_ms"],
         ),
         (
+            format!("{ok_server}proxy_protocol_from = [\"10.0.0.0/8\", \"lb.internal\"]\n"),
+            &["server.proxy_protocol_from", "lb.internal", "CIDR"],
+        ),
+        (
             format!(
                 "{ok_server}[[users]]\nmid = 1\nmkey = \"a\"\n[[users]]\nmid = 1\nmkey = \"b\"\n"
             ),

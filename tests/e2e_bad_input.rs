@@ -340,9 +340,10 @@ async fn heartbeat_replies_count_what_they_hold_against_the_outbound_bound() {
     let listener = socket.listen(64).unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(comet::transports::tcp::serve(
-        comet.clone(),
         listener,
-        comet::transports::Limits::new(16),
+        comet.clone(),
+        comet::transports::tcp::TcpOptions::default()
+            .with_limits(comet::transports::Limits::new(16)),
     ));
 
     let socket = tokio::net::TcpSocket::new_v4().unwrap();

@@ -31,8 +31,9 @@ async fn start() -> Running {
             .expect("in-memory database"),
     );
     assert_eq!(app::seed_demo_users(&users).await.unwrap(), vec![1, 2]);
-    let comet = app::comet(users.clone());
-    let router = app::app(comet, users.clone());
+    let sessions = Arc::new(app::Sessions::default());
+    let comet = app::comet(users.clone(), sessions.clone());
+    let router = app::app(comet, users.clone(), sessions);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -48,6 +49,17 @@ async fn start() -> Running {
 
 /// One HTTP/1.1 request over a fresh connection: (status, body).
 async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -> (u16, String) {
+    let (status, _, body) = http_full(addr, method, path, body).await;
+    (status, body)
+}
+
+/// One HTTP/1.1 request over a fresh connection: (status, head, body).
+async fn http_full(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, String, String) {
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     if !body.is_empty() {
@@ -69,7 +81,7 @@ async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -
         .nth(1)
         .and_then(|s| s.parse().ok())
         .expect("status line");
-    (status, body.to_owned())
+    (status, head.to_owned(), body.to_owned())
 }
 
 async fn http_json(
@@ -312,4 +324,96 @@ async fn a_database_failure_is_a_backend_error_not_a_denial() {
     )
     .await;
     assert_eq!(status, 500, "{body}");
+}
+
+/// `POST /login` issues a session: its cookie (as a browser sends it with
+/// the upgrade request) or its token as a bearer logs in with an empty op 7
+/// body, and the login's extension (how it logged in) reaches the event
+/// hook, which the application's own route shows.
+#[tokio::test]
+async fn a_rest_login_session_logs_websockets_in_by_cookie_or_bearer() {
+    let srv = start().await;
+    let addr = srv.addr;
+    let (status, head, body) = http_full(
+        addr,
+        "POST",
+        "/login",
+        Some(json!({"mid": 1, "password": "pw1"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    let token = body["token"].as_str().expect("a token").to_owned();
+    assert_eq!((body["mid"].as_i64(), token.len()), (Some(1), 64));
+    let set_cookie = head
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .unwrap_or_else(|| panic!("no Set-Cookie in {head}"));
+    assert!(set_cookie.contains("HttpOnly"), "{set_cookie}");
+    let cookie = set_cookie.split(';').next().unwrap().to_owned();
+    assert_eq!(cookie, format!("session={token}"));
+
+    // The browser's way: the cookie, beside others, with the upgrade.
+    let cookies = format!("theme=dark; {cookie}");
+    let mut by_cookie =
+        Client::connect_with_headers(Kind::WsJson, addr, "/sub", &[("cookie", &cookies)]).await;
+    let (ret, reply) = by_cookie.auth(json!({})).await;
+    assert_eq!((ret, &reply["mid"]), (0, &json!(1)), "{reply}");
+    // Another client's way: the token as a bearer.
+    let bearer = format!("Bearer {token}");
+    let mut by_bearer =
+        Client::connect_with_headers(Kind::WsBinary, addr, "/sub", &[("authorization", &bearer)])
+            .await;
+    let (ret, reply) = by_bearer.auth(json!({})).await;
+    assert_eq!((ret, &reply["mid"]), (0, &json!(1)), "{reply}");
+    // And the key in op 7, as before.
+    let mut by_key = Client::connect_path(Kind::WsJson, addr, "/sub").await;
+    let (ret, _) = by_key.auth(json!({"mid": 1, "mkey": "pw1"})).await;
+    assert_eq!(ret, 0);
+    // The hook saw each login's extension.
+    let (_, online) = http_json(addr, "GET", "/users/1/online", None).await;
+    assert_eq!(online["sessions"], json!(3), "{online}");
+    assert_eq!(
+        online["via"],
+        json!(["bearer", "cookie", "key"]),
+        "{online}"
+    );
+    // The session works like any other.
+    let ack = by_bearer.send_msg(18, 1, 2, b"hi 2").await;
+    assert_eq!(ack.ret, 0, "{ack:?}");
+    by_cookie.close().await;
+    within("hook sees the end", async {
+        loop {
+            let (_, online) = http_json(addr, "GET", "/users/1/online", None).await;
+            if online["via"] == json!(["bearer", "key"]) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+
+    // A token the application did not issue, a token naming another user
+    // than the body, and a wrong password at the REST login: refused.
+    let mut forged =
+        Client::connect_with_headers(Kind::WsJson, addr, "/sub", &[("cookie", "session=0123")])
+            .await;
+    let (ret, reply) = forged.auth(json!({})).await;
+    assert_eq!(ret, -1, "{reply}");
+    assert_eq!(reply["error"], json!("unknown or expired session"));
+    let mut other =
+        Client::connect_with_headers(Kind::WsJson, addr, "/sub", &[("authorization", &bearer)])
+            .await;
+    let (ret, reply) = other.auth(json!({"mid": 2})).await;
+    assert_eq!(ret, -1, "{reply}");
+    let (status, _) = http(
+        addr,
+        "POST",
+        "/login",
+        Some(json!({"mid": 1, "password": "pw2"})),
+    )
+    .await;
+    assert_eq!(status, 401);
+    by_bearer.close().await;
+    by_key.close().await;
 }

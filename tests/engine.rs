@@ -709,6 +709,43 @@ async fn heartbeat_timeout_counts_from_the_last_frame() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_client_that_only_receives_still_times_out() {
+    // Deliveries wake the session every 100 ms, but the client never sends
+    // a frame: the heartbeat timer must still end it after 5 s of silence.
+    let config = Config {
+        heartbeat_timeout: Duration::from_secs(5),
+        ..Config::default()
+    };
+    let s = setup(config);
+    let mut c = Conn::login(&s.comet, WireMode::Binary, 1).await;
+    let silent_since = tokio::time::Instant::now();
+    let comet = s.comet.clone();
+    let pusher = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = comet.send_to_user(2, 1, Bytes::from_static(b"tick")).await;
+        }
+    });
+    let mut frames = 0;
+    while c.reply().await.is_some() {
+        frames += 1;
+    }
+    pusher.abort();
+    let silent = silent_since.elapsed();
+    // About 50 deliveries arrived meanwhile (each woke the session).
+    for _ in 0..40 {
+        assert_eq!(&c.delivered().await.msg[..], b"tick");
+    }
+    let (end, _) = c.end().await;
+    assert_eq!(end, SessionEnd::HeartbeatTimeout);
+    assert!(
+        silent >= Duration::from_secs(5) && silent < Duration::from_secs(6),
+        "{silent:?}"
+    );
+    assert_eq!(frames, 0, "only op 9 deliveries came, no replies");
+}
+
 #[tokio::test]
 async fn peer_hang_up_ends_the_session_and_unregisters() {
     let s = setup(Config::default());

@@ -11,8 +11,8 @@ use comet::core::frame::{op, Frame, WireMode};
 use comet::core::middleware::FrameRateLimitLayer;
 use comet::core::payload::{AuthReply, SendReply};
 use comet::core::{
-    async_trait, AuthOutcome, AuthRequest, Authenticator, BoxError, Comet, Config, ConnInfo,
-    Conversation, Draft, History, Message, MessageStore, Offline, Request, Response, SessionEnd,
+    async_trait, AuthContext, AuthOutcome, Authenticator, BoxError, Comet, Config, Conversation,
+    Draft, History, Message, MessageStore, Offline, Request, Response, SessionEnd,
 };
 use comet::plugins::memory::{MemoryAuth, MemoryGroups, MemoryStore};
 use common::engine::{setup, Conn};
@@ -86,21 +86,11 @@ struct PanickyAuth;
 
 #[async_trait]
 impl Authenticator for PanickyAuth {
-    async fn authenticate(&self, req: &AuthRequest, _: &ConnInfo) -> Result<AuthOutcome, BoxError> {
-        if req.mid() == Some(13) {
+    async fn authenticate(&self, ctx: &AuthContext) -> Result<AuthOutcome, BoxError> {
+        if ctx.auth_request().mid() == Some(13) {
             panic!("authenticator bug for mid 13");
         }
-        users().authenticate(req, &conn_info()).await
-    }
-}
-
-fn conn_info() -> ConnInfo {
-    ConnInfo {
-        conn_id: 0,
-        transport: comet::core::Transport::Local,
-        mode: WireMode::Binary,
-        peer: "127.0.0.1:1".parse().unwrap(),
-        accepted_at: tokio::time::Instant::now(),
+        users().authenticate(ctx).await
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use comet::core::Comet;
 use comet::plugins::memory::{MemoryAuth, MemoryGroups, MemoryStore};
-use comet::transports::{tcp, ws, Limits};
+use comet::transports::{tcp, ws};
 use common::raw::{Client, Kind};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
@@ -41,16 +41,10 @@ async fn start() -> (
     });
     let listener = comet::transports::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(tcp::serve(comet.clone(), listener, Limits::default()));
+    tokio::spawn(tcp::serve(listener, comet.clone(), Default::default()));
     let listener = comet::transports::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let ws_addr = listener.local_addr().unwrap();
-    let options = ws::WsOptions::default();
-    tokio::spawn(ws::serve(
-        comet.clone(),
-        listener,
-        options,
-        Limits::default(),
-    ));
+    tokio::spawn(ws::serve(listener, comet.clone(), ws::WsOptions::default()));
     (comet, handle, addr, ws_addr)
 }
 

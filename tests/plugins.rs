@@ -12,9 +12,9 @@ use bytes::Bytes;
 use comet::core::frame::{op, Frame, WireMode};
 use comet::core::payload::{AuthReply, SendReply};
 use comet::core::{
-    async_trait, AuthOutcome, AuthRequest, Authenticator, BoxError, Comet, Config, ConnInfo,
-    Conversation, Draft, GroupDirectory, History, Identity, Members, Message, MessageStore,
-    Offline, Request, Response, SessionEnd,
+    async_trait, AuthContext, AuthOutcome, Authenticator, BoxError, Comet, Config, Conversation,
+    Draft, GroupDirectory, History, Identity, Members, Message, MessageStore, Offline, Request,
+    Response, SessionEnd,
 };
 use common::engine::Conn;
 use tower::{service_fn, Service};
@@ -25,13 +25,10 @@ struct TokenAuth;
 
 #[async_trait]
 impl Authenticator for TokenAuth {
-    async fn authenticate(
-        &self,
-        req: &AuthRequest,
-        conn: &ConnInfo,
-    ) -> Result<AuthOutcome, BoxError> {
-        assert_eq!(conn.peer.ip().to_string(), "127.0.0.1");
-        let token = req
+    async fn authenticate(&self, ctx: &AuthContext) -> Result<AuthOutcome, BoxError> {
+        assert_eq!(ctx.peer().ip().to_string(), "127.0.0.1");
+        let token = ctx
+            .auth_request()
             .field("key")
             .and_then(|v| v.as_str())
             .unwrap_or_default();
@@ -366,7 +363,7 @@ struct Hanging;
 
 #[async_trait]
 impl Authenticator for Hanging {
-    async fn authenticate(&self, _: &AuthRequest, _: &ConnInfo) -> Result<AuthOutcome, BoxError> {
+    async fn authenticate(&self, _: &AuthContext) -> Result<AuthOutcome, BoxError> {
         std::future::pending().await
     }
 }
@@ -788,5 +785,55 @@ async fn a_client_that_logs_in_and_never_reads_its_inbox_is_closed_and_keeps_it(
     for i in 0..5 {
         let got = b.delivered().await;
         assert_eq!((got.chat_id, got.msg), (i + 1, Bytes::from(msg(i))));
+    }
+}
+
+/// A user directory that knows mids 1 to 9, answering either at once
+/// (`exists_now`) or only through its async `exists`, and counting both.
+struct Directory {
+    at_once: bool,
+    asked: AtomicUsize,
+    asked_now: AtomicUsize,
+}
+
+#[async_trait]
+impl comet::core::UserDirectory for Directory {
+    async fn exists(&self, mid: i32) -> Result<bool, BoxError> {
+        self.asked.fetch_add(1, Ordering::Relaxed);
+        Ok((1..=9).contains(&mid))
+    }
+
+    fn exists_now(&self, mid: i32) -> Option<bool> {
+        self.asked_now.fetch_add(1, Ordering::Relaxed);
+        self.at_once.then_some((1..=9).contains(&mid))
+    }
+}
+
+#[tokio::test]
+async fn a_user_directory_answers_at_once_or_through_its_future() {
+    for at_once in [true, false] {
+        let users = Arc::new(Directory {
+            at_once,
+            asked: AtomicUsize::new(0),
+            asked_now: AtomicUsize::new(0),
+        });
+        let comet = setup_with(Comet::builder().users(users.clone()));
+        let mut one = Conn::login(&comet, WireMode::Json, 1).await;
+        let mut two = Conn::login(&comet, WireMode::Json, 2).await;
+        assert_eq!(
+            one.send_msg(op::SEND_TO_USER, 1, 2, "hi").await,
+            SendReply::ok(1)
+        );
+        assert_eq!(&two.delivered().await.msg[..], b"hi");
+        let refused = one.send_msg(op::SEND_TO_USER, 1, 77, "who?").await;
+        assert_eq!(
+            (refused.ret, refused.error.as_deref()),
+            (-1, Some("unknown user 77")),
+            "at_once = {at_once}"
+        );
+        // Both sends consulted the directory once each, by the path it offers.
+        assert_eq!(users.asked_now.load(Ordering::Relaxed), 2);
+        let expect_async = if at_once { 0 } else { 2 };
+        assert_eq!(users.asked.load(Ordering::Relaxed), expect_async);
     }
 }

@@ -51,7 +51,7 @@ async fn start(config: Config, limits: Limits) -> Srv {
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
         generated.signing_key.serialize_der(),
     ));
-    let acceptor = tls::acceptor(vec![generated.cert.der().clone()], key).unwrap();
+    let tls = tls::TlsConfig::from_der(vec![generated.cert.der().clone()], key).unwrap();
     let mut roots = RootCertStore::empty();
     roots.add(generated.cert.der().clone()).unwrap();
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
@@ -72,16 +72,16 @@ async fn start(config: Config, limits: Limits) -> Srv {
         wss: addr(&l_wss),
         connector: TlsConnector::from(Arc::new(client_config)),
     };
-    let opts = ws::WsOptions::default();
-    tokio::spawn(tcp::serve(comet.clone(), l_tcp, limits.clone()));
-    tokio::spawn(ws::serve(comet.clone(), l_ws, opts.clone(), limits.clone()));
-    tokio::spawn(tcp::serve_tls(
-        comet.clone(),
+    let tcp = tcp::TcpOptions::default().with_limits(limits.clone());
+    let ws = ws::WsOptions::default().with_limits(limits);
+    tokio::spawn(tcp::serve(l_tcp, comet.clone(), tcp.clone()));
+    tokio::spawn(ws::serve(l_ws, comet.clone(), ws.clone()));
+    tokio::spawn(tcp::serve(
         l_tcp_tls,
-        limits.clone(),
-        acceptor.clone(),
+        comet.clone(),
+        tcp.with_tls(tls.clone()),
     ));
-    tokio::spawn(ws::serve_tls(comet, l_wss, opts, limits, acceptor));
+    tokio::spawn(ws::serve(l_wss, comet, ws.with_tls(tls)));
     srv
 }
 

@@ -78,7 +78,11 @@ async fn unauthenticated_connections_announcing_big_frames_hold_little_memory() 
     let listener = comet::transports::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
     let limits = Limits::new(10 * CONNECTIONS).with_max_unauthenticated(10 * CONNECTIONS);
-    tokio::spawn(tcp::serve(comet.clone(), listener, limits));
+    tokio::spawn(tcp::serve(
+        listener,
+        comet.clone(),
+        tcp::TcpOptions::default().with_limits(limits),
+    ));
     // Warm up the runtime and the allocator.
     let warm = open(addr, 300, ANNOUNCED).await;
     settle(&comet, 300).await;

@@ -113,9 +113,16 @@ async fn connection(state: Arc<State>, stream: tokio::net::TcpStream, id: u64) {
 /// Binary frames over WebSocket: each message holds whole frames, and each
 /// write is one message.
 async fn ws_connection(state: Arc<State>, stream: tokio::net::TcpStream, id: u64) {
-    // comet's WebSocket tuning (tungstenite's default 128 KiB read buffer
-    // would make this ceiling cost 137 KB per idle connection).
-    let config = comet::transports::ws::ws_config(64 * 1024);
+    // comet's WebSocket tuning, as comet_transports::ws sets it for a
+    // max_body of 64 KiB (tungstenite's default 128 KiB read buffer would
+    // make this ceiling cost 137 KB per idle connection).
+    let max_message = 2 * 64 * 1024 + 1024;
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(1024)
+        .write_buffer_size(16 * 1024)
+        .max_write_buffer_size(usize::MAX)
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message));
     let Ok(ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await else {
         return;
     };

@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tower::{Layer, Service, ServiceExt as _};
 
-use crate::auth::{Authenticator, ConnId, ConnInfo, UserDirectory};
+use crate::auth::{Authenticator, ConnId, ConnInfo, Extensions, UserDirectory};
 use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
 use crate::error::{BoxError, FrameError, SendError, SyncError};
@@ -38,13 +38,18 @@ const SEND_STRIPES: usize = 1024;
 #[non_exhaustive]
 pub enum Event {
     /// A connection authenticated.
+    #[non_exhaustive]
     Authenticated {
-        /// The connection.
+        /// The connection (with its `conn_id`).
         conn: ConnInfo,
         /// As whom.
         mid: Mid,
+        /// The per-session data the login attached
+        /// ([`Identity::extensions`](crate::Identity::extensions)).
+        extensions: Arc<Extensions>,
     },
     /// A connection ended.
+    #[non_exhaustive]
     Disconnected {
         /// The connection.
         conn: ConnInfo,
@@ -52,6 +57,9 @@ pub enum Event {
         mid: Option<Mid>,
         /// Why it ended.
         reason: SessionEnd,
+        /// The per-session data the login attached (empty if it never
+        /// authenticated).
+        extensions: Arc<Extensions>,
     },
 }
 
@@ -79,12 +87,12 @@ pub enum BuildError {
 ///
 /// ```
 /// use comet_core::{Comet, Config};
-/// # use comet_core::{async_trait, AuthOutcome, AuthRequest, Authenticator, BoxError, ConnInfo, Identity};
+/// # use comet_core::{async_trait, AuthContext, AuthOutcome, Authenticator, BoxError, Identity};
 /// # use comet_core::{Conversation, Draft, History, MessageStore, Message, Offline, GroupDirectory, Members};
 /// # use std::sync::Arc;
 /// # struct A; #[async_trait] impl Authenticator for A {
-/// #   async fn authenticate(&self, r: &AuthRequest, _: &ConnInfo) -> Result<AuthOutcome, BoxError> {
-/// #     Ok(AuthOutcome::Accepted(Identity::new(r.mid().unwrap_or(0)))) } }
+/// #   async fn authenticate(&self, c: &AuthContext) -> Result<AuthOutcome, BoxError> {
+/// #     Ok(AuthOutcome::Accepted(Identity::new(c.auth_request().mid().unwrap_or(0)))) } }
 /// # struct S; #[async_trait] impl MessageStore for S {
 /// #   async fn append(&self, d: Draft) -> Result<Arc<Message>, BoxError> { Ok(d.into_message(1)) }
 /// #   async fn history(&self, _: Conversation, _: i64, _: usize) -> Result<History, BoxError> { Ok(History::default()) }
@@ -323,9 +331,10 @@ impl Engine {
         Stack::Layered(service)
     }
 
-    pub(crate) fn emit(&self, event: Event) {
+    /// Reports an event; `event` is only called when someone listens.
+    pub(crate) fn emit(&self, event: impl FnOnce() -> Event) {
         if let Some(hook) = &self.events {
-            hook(&event);
+            hook(&event());
         }
     }
 
@@ -397,10 +406,13 @@ impl Engine {
             (Conversation::Group(req.to), Some(members))
         } else {
             if let Some(users) = self.users.as_ref().filter(|_| req.to != req.from) {
-                let exists = self
-                    .bounded("user directory", users.exists(req.to))
-                    .await
-                    .map_err(SendError::Users)?;
+                let exists = match users.exists_now(req.to) {
+                    Some(known) => known,
+                    None => self
+                        .bounded("user directory", users.exists(req.to))
+                        .await
+                        .map_err(SendError::Users)?,
+                };
                 if !exists {
                     return Err(SendError::UnknownUser(req.to));
                 }
@@ -458,10 +470,13 @@ impl Engine {
             Conversation::Group(req.to)
         } else {
             if let Some(users) = self.users.as_ref().filter(|_| req.to != req.from) {
-                let exists = self
-                    .bounded("user directory", users.exists(req.to))
-                    .await
-                    .map_err(SendError::Users)?;
+                let exists = match users.exists_now(req.to) {
+                    Some(known) => known,
+                    None => self
+                        .bounded("user directory", users.exists(req.to))
+                        .await
+                        .map_err(SendError::Users)?,
+                };
                 if !exists {
                     return Err(SendError::UnknownUser(req.to));
                 }
@@ -574,13 +589,12 @@ impl Comet {
     /// mode and peer, accepted now (a transport that accepted it earlier sets
     /// [`ConnInfo::accepted_at`]).
     pub fn conn_info(&self, transport: Transport, mode: WireMode, peer: SocketAddr) -> ConnInfo {
-        ConnInfo {
-            conn_id: self.engine.next_conn.fetch_add(1, Ordering::Relaxed),
+        ConnInfo::new(
+            self.engine.next_conn.fetch_add(1, Ordering::Relaxed),
             transport,
             mode,
             peer,
-            accepted_at: tokio::time::Instant::now(),
-        }
+        )
     }
 
     /// Runs one connection to its end: handshake, authentication, offline

@@ -21,7 +21,7 @@
 //! ## Quick start
 //!
 //! ```
-//! use comet_core::{async_trait, AuthOutcome, AuthRequest, Authenticator, BoxError, ConnInfo, Identity};
+//! use comet_core::{async_trait, AuthContext, AuthOutcome, Authenticator, BoxError, Identity};
 //! # use comet_core::{Conversation, Draft, History, MessageStore, Message, Offline, GroupDirectory, Members};
 //! use std::sync::Arc;
 //!
@@ -30,12 +30,13 @@
 //!
 //! #[async_trait]
 //! impl Authenticator for Users {
-//!     async fn authenticate(&self, req: &AuthRequest, conn: &ConnInfo) -> Result<AuthOutcome, BoxError> {
+//!     async fn authenticate(&self, ctx: &AuthContext) -> Result<AuthOutcome, BoxError> {
+//!         let req = ctx.auth_request();
 //!         Ok(match (req.mid(), req.mkey()) {
 //!             (Some(mid), Some(key)) if key == format!("secret-{mid}") => {
 //!                 AuthOutcome::Accepted(Identity::new(mid))
 //!             }
-//!             _ => AuthOutcome::Denied(format!("bad login from {}", conn.peer)),
+//!             _ => AuthOutcome::Denied(format!("bad login from {}", ctx.peer())),
 //!         })
 //!     }
 //! }
@@ -86,10 +87,15 @@ pub type GroupId = i32;
 
 #[doc(no_inline)]
 pub use async_trait::async_trait;
+/// The `http` crate whose types [`AuthContext`] hands out (headers, URI,
+/// request parts) and [`Extensions`] come from, re-exported so that
+/// embedders use the same version.
+pub use http;
 
 #[doc(inline)]
 pub use crate::auth::{
-    AuthOutcome, AuthRequest, Authenticator, ConnId, ConnInfo, Identity, UserDirectory,
+    AuthContext, AuthOutcome, AuthRequest, Authenticator, ConnId, ConnInfo, Extensions, Identity,
+    TlsInfo, UserDirectory,
 };
 #[doc(inline)]
 pub use crate::broker::{Broker, BrokerError};

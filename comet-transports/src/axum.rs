@@ -34,11 +34,9 @@
 //! TCP address, whatever headers they carry.
 
 use std::convert::Infallible;
-use std::fmt;
 use std::future::{ready, Ready};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::body::Body;
@@ -51,9 +49,10 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 use tower::Service;
 
+use crate::limits::Admission;
 use crate::login::{Budgeted, ReadBudget};
-use crate::ws::{pre_auth_budget, serve_upgraded, ws_config, UPGRADE_ALLOWANCE};
-use crate::{Admission, Limits};
+use crate::ws::{pre_auth_budget, request_parts, serve_upgraded, ws_config, UPGRADE_ALLOWANCE};
+use crate::{BadProxy, Limits, TrustedProxies};
 
 /// A tower service that turns WebSocket upgrade requests into comet
 /// sessions. Mount it with `Router::route_service(path, CometWs::new(comet))`.
@@ -61,25 +60,8 @@ use crate::{Admission, Limits};
 pub struct CometWs {
     comet: Comet,
     limits: Option<Limits>,
-    trusted: Arc<[ipnet::IpNet]>,
+    trusted: TrustedProxies,
 }
-
-/// A trusted proxy given to [`CometWs::trust_proxies`] that is neither an
-/// address nor a network in CIDR notation.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BadProxy(pub String);
-
-impl fmt::Display for BadProxy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "trusted proxy {:?} is neither an IP address nor a CIDR network (e.g. 10.0.0.0/8)",
-            self.0
-        )
-    }
-}
-
-impl std::error::Error for BadProxy {}
 
 /// Whether the missing-connect-info error was logged (once per process).
 static NO_CONNECT_INFO_LOGGED: AtomicBool = AtomicBool::new(false);
@@ -94,7 +76,7 @@ impl CometWs {
         CometWs {
             comet,
             limits: None,
-            trusted: Arc::from(Vec::new()),
+            trusted: TrustedProxies::default(),
         }
     }
 
@@ -104,7 +86,7 @@ impl CometWs {
     /// [module docs](self). Headers from any other peer are ignored.
     ///
     /// ```
-    /// # fn run(comet: comet_core::Comet) -> Result<(), comet_transports::axum::BadProxy> {
+    /// # fn run(comet: comet_core::Comet) -> Result<(), comet_transports::BadProxy> {
     /// use comet_transports::axum::CometWs;
     /// let ws = CometWs::new(comet).trust_proxies(["127.0.0.1", "10.0.0.0/8"])?;
     /// # Ok(()) }
@@ -114,24 +96,14 @@ impl CometWs {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let nets = proxies
-            .into_iter()
-            .map(|p| {
-                let p = p.as_ref().trim();
-                p.parse::<ipnet::IpNet>()
-                    .or_else(|_| p.parse::<IpAddr>().map(ipnet::IpNet::from))
-                    .map_err(|_| BadProxy(p.to_string()))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        self.trusted = Arc::from(nets);
+        self.trusted = TrustedProxies::new(proxies)?;
         Ok(self)
     }
 
     /// The client's address: the TCP peer's, or, from a trusted proxy, the
     /// one it appended to `Forwarded` / `X-Forwarded-For`.
     fn client_addr(&self, peer: SocketAddr, headers: &HeaderMap) -> SocketAddr {
-        let ip = peer.ip().to_canonical();
-        if !self.trusted.iter().any(|net| net.contains(&ip)) {
+        if !self.trusted.contains(peer.ip()) {
             return peer;
         }
         let forwarded = client_ip::rightmost_forwarded(headers)
@@ -234,6 +206,7 @@ impl CometWs {
             },
             None => Admission::unlimited(),
         };
+        let request = Box::new(request_parts(req));
         let on_upgrade = hyper::upgrade::on(req);
         let comet = self.comet.clone();
         tokio::spawn(async move {
@@ -246,7 +219,8 @@ impl CometWs {
                         ReadBudget::new(pre_auth_budget(comet.config()) - UPGRADE_ALLOWANCE);
                     let io = Budgeted::new(TokioIo::new(upgraded), budget.clone());
                     let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-                    serve_upgraded(&comet, ws, peer, admission, Some(budget)).await;
+                    let request = Some(request);
+                    serve_upgraded(&comet, ws, peer, admission, Some(budget), request, None).await;
                 }
                 Ok(Err(e)) => tracing::warn!(%peer, cause = %e, "websocket upgrade failed"),
                 Err(_) => tracing::info!(%peer, "websocket upgrade not completed in time"),

@@ -26,9 +26,8 @@ pub const DEFAULT_IPV6_PREFIX: u8 = 64;
 /// let limits = Limits::new(100_000)
 ///     .with_max_unauthenticated(5_000)
 ///     .with_per_ip(10_000);
-/// let a = limits.admit("10.0.0.1:5000".parse().unwrap(), "tcp");
-/// assert!(a.is_some());
-/// assert_eq!(limits.unauthenticated(), 1);
+/// assert_eq!(limits.max_connections(), 100_000);
+/// assert_eq!(limits.unauthenticated(), 0);
 /// ```
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -52,7 +51,7 @@ pub struct Limits {
 /// dropped; its place among the unauthenticated connections as soon as the
 /// connection logs in ([`Admission::authenticated`]).
 #[derive(Debug)]
-pub struct Admission {
+pub(crate) struct Admission {
     _permit: Option<OwnedSemaphorePermit>,
     unauthenticated: Option<OwnedSemaphorePermit>,
     ip: Option<(IpAddr, ByIp)>,
@@ -60,10 +59,8 @@ pub struct Admission {
 }
 
 impl Admission {
-    /// A connection counted against no limit, accepted now: for a stream
-    /// the caller accepted itself and hands to a transport's `serve_*`
-    /// function.
-    pub fn unlimited() -> Self {
+    /// A connection counted against no limit, accepted now.
+    pub(crate) fn unlimited() -> Self {
         Admission {
             _permit: None,
             unauthenticated: None,
@@ -75,19 +72,20 @@ impl Admission {
     /// When the connection was accepted. The whole handshake (TLS, the
     /// WebSocket upgrade, op 7) must be over by this plus the handshake
     /// timeout.
-    pub fn accepted_at(&self) -> Instant {
+    pub(crate) fn accepted_at(&self) -> Instant {
         self.accepted_at
     }
 
     /// The connection logged in: gives back its place among the
     /// unauthenticated connections (the other places stay until it ends).
-    pub fn authenticated(&mut self) {
+    pub(crate) fn authenticated(&mut self) {
         self.unauthenticated = None;
     }
 
     /// Whether the connection still holds a place among the unauthenticated
     /// connections.
-    pub fn is_unauthenticated(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_unauthenticated(&self) -> bool {
         self.unauthenticated.is_some()
     }
 }
@@ -196,7 +194,21 @@ impl Limits {
     /// A place for a new connection from `peer`, or `None` (logged and
     /// counted) when the server, its unauthenticated connections, or that
     /// address, are full.
-    pub fn admit(&self, peer: SocketAddr, listener: &'static str) -> Option<Admission> {
+    pub(crate) fn admit(&self, peer: SocketAddr, listener: &'static str) -> Option<Admission> {
+        let mut admission = self.admit_unkeyed(peer, listener)?;
+        self.key(&mut admission, peer, listener)
+            .then_some(admission)
+    }
+
+    /// A place among all connections and the unauthenticated ones, not yet
+    /// counted for any source address: for a connection from a trusted
+    /// proxy, whose client address is known only once its PROXY header is
+    /// read ([`key`](Self::key) then counts it).
+    pub(crate) fn admit_unkeyed(
+        &self,
+        peer: SocketAddr,
+        listener: &'static str,
+    ) -> Option<Admission> {
         let accepted_at = Instant::now();
         let Ok(permit) = self.connections.clone().try_acquire_owned() else {
             self.refused.fetch_add(1, Ordering::Relaxed);
@@ -210,29 +222,42 @@ impl Limits {
             tracing::warn!(%peer, listener, max = self.max_unauthenticated, "refusing connection: limit of unauthenticated connections reached");
             return None;
         };
-        let ip = match self.per_ip {
-            None => None,
-            Some(max) => {
-                let key = address_key(peer.ip(), self.ipv6_prefix);
-                let mut map = self.by_ip.lock().unwrap_or_else(|e| e.into_inner());
-                let n = map.entry(key).or_insert(0);
-                if *n >= max {
-                    drop(map);
-                    self.refused.fetch_add(1, Ordering::Relaxed);
-                    self.refused_metrics[2].increment(1);
-                    tracing::warn!(%peer, %key, listener, max, "refusing connection: per-address connection limit reached");
-                    return None;
-                }
-                *n += 1;
-                Some((key, self.by_ip.clone()))
-            }
-        };
         Some(Admission {
             _permit: Some(permit),
             unauthenticated: Some(unauthenticated),
-            ip,
+            ip: None,
             accepted_at,
         })
+    }
+
+    /// Counts `admission` for the source address `client` under the
+    /// per-address cap; `false` (logged and counted) when that address is
+    /// full. An admission is counted for one address at most.
+    pub(crate) fn key(
+        &self,
+        admission: &mut Admission,
+        client: SocketAddr,
+        listener: &'static str,
+    ) -> bool {
+        let Some(max) = self.per_ip else {
+            return true;
+        };
+        if admission.ip.is_some() {
+            return true;
+        }
+        let key = address_key(client.ip(), self.ipv6_prefix);
+        let mut map = self.by_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(key).or_insert(0);
+        if *n >= max {
+            drop(map);
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            self.refused_metrics[2].increment(1);
+            tracing::warn!(peer = %client, %key, listener, max, "refusing connection: per-address connection limit reached");
+            return false;
+        }
+        *n += 1;
+        admission.ip = Some((key, self.by_ip.clone()));
+        true
     }
 }
 

@@ -1,14 +1,18 @@
-//! The accept loop every listener shares.
+//! The accept loop every listener shares, and the options they share.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use comet_core::Comet;
+use comet_core::{Comet, TlsInfo};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::{Admission, Limits};
+use crate::limits::Admission;
+use crate::proxy::{self, TrustedProxies};
+use crate::tls::TlsConfig;
+use crate::Limits;
 
 /// Backlog of listening sockets made by [`bind`].
 pub const LISTEN_BACKLOG: u32 = 4096;
@@ -34,23 +38,37 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// What every listener's options hold: the connection limits, TLS and the
+/// proxies trusted to send a PROXY protocol header.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Common {
+    pub(crate) limits: Limits,
+    pub(crate) tls: Option<TlsConfig>,
+    pub(crate) proxies: TrustedProxies,
+}
+
 /// Accepts until the comet shuts down; each admitted connection (with
 /// `TCP_NODELAY`) runs `serve` on its own task with its [`Admission`],
-/// which keeps its place in `limits` until the connection ends. Accept
+/// which keeps its place in the limits until the connection ends. Accept
 /// errors (out of file descriptors, ...) are logged and retried after a
 /// pause.
+///
+/// A connection from a trusted proxy first has its PROXY header read (on
+/// its own task, within the handshake deadline); it is then served, and
+/// counted by the per-address limit, as the client the header names.
 pub(crate) async fn accept_loop<F, Fut>(
     comet: Comet,
     listener: TcpListener,
-    limits: Limits,
+    common: &Common,
     name: &'static str,
     serve: F,
 ) -> io::Result<()>
 where
-    F: Fn(Comet, TcpStream, SocketAddr, Admission) -> Fut,
+    F: Fn(Comet, TcpStream, SocketAddr, Admission) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let local = listener.local_addr()?;
+    let limits = &common.limits;
     tracing::info!(%local, listener = name, "listener started");
     loop {
         let accepted = tokio::select! {
@@ -65,16 +83,59 @@ where
                 continue;
             }
         };
-        let Some(admission) = limits.admit(peer, name) else {
-            continue;
-        };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(%peer, cause = %e, "could not set TCP_NODELAY");
         }
+        if common.proxies.contains(peer.ip()) {
+            let Some(admission) = limits.admit_unkeyed(peer, name) else {
+                continue;
+            };
+            let (comet, limits, serve) = (comet.clone(), limits.clone(), serve.clone());
+            tokio::spawn(async move {
+                if let Some((stream, client, admission)) =
+                    proxied(&comet, &limits, stream, peer, admission, name).await
+                {
+                    serve(comet, stream, client, admission).await;
+                }
+            });
+            continue;
+        }
+        let Some(admission) = limits.admit(peer, name) else {
+            continue;
+        };
         tokio::spawn(serve(comet.clone(), stream, peer, admission));
     }
     tracing::info!(%local, listener = name, "listener stopped");
     Ok(())
+}
+
+/// Reads the PROXY header of a connection from the trusted proxy `proxy`
+/// by the handshake deadline, and counts the connection for the client it
+/// names; `None` (logged) when the header is bad or late, or the client's
+/// address is full.
+async fn proxied(
+    comet: &Comet,
+    limits: &Limits,
+    mut stream: TcpStream,
+    proxy: SocketAddr,
+    mut admission: Admission,
+    name: &'static str,
+) -> Option<(TcpStream, SocketAddr, Admission)> {
+    let deadline = handshake_deadline(comet, &admission);
+    let client = match tokio::time::timeout_at(deadline, proxy::read_header(&mut stream)).await {
+        Ok(Ok(client)) => client.unwrap_or(proxy),
+        Ok(Err(e)) => {
+            tracing::warn!(peer = %proxy, listener = name, cause = %e, "refusing connection from a trusted proxy: bad PROXY protocol header");
+            return None;
+        }
+        Err(_) => {
+            tracing::info!(peer = %proxy, listener = name, "no PROXY protocol header within the handshake timeout");
+            return None;
+        }
+    };
+    limits
+        .key(&mut admission, client, name)
+        .then_some((stream, client, admission))
 }
 
 /// The end of a connection's handshake: its accept time plus the handshake
@@ -83,18 +144,32 @@ pub(crate) fn handshake_deadline(comet: &Comet, admission: &Admission) -> tokio:
     admission.accepted_at() + comet.config().handshake_timeout
 }
 
-#[cfg(feature = "tls")]
-/// Completes a TLS handshake by the handshake deadline, logging failures.
-pub(crate) async fn tls_handshake(
+/// Completes a TLS handshake by the handshake deadline, logging failures;
+/// the stream, and what the handshake negotiated for the authenticator
+/// (boxed: the connection's futures carry it until the login).
+pub(crate) async fn tls_handshake<S>(
     comet: &Comet,
-    acceptor: &tokio_rustls::TlsAcceptor,
-    stream: TcpStream,
+    tls: &TlsConfig,
+    stream: S,
     peer: SocketAddr,
     admission: &Admission,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+) -> Option<(tokio_rustls::server::TlsStream<S>, Box<TlsInfo>)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let deadline = handshake_deadline(comet, admission);
-    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => Some(tls),
+    match tokio::time::timeout_at(deadline, tls.acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            let session = tls.get_ref().1;
+            let mut info = TlsInfo::new();
+            if let Some(name) = session.server_name() {
+                info = info.with_server_name(name);
+            }
+            if let Some(alpn) = session.alpn_protocol() {
+                info = info.with_alpn(alpn);
+            }
+            Some((tls, Box::new(info)))
+        }
         Ok(Err(e)) => {
             tracing::warn!(%peer, cause = %e, "TLS handshake failed");
             None

@@ -19,7 +19,7 @@ use std::task::{ready, Context, Poll};
 use futures_util::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::Admission;
+use crate::limits::Admission;
 
 /// Wraps a connection's inbound frames: holds its [`Admission`] for the
 /// connection's life, and at login calls `on_login` on the inner stream

@@ -1,5 +1,5 @@
 //! Static files beside the WebSocket endpoint: an opt-in of the [`ws`]
-//! listener ([`WsOptions::static_files`]) so that one port serves both a web
+//! listener ([`WsOptions::with_static_files`]) so that one port serves both a web
 //! page and the `/sub` endpoint it connects to (same origin, no CORS).
 //!
 //! The listener reads the HTTP request head itself (within the handshake
@@ -10,7 +10,7 @@
 //! handshake as before. Without the option nothing of this runs.
 //!
 //! [`ws`]: crate::ws
-//! [`WsOptions::static_files`]: crate::ws::WsOptions::static_files
+//! [`WsOptions::with_static_files`]: crate::ws::WsOptions::with_static_files
 
 use std::collections::HashMap;
 use std::io;

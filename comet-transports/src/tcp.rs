@@ -5,96 +5,174 @@ use std::io;
 use std::net::SocketAddr;
 
 use comet_core::codec::TcpCodec;
-use comet_core::{Comet, SessionEnd, Transport, WireMode};
+use comet_core::{Comet, SessionEnd, TlsInfo, Transport, WireMode};
 use futures_util::FutureExt as _;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::FramedRead;
 
 use crate::io::WriteSink;
-use crate::listener::accept_loop;
-#[cfg(feature = "tls")]
-use crate::listener::tls_handshake;
+use crate::limits::Admission;
+use crate::listener::{accept_loop, tls_handshake, Common};
 use crate::login::LoginGuard;
-#[cfg(feature = "tls")]
-use crate::tls::TlsAcceptor;
-use crate::{Admission, Limits};
+use crate::tls::TlsConfig;
+use crate::{Limits, TrustedProxies};
 
 /// Initial read buffer of a connection; it grows on demand up to one frame.
 const READ_BUFFER: usize = 256;
 
-/// Accepts TCP connections until the comet shuts down, serving each on its
-/// own task. Sockets get `TCP_NODELAY`; connections past `limits` are closed
-/// at once with a log line naming the peer. Accept errors (out of file
-/// descriptors, ...) are logged and retried after a pause.
-pub async fn serve(comet: Comet, listener: TcpListener, limits: Limits) -> io::Result<()> {
-    accept_loop(
-        comet,
-        listener,
-        limits,
-        "tcp",
-        |comet, stream, peer, admission| serve_tcp(&comet, stream, peer, admission).map(drop),
-    )
-    .await
+/// Options of the TCP transport: connection limits, TLS, and the proxies
+/// trusted to send a PROXY protocol header. `TcpOptions::default()` is
+/// plain TCP under [`Limits::default`], trusting no proxy.
+///
+/// ```no_run
+/// # async fn run(comet: comet_core::Comet) -> std::io::Result<()> {
+/// use comet_transports::tcp::{self, TcpOptions};
+/// use comet_transports::{tls::TlsConfig, Limits, TrustedProxies};
+///
+/// let options = TcpOptions::default()
+///     .with_limits(Limits::new(100_000).with_per_ip(50))
+///     .with_tls(TlsConfig::from_pem_files("cert.pem".as_ref(), "key.pem".as_ref())?)
+///     .with_proxy_protocol(TrustedProxies::new(["10.0.0.0/8"]).expect("valid networks"));
+/// let listener = comet_transports::bind("0.0.0.0:3101".parse().unwrap())?;
+/// tcp::serve(listener, comet, options).await
+/// # }
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct TcpOptions {
+    common: Common,
 }
 
-#[cfg(feature = "tls")]
-/// Like [`serve`], over TLS: the TLS handshake and op 7 must both be done
-/// within the handshake timeout of the accept.
-pub async fn serve_tls(
-    comet: Comet,
-    listener: TcpListener,
-    limits: Limits,
-    acceptor: TlsAcceptor,
-) -> io::Result<()> {
-    accept_loop(
-        comet,
-        listener,
-        limits,
-        "tcp+tls",
-        move |comet, stream, peer, admission| {
-            let acceptor = acceptor.clone();
-            async move {
-                if let Some(tls) = tls_handshake(&comet, &acceptor, stream, peer, &admission).await
-                {
-                    serve_stream(&comet, tls, peer, admission).await;
-                }
+impl TcpOptions {
+    /// The connection limits (default [`Limits::default`]). Give every
+    /// listener of a server clones of one `Limits` to count their
+    /// connections together.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.common.limits = limits;
+        self
+    }
+
+    /// Serves TLS: the TLS handshake and op 7 must both be done within the
+    /// handshake timeout of the accept.
+    pub fn with_tls(mut self, tls: TlsConfig) -> Self {
+        self.common.tls = Some(tls);
+        self
+    }
+
+    /// Reads a PROXY protocol header (v1 or v2) in front of every
+    /// connection from one of `proxies`, and serves it as the client the
+    /// header names (its address is the session's peer and counts for the
+    /// per-address limit). A connection from a trusted proxy without a valid
+    /// header is refused (logged with the proxy's address); what other
+    /// peers send is never read as a header. The header must arrive within
+    /// the handshake timeout. Only [`serve`]'s own accept loop reads it:
+    /// [`serve_connection`] is handed the client's address by its caller.
+    pub fn with_proxy_protocol(mut self, proxies: TrustedProxies) -> Self {
+        self.common.proxies = proxies;
+        self
+    }
+}
+
+/// Accepts TCP connections (binary frames, PROTOCOL.md 1.1) on `listener`
+/// until the comet shuts down, serving each on its own task. Sockets get
+/// `TCP_NODELAY`; connections past the limits are closed at once with a
+/// log line naming the peer. Accept errors (out of file descriptors, ...)
+/// are logged and retried after a pause.
+pub async fn serve(listener: TcpListener, comet: Comet, options: TcpOptions) -> io::Result<()> {
+    let common = &options.common;
+    match common.tls.clone() {
+        None => {
+            accept_loop(
+                comet,
+                listener,
+                common,
+                "tcp",
+                |comet, stream, peer, admission| {
+                    serve_tcp(&comet, stream, peer, admission).map(drop)
+                },
+            )
+            .await
+        }
+        Some(tls) => {
+            accept_loop(
+                comet,
+                listener,
+                common,
+                "tcp+tls",
+                move |comet, stream, peer, admission| {
+                    let tls = tls.clone();
+                    async move {
+                        if let Some((stream, info)) =
+                            tls_handshake(&comet, &tls, stream, peer, &admission).await
+                        {
+                            serve_stream(&comet, stream, peer, admission, Some(info)).await;
+                        }
+                    }
+                },
+            )
+            .await
+        }
+    }
+}
+
+/// Serves one connection that an application accepted itself (from its
+/// own listener, a Unix socket, an in-memory pipe, ...), as [`serve`]
+/// serves each of its own: counted in `options`' limits under `peer`, TLS
+/// first if `options` has it, and op 7 within the handshake timeout from
+/// now. `None` when the connection never became a session (refused by the
+/// limits, or a failed TLS handshake; both logged with `peer`).
+pub fn serve_connection<S>(
+    stream: S,
+    peer: SocketAddr,
+    comet: &Comet,
+    options: &TcpOptions,
+) -> impl Future<Output = Option<SessionEnd>> + Send + 'static
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let admission = options.common.limits.admit(peer, "tcp");
+    let tls = options.common.tls.clone();
+    let comet = comet.clone();
+    async move {
+        let admission = admission?;
+        match tls {
+            None => Some(serve_stream(&comet, stream, peer, admission, None).await),
+            Some(tls) => {
+                let (stream, info) = tls_handshake(&comet, &tls, stream, peer, &admission).await?;
+                Some(serve_stream(&comet, stream, peer, admission, Some(info)).await)
             }
-        },
-    )
-    .await
+        }
+    }
 }
 
-/// Serves one connection that speaks binary frames (plain TCP, or TLS on
-/// top of it) to its end. `admission` is its place in the [`Limits`] (or
-/// [`Admission::unlimited`]), kept until the end; op 7 must arrive within
-/// the handshake timeout of [`Admission::accepted_at`], and may be at most
-/// [`Config::max_auth_body`](comet_core::Config::max_auth_body) long.
-pub fn serve_stream<S>(
+/// Serves one binary-frame connection to its end; `tls` is what its TLS
+/// handshake negotiated, if it had one.
+fn serve_stream<S>(
     comet: &Comet,
     stream: S,
     peer: SocketAddr,
     admission: Admission,
+    tls: Option<Box<TlsInfo>>,
 ) -> impl Future<Output = SessionEnd>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin,
 {
     let (read, write) = tokio::io::split(stream);
-    serve_halves(comet, read, write, peer, admission)
+    serve_halves(comet, read, write, peer, admission, tls)
 }
 
 /// Like [`serve_stream`], for a plain TCP connection, split without a lock
 /// between its halves (`tokio::io::split` guards both halves with one
 /// mutex, which the reader and the writer of a busy session would take
 /// turns on).
-pub fn serve_tcp(
+fn serve_tcp(
     comet: &Comet,
     stream: TcpStream,
     peer: SocketAddr,
     admission: Admission,
 ) -> impl Future<Output = SessionEnd> {
     let (read, write) = stream.into_split();
-    serve_halves(comet, read, write, peer, admission)
+    serve_halves(comet, read, write, peer, admission, None)
 }
 
 /// Plain functions returning the session's future, not `async fn`s awaiting
@@ -111,6 +189,7 @@ fn serve_halves<R, W>(
     write: W,
     peer: SocketAddr,
     admission: Admission,
+    tls: Option<Box<TlsInfo>>,
 ) -> impl Future<Output = SessionEnd>
 where
     R: AsyncRead + Send + Unpin,
@@ -122,6 +201,9 @@ where
     let framed = FramedRead::with_capacity(read, codec, READ_BUFFER);
     let mut info = comet.conn_info(Transport::Tcp, WireMode::Binary, peer);
     info.accepted_at = admission.accepted_at();
+    if let Some(tls) = tls {
+        info = info.with_tls(*tls);
+    }
     let inbound = LoginGuard::new(framed, admission, move |f: &mut FramedRead<R, TcpCodec>| {
         f.decoder_mut().set_max_body(max_body)
     });

@@ -1,14 +1,17 @@
 //! The WebSocket transport (PROTOCOL.md 1.2): text (JSON) and binary (goim
 //! v2) modes, fixed by the first data frame.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use comet_core::codec::{json, split_frames};
-use comet_core::{Comet, Frame, FrameError, Outgoing, SessionEnd, Transport, WireMode};
+use comet_core::{Comet, Frame, FrameError, Outgoing, SessionEnd, TlsInfo, Transport, WireMode};
+use futures_util::future::Either;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -19,14 +22,12 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
-#[cfg(feature = "tls")]
-use crate::listener::tls_handshake;
-use crate::listener::{accept_loop, handshake_deadline};
+use crate::limits::Admission;
+use crate::listener::{accept_loop, handshake_deadline, tls_handshake, Common};
 use crate::login::{BudgetSpent, Budgeted, LoginGuard, ReadBudget};
 use crate::static_files::{route, Rewind, Routed, StaticFiles};
-#[cfg(feature = "tls")]
-use crate::tls::TlsAcceptor;
-use crate::{Admission, Limits};
+use crate::tls::TlsConfig;
+use crate::{Limits, TrustedProxies};
 
 /// Bytes of the HTTP upgrade request the pre-login read budget allows for
 /// (headers with cookies included).
@@ -48,17 +49,30 @@ pub fn pre_auth_budget(config: &comet_core::Config) -> usize {
     UPGRADE_ALLOWANCE + auth_message_limit(config) + 2048
 }
 
-/// Options of the WebSocket listener.
+/// Options of the WebSocket transport: the endpoint's path, static files
+/// beside it, connection limits, TLS (WSS), and the proxies trusted to
+/// send a PROXY protocol header. `WsOptions::default()` serves `/sub` in
+/// plain text under [`Limits::default`], with no files and no trusted
+/// proxy.
+///
+/// ```no_run
+/// # async fn run(comet: comet_core::Comet) -> std::io::Result<()> {
+/// use comet_transports::ws::{self, WsOptions};
+/// use comet_transports::{tls::TlsConfig, Limits};
+///
+/// let options = WsOptions::default()
+///     .with_path("/chat")
+///     .with_limits(Limits::new(100_000))
+///     .with_tls(TlsConfig::from_pem_files("cert.pem".as_ref(), "key.pem".as_ref())?);
+/// let listener = comet_transports::bind("0.0.0.0:443".parse().unwrap())?;
+/// ws::serve(listener, comet, options).await
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 pub struct WsOptions {
-    /// The path clients connect to (default `/sub`); other paths get 404.
-    pub path: String,
-    /// Files served to plain `GET` requests on the same listener (default
-    /// none): with a map, requests that are not WebSocket upgrades are
-    /// answered from it, or with 404, and the connection is closed (see
-    /// [`static_files`](crate::static_files)); without one, such requests
-    /// fail the upgrade as before.
-    pub static_files: Option<StaticFiles>,
+    path: Arc<str>,
+    static_files: Option<StaticFiles>,
+    common: Common,
 }
 
 impl Default for WsOptions {
@@ -66,7 +80,55 @@ impl Default for WsOptions {
         WsOptions {
             path: "/sub".into(),
             static_files: None,
+            common: Common::default(),
         }
+    }
+}
+
+impl WsOptions {
+    /// The path clients connect to (default `/sub`); other paths get 404.
+    pub fn with_path(mut self, path: impl Into<String>) -> Self {
+        self.path = path.into().into();
+        self
+    }
+
+    /// Files served to plain `GET` requests on the same listener (default
+    /// none): requests that are not WebSocket upgrades are then answered
+    /// from `files`, or with 404, and the connection is closed (see
+    /// [`static_files`](crate::static_files)); without it such requests
+    /// fail the upgrade.
+    pub fn with_static_files(mut self, files: StaticFiles) -> Self {
+        self.static_files = Some(files);
+        self
+    }
+
+    /// The connection limits (default [`Limits::default`]). Give every
+    /// listener of a server clones of one `Limits` to count their
+    /// connections together.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.common.limits = limits;
+        self
+    }
+
+    /// Serves TLS (WSS): the TLS handshake, the upgrade and op 7 must all be
+    /// done within the handshake timeout of the accept.
+    pub fn with_tls(mut self, tls: TlsConfig) -> Self {
+        self.common.tls = Some(tls);
+        self
+    }
+
+    /// Reads a PROXY protocol header (v1 or v2) in front of every
+    /// connection from one of `proxies`, as
+    /// [`TcpOptions::with_proxy_protocol`](crate::tcp::TcpOptions::with_proxy_protocol)
+    /// does (only in [`serve`]'s own accept loop).
+    pub fn with_proxy_protocol(mut self, proxies: TrustedProxies) -> Self {
+        self.common.proxies = proxies;
+        self
+    }
+
+    /// The path clients connect to.
+    pub fn path(&self) -> &str {
+        &self.path
     }
 }
 
@@ -81,7 +143,7 @@ impl Default for WsOptions {
 /// ([`pre_auth_budget`]): tungstenite still reserves address space for a
 /// frame whose header announces up to this message limit, but it reads,
 /// and so fills, only what the budget lets through.
-pub fn ws_config(max_body: usize) -> WebSocketConfig {
+pub(crate) fn ws_config(max_body: usize) -> WebSocketConfig {
     // A JSON body may be longer than the bytes it carries (escapes, base64).
     let max_message = 2 * max_body + 1024;
     WebSocketConfig::default()
@@ -92,108 +154,156 @@ pub fn ws_config(max_body: usize) -> WebSocketConfig {
         .max_frame_size(Some(max_message))
 }
 
-/// Accepts WebSocket connections on `options.path` until the comet shuts
-/// down. The upgrade and op 7 must both be done within the handshake
-/// timeout of the accept; requests for other paths are answered 404.
-pub async fn serve(
-    comet: Comet,
-    listener: TcpListener,
-    options: WsOptions,
-    limits: Limits,
-) -> io::Result<()> {
-    let path: std::sync::Arc<str> = options.path.into();
-    let files = options.static_files;
-    accept_loop(
-        comet,
-        listener,
-        limits,
-        "websocket",
-        move |comet, stream, peer, admission| {
-            let path = path.clone();
-            let files = files.clone();
-            async move {
-                match &files {
-                    Some(files) => {
-                        accept_or_serve_file(&comet, stream, peer, &path, files, admission).await
+/// Accepts WebSocket connections on `listener` until the comet shuts
+/// down, serving each on its own task: the upgrade on `options`' path
+/// (other paths are answered 404; plain requests from the static files, if
+/// any), then the session. The TLS handshake (if any), the upgrade and op 7
+/// must all be done within the handshake timeout of the accept.
+pub async fn serve(listener: TcpListener, comet: Comet, options: WsOptions) -> io::Result<()> {
+    let WsOptions {
+        path,
+        static_files: files,
+        common,
+    } = options;
+    match common.tls.clone() {
+        None => {
+            accept_loop(
+                comet,
+                listener,
+                &common,
+                "websocket",
+                move |comet, stream, peer, admission| {
+                    let (path, files) = (path.clone(), files.clone());
+                    async move {
+                        accept(&comet, stream, peer, &path, files.as_ref(), admission, None).await;
                     }
-                    None => accept_stream(&comet, stream, peer, &path, admission).await,
-                };
-            }
-        },
-    )
-    .await
+                },
+            )
+            .await
+        }
+        Some(tls) => {
+            accept_loop(
+                comet,
+                listener,
+                &common,
+                "websocket+tls",
+                move |comet, stream, peer, admission| {
+                    let (path, files, tls) = (path.clone(), files.clone(), tls.clone());
+                    async move {
+                        let Some((stream, info)) =
+                            tls_handshake(&comet, &tls, stream, peer, &admission).await
+                        else {
+                            return;
+                        };
+                        let files = files.as_ref();
+                        accept(&comet, stream, peer, &path, files, admission, Some(info)).await;
+                    }
+                },
+            )
+            .await
+        }
+    }
 }
 
-#[cfg(feature = "tls")]
-/// Like [`serve`], over TLS (WSS): the TLS handshake, the upgrade and op 7
-/// must all be done within the handshake timeout of the accept.
-pub async fn serve_tls(
-    comet: Comet,
-    listener: TcpListener,
-    options: WsOptions,
-    limits: Limits,
-    acceptor: TlsAcceptor,
-) -> io::Result<()> {
-    let path: std::sync::Arc<str> = options.path.into();
-    let files = options.static_files;
-    accept_loop(
-        comet,
-        listener,
-        limits,
-        "websocket+tls",
-        move |comet, stream, peer, admission| {
-            let path = path.clone();
-            let acceptor = acceptor.clone();
-            let files = files.clone();
-            async move {
-                let Some(tls) = tls_handshake(&comet, &acceptor, stream, peer, &admission).await
-                else {
-                    return;
-                };
-                match &files {
-                    Some(files) => {
-                        accept_or_serve_file(&comet, tls, peer, &path, files, admission).await
-                    }
-                    None => accept_stream(&comet, tls, peer, &path, admission).await,
-                };
+/// Serves one connection that an application accepted itself, as
+/// [`serve`] serves each of its own: counted in `options`' limits under
+/// `peer`, TLS first if `options` has it, then the upgrade (or a static
+/// file), then the session; the handshake timeout counts from now. Until
+/// the login at most [`pre_auth_budget`] bytes are read. `None` when the
+/// connection never became a session (refused by the limits, a failed
+/// TLS handshake or upgrade, a plain HTTP request; logged with `peer`).
+pub fn serve_connection<S>(
+    stream: S,
+    peer: SocketAddr,
+    comet: &Comet,
+    options: &WsOptions,
+) -> impl Future<Output = Option<SessionEnd>> + Send + 'static
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let admission = options.common.limits.admit(peer, "websocket");
+    let comet = comet.clone();
+    let (path, files, tls) = (
+        options.path.clone(),
+        options.static_files.clone(),
+        options.common.tls.clone(),
+    );
+    async move {
+        let admission = admission?;
+        match tls {
+            None => accept(&comet, stream, peer, &path, files.as_ref(), admission, None).await,
+            Some(tls) => {
+                let (stream, info) = tls_handshake(&comet, &tls, stream, peer, &admission).await?;
+                accept(
+                    &comet,
+                    stream,
+                    peer,
+                    &path,
+                    files.as_ref(),
+                    admission,
+                    Some(info),
+                )
+                .await
             }
-        },
-    )
-    .await
+        }
+    }
+}
+
+/// The upgrade (or, with `files`, a static file) and the session on an
+/// admitted connection. No async layer of its own: it returns one of the
+/// two futures, which keep no second copy of the stream.
+fn accept<'a, S>(
+    comet: &'a Comet,
+    stream: S,
+    peer: SocketAddr,
+    path: &'a str,
+    files: Option<&'a StaticFiles>,
+    admission: Admission,
+    tls: Option<Box<TlsInfo>>,
+) -> impl Future<Output = Option<SessionEnd>> + Send + 'a
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'a,
+{
+    match files {
+        Some(files) => Either::Left(accept_or_serve_file(
+            comet, stream, peer, path, files, admission, tls,
+        )),
+        None => Either::Right(accept_stream(comet, stream, peer, path, admission, tls)),
+    }
 }
 
 /// Performs the WebSocket upgrade on `stream` (plain TCP or TLS) and serves
-/// the session. `admission` is its place in the [`Limits`] (or
-/// [`Admission::unlimited`]), kept until the end. The upgrade, the first
-/// data message and op 7 share one deadline, the handshake timeout after
-/// [`Admission::accepted_at`]; until the login at most
-/// [`pre_auth_budget`] bytes are read.
-pub async fn accept_stream<S>(
+/// the session. The upgrade, the first data message and op 7 share one
+/// deadline, the handshake timeout after the accept; until the login at
+/// most [`pre_auth_budget`] bytes are read.
+async fn accept_stream<S>(
     comet: &Comet,
     stream: S,
     peer: SocketAddr,
     path: &str,
     admission: Admission,
+    tls: Option<Box<TlsInfo>>,
 ) -> Option<SessionEnd>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin,
 {
     let budget = ReadBudget::new(pre_auth_budget(comet.config()));
     let stream = Budgeted::new(stream, budget.clone());
-    upgrade(comet, stream, budget, peer, path, admission).await
+    upgrade(comet, stream, budget, peer, path, admission, tls).await
 }
 
 /// Like [`accept_stream`], reading the request head first: a plain request
 /// is answered from `files` (or 404) and the connection closed (`None`);
 /// an upgrade goes on as in [`accept_stream`]. The head counts towards the
 /// handshake timeout and the pre-login read budget.
-pub async fn accept_or_serve_file<S>(
+async fn accept_or_serve_file<S>(
     comet: &Comet,
     stream: S,
     peer: SocketAddr,
     path: &str,
     files: &StaticFiles,
     admission: Admission,
+    tls: Option<Box<TlsInfo>>,
 ) -> Option<SessionEnd>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin,
@@ -205,7 +315,7 @@ where
     match tokio::time::timeout_at(deadline, routed).await {
         Ok(Ok(Routed::Upgrade(head))) => {
             let stream = Rewind::new(head, stream);
-            upgrade(comet, stream, budget, peer, path, admission).await
+            upgrade(comet, stream, budget, peer, path, admission, tls).await
         }
         Ok(Ok(Routed::Answered)) => None,
         Ok(Err(e)) => {
@@ -219,7 +329,9 @@ where
     }
 }
 
-/// The WebSocket handshake on a budgeted stream, then the session.
+/// The WebSocket handshake on a budgeted stream, then the session. The
+/// upgrade request's method, URI, version and headers go to the
+/// authenticator ([`AuthContext`](comet_core::AuthContext)).
 async fn upgrade<S>(
     comet: &Comet,
     stream: S,
@@ -227,14 +339,17 @@ async fn upgrade<S>(
     peer: SocketAddr,
     path: &str,
     admission: Admission,
+    tls: Option<Box<TlsInfo>>,
 ) -> Option<SessionEnd>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin,
 {
+    let mut request = None;
     // tungstenite's callback signature fixes the error type.
     #[allow(clippy::result_large_err)]
     let check_path = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         if req.uri().path() == path {
+            request = Some(Box::new(request_parts(req)));
             Ok(resp)
         } else {
             let mut not_found =
@@ -259,29 +374,27 @@ where
             return None;
         }
     };
-    Some(serve_upgraded(comet, ws, peer, admission, Some(budget)).await)
+    Some(serve_upgraded(comet, ws, peer, admission, Some(budget), request, tls).await)
+}
+
+/// A copy of an upgrade request's method, URI, version and headers (not
+/// its extensions, which belong to the server that read it).
+pub(crate) fn request_parts<B>(req: &http::Request<B>) -> http::request::Parts {
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = req.method().clone();
+    parts.uri = req.uri().clone();
+    parts.version = req.version();
+    parts.headers = req.headers().clone();
+    parts
 }
 
 /// Serves one upgraded WebSocket connection to its end: waits for the
 /// first data frame, which fixes the mode, then runs the session. The first
-/// data frame and op 7 must arrive within the handshake timeout of
-/// [`Admission::accepted_at`], and messages before the login may be at
-/// most [`auth_message_limit`] long. (The read budget of
-/// [`accept_stream`] needs the stream before the upgrade; here tungstenite
-/// may buffer up to its own message limit before a message is refused.)
-pub async fn serve_websocket<S>(
-    comet: &Comet,
-    ws: WebSocketStream<S>,
-    peer: SocketAddr,
-    admission: Admission,
-) -> SessionEnd
-where
-    S: AsyncRead + AsyncWrite + Send + Unpin,
-{
-    serve_upgraded(comet, ws, peer, admission, None).await
-}
-
-/// [`serve_websocket`], lifting `budget` (if any) at login.
+/// data frame and op 7 must arrive within the handshake timeout of the
+/// accept, and messages before the login may be at most
+/// [`auth_message_limit`] long; `budget` (if any) is lifted at login.
+/// `request` and `tls` (boxed: the connection's futures carry them until
+/// here) go to the authenticator.
 ///
 /// A plain function returning the future, not an `async fn`: an `async
 /// fn` keeps room for its arguments (the whole `WebSocketStream`, here)
@@ -294,6 +407,8 @@ pub(crate) fn serve_upgraded<'a, S>(
     peer: SocketAddr,
     admission: Admission,
     budget: Option<ReadBudget>,
+    request: Option<Box<http::request::Parts>>,
+    tls: Option<Box<TlsInfo>>,
 ) -> impl std::future::Future<Output = SessionEnd> + Send + 'a
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'a,
@@ -311,6 +426,12 @@ where
         };
         let mut info = comet.conn_info(Transport::WebSocket, frames.mode, peer);
         info.accepted_at = admission.accepted_at();
+        if let Some(request) = request {
+            info = info.with_request(*request);
+        }
+        if let Some(tls) = tls {
+            info = info.with_tls(*tls);
+        }
         let max_body = comet.config().max_body;
         let frames = LoginGuard::new(frames, admission, move |frames: &mut WsFrames<S>| {
             frames.max_body = max_body;

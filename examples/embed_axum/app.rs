@@ -1,21 +1,23 @@
-//! The application's building blocks: the SQLite-backed [`SqlUsers`]
-//! authenticator, the comet assembly and the axum router.
+//! The application's building blocks: the SQLite-backed [`SqlUsers`], the
+//! [`Sessions`] its REST login issues, the [`AppAuth`] authenticator that
+//! accepts either, the comet assembly and the axum router.
 //!
 //! `main.rs` serves them; `tests/embed_axum.rs` includes this same file with
 //! `#[path = "../examples/embed_axum/app.rs"] mod app;` and drives them over
 //! real sockets.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use argon2::password_hash::{self, PasswordHasher, PasswordVerifier};
 use argon2::{Algorithm, Argon2, Params, PasswordHash, Version};
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use comet::core::{
-    async_trait, AuthOutcome, AuthRequest, Authenticator, BoxError, ConnInfo, Conversation,
+    async_trait, AuthContext, AuthOutcome, Authenticator, BoxError, ConnId, Conversation, Event,
     Identity, Mid, SendError,
 };
 use comet::plugins::memory::{MemoryGroups, MemoryStore};
@@ -146,20 +148,150 @@ impl SqlUsers {
     }
 }
 
+/// How a session logged in: the typed per-session data the authenticator
+/// attaches ([`Identity::with_extension`]); the event hook reads it back,
+/// and so could any middleware (`ConnContext::extensions`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Via {
+    /// The `session` cookie `POST /login` set, sent with the upgrade
+    /// request (browsers do this by themselves).
+    Cookie,
+    /// `Authorization: Bearer <token>` on the upgrade request, the token
+    /// from `POST /login` (non-browser clients).
+    Bearer,
+    /// `mid` and `mkey` in op 7's body, checked against the user table.
+    Key,
+}
+
+impl Via {
+    fn as_str(self) -> &'static str {
+        match self {
+            Via::Cookie => "cookie",
+            Via::Bearer => "bearer",
+            Via::Key => "key",
+        }
+    }
+}
+
+/// The login sessions `POST /login` issues (random 256-bit tokens → mid),
+/// and the live WebSocket sessions with how each logged in, kept by the
+/// comet's event hook. In memory: a restart logs everyone out.
+#[derive(Default)]
+pub(crate) struct Sessions {
+    tokens: Mutex<HashMap<String, Mid>>,
+    live: Mutex<HashMap<ConnId, (Mid, Via)>>,
+}
+
+impl Sessions {
+    /// A new token for `mid`.
+    fn issue(&self, mid: Mid) -> Result<String, BoxError> {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes).map_err(|e| format!("no randomness: {e}"))?;
+        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        self.tokens
+            .lock()
+            .map_err(|_| "session table lock poisoned")?
+            .insert(token.clone(), mid);
+        Ok(token)
+    }
+
+    /// The mid a token was issued for.
+    fn mid_of(&self, token: &str) -> Option<Mid> {
+        self.tokens.lock().ok()?.get(token).copied()
+    }
+
+    /// The event hook: keeps `live` up to date from the extension each
+    /// login attached.
+    fn observe(&self, event: &Event) {
+        let Ok(mut live) = self.live.lock() else {
+            return;
+        };
+        match event {
+            Event::Authenticated {
+                conn,
+                mid,
+                extensions,
+                ..
+            } => {
+                let via = extensions.get::<Via>().copied().unwrap_or(Via::Key);
+                live.insert(conn.conn_id, (*mid, via));
+            }
+            Event::Disconnected { conn, .. } => {
+                live.remove(&conn.conn_id);
+            }
+            _ => {}
+        }
+    }
+
+    /// How each live session of `mid` logged in, sorted.
+    fn logins_of(&self, mid: Mid) -> Vec<&'static str> {
+        let mut via: Vec<_> = self.live.lock().map_or_else(
+            |_| Vec::new(),
+            |live| {
+                live.values()
+                    .filter(|(m, _)| *m == mid)
+                    .map(|(_, v)| v.as_str())
+                    .collect()
+            },
+        );
+        via.sort_unstable();
+        via
+    }
+}
+
+/// The token of a WebSocket upgrade request: the `session` cookie, or else
+/// a bearer token.
+fn token_of(ctx: &AuthContext) -> Option<(Via, &str)> {
+    let headers = ctx.headers()?;
+    let cookie = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix("session="));
+    if let Some(token) = cookie {
+        return Some((Via::Cookie, token));
+    }
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|token| (Via::Bearer, token.trim()))
+}
+
+/// The comet's authenticator: a session token from the upgrade request
+/// (cookie or bearer, issued by `POST /login`) logs in as its user, op 7's
+/// body may then be empty; without one, op 7 must carry `mid` and `mkey`,
+/// checked against the user table. Each login attaches how it was made
+/// ([`Via`]).
+pub(crate) struct AppAuth {
+    users: Arc<SqlUsers>,
+    sessions: Arc<Sessions>,
+}
+
 #[async_trait]
-impl Authenticator for SqlUsers {
-    async fn authenticate(
-        &self,
-        req: &AuthRequest,
-        _conn: &ConnInfo,
-    ) -> Result<AuthOutcome, BoxError> {
+impl Authenticator for AppAuth {
+    async fn authenticate(&self, ctx: &AuthContext) -> Result<AuthOutcome, BoxError> {
+        let req = ctx.auth_request();
+        if let Some((via, token)) = token_of(ctx) {
+            return Ok(match self.sessions.mid_of(token) {
+                // A body naming another user than the token's is refused.
+                Some(mid) if req.mid().is_none_or(|m| m == mid) => {
+                    AuthOutcome::Accepted(Identity::new(mid).with_extension(via))
+                }
+                Some(_) => AuthOutcome::Denied("mid does not match the session".into()),
+                None => AuthOutcome::Denied("unknown or expired session".into()),
+            });
+        }
         let (Some(mid), Some(mkey)) = (req.mid(), req.mkey()) else {
             return Ok(AuthOutcome::Denied("mid and mkey are required".into()));
         };
         // A database error is an `Err`: comet answers "authentication
         // backend unavailable" and logs it.
-        if self.check(mid, mkey.to_owned()).await? {
-            Ok(AuthOutcome::Accepted(Identity::new(mid)))
+        if self.users.check(mid, mkey.to_owned()).await? {
+            Ok(AuthOutcome::Accepted(
+                Identity::new(mid).with_extension(Via::Key),
+            ))
         } else {
             Ok(AuthOutcome::Denied("unknown mid or wrong mkey".into()))
         }
@@ -177,12 +309,16 @@ pub(crate) async fn seed_demo_users(users: &SqlUsers) -> Result<Vec<Mid>, BoxErr
     Ok(added)
 }
 
-/// The comet: logins checked against `users`, messages and groups in memory.
-pub(crate) fn comet(users: Arc<SqlUsers>) -> Comet {
+/// The comet: logins by session token or checked against `users`
+/// ([`AppAuth`]), live sessions tracked in `sessions` by an event hook,
+/// messages and groups in memory.
+pub(crate) fn comet(users: Arc<SqlUsers>, sessions: Arc<Sessions>) -> Comet {
+    let observer = sessions.clone();
     Comet::builder()
-        .authenticator(users)
+        .authenticator(Arc::new(AppAuth { users, sessions }))
         .store(Arc::new(MemoryStore::default()))
         .groups(Arc::new(MemoryGroups::default()))
+        .on_event(move |event| observer.observe(event))
         .build()
         .expect("every plug-in is given")
 }
@@ -191,6 +327,7 @@ pub(crate) fn comet(users: Arc<SqlUsers>) -> Comet {
 struct AppState {
     comet: Comet,
     users: Arc<SqlUsers>,
+    sessions: Arc<Sessions>,
 }
 
 /// The application: its own REST routes, and comet's WebSocket endpoint
@@ -198,9 +335,10 @@ struct AppState {
 ///
 /// The REST routes are unauthenticated to keep the example short; a real
 /// application puts them behind its own authentication.
-pub(crate) fn app(comet: Comet, users: Arc<SqlUsers>) -> Router {
+pub(crate) fn app(comet: Comet, users: Arc<SqlUsers>, sessions: Arc<Sessions>) -> Router {
     Router::new()
         .route("/health", get(|| async { "ok" }))
+        .route("/login", post(login))
         .route("/users", post(register))
         .route("/users/{mid}/online", get(online))
         .route("/users/{mid}/notify", post(notify))
@@ -208,6 +346,7 @@ pub(crate) fn app(comet: Comet, users: Arc<SqlUsers>) -> Router {
         .with_state(AppState {
             comet: comet.clone(),
             users,
+            sessions,
         })
         .route_service("/sub", CometWs::new(comet))
 }
@@ -243,12 +382,44 @@ async fn register(State(state): State<AppState>, Json(user): Json<NewUser>) -> R
     }
 }
 
-/// `GET /users/{mid}/online` → `{"mid": 5, "online": true, "sessions": 1}`.
+/// `POST /login {"mid": 1, "password": "pw1"}` → 200 `{"mid": 1, "token":
+/// "..."}` with `Set-Cookie: session=...; HttpOnly; SameSite=Strict`: a
+/// browser's WebSocket to `/sub` then sends the cookie by itself, another
+/// client sends the token as `Authorization: Bearer ...`; either logs in
+/// with an empty op 7 body. 401 for a wrong password or an unknown mid.
+async fn login(State(state): State<AppState>, Json(user): Json<NewUser>) -> Response {
+    match state.users.check(user.mid, user.password).await {
+        Ok(true) => match state.sessions.issue(user.mid) {
+            Ok(token) => {
+                let cookie = format!("session={token}; HttpOnly; SameSite=Strict; Path=/");
+                (
+                    [(header::SET_COOKIE, cookie)],
+                    Json(json!({ "mid": user.mid, "token": token })),
+                )
+                    .into_response()
+            }
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        },
+        Ok(false) => error(StatusCode::UNAUTHORIZED, "unknown mid or wrong password"),
+        Err(e) => {
+            tracing::error!(cause = %e, "checking a login failed");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "user database unavailable",
+            )
+        }
+    }
+}
+
+/// `GET /users/{mid}/online` → `{"mid": 5, "online": true, "sessions": 1,
+/// "via": ["cookie"]}`: how each live session logged in, as its login's
+/// extension told the event hook.
 async fn online(State(state): State<AppState>, Path(mid): Path<Mid>) -> Response {
     Json(json!({
         "mid": mid,
         "online": state.comet.is_online(mid),
         "sessions": state.comet.sessions_of(mid),
+        "via": state.sessions.logins_of(mid),
     }))
     .into_response()
 }

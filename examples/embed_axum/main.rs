@@ -27,6 +27,20 @@
 //! ```text
 //! > {"ver":1,"op":7,"seq":1,"body":{"mid":1,"mkey":"pw1"}}
 //! < {"ver":1,"op":8,"seq":1,"body":{"ret":0,"mid":1}}
+//! ```
+//!
+//! Or log in over REST first: `POST /login` sets a `session` cookie (which a
+//! browser's WebSocket to `/sub` sends by itself) and returns the same token
+//! for `Authorization: Bearer`; op 7's body may then be empty. The
+//! authenticator reads either from the upgrade request and attaches how the
+//! session logged in, which `GET /users/{mid}/online` shows (`"via"`):
+//!
+//! ```text
+//! curl -X POST http://127.0.0.1:3200/login \
+//!      -H 'content-type: application/json' -d '{"mid":1,"password":"pw1"}'
+//! websocat -H 'Authorization: Bearer <token>' ws://127.0.0.1:3200/sub
+//! > {"ver":1,"op":7,"seq":1,"body":{}}
+//! < {"ver":1,"op":8,"seq":1,"body":{"ret":0,"mid":1}}
 //! > {"ver":1,"op":18,"seq":2,"body":{"from":1,"to":5,"msg":"hi 5"}}
 //! < {"ver":1,"op":19,"seq":2,"body":{"ret":0,"chatId":1}}
 //! ```
@@ -70,8 +84,9 @@ async fn main() -> Result<(), BoxError> {
         .with_conn(|db| db.query_row("SELECT count(*) FROM users", [], |row| row.get(0)))
         .await?;
     tracing::info!(users = count, "user database ready");
-    let comet = app::comet(users.clone());
-    let router = app::app(comet.clone(), users);
+    let sessions = Arc::new(app::Sessions::default());
+    let comet = app::comet(users.clone(), sessions.clone());
+    let router = app::app(comet.clone(), users, sessions);
 
     let listener = comet::transports::bind(args.listen)?;
     tracing::info!(addr = %listener.local_addr()?, db = %args.db, "listening; WebSocket at /sub");

@@ -175,10 +175,41 @@ impl Client {
     /// A client over an established stream (e.g. TLS); `url` is used for
     /// the WebSocket upgrade.
     pub async fn over(kind: Kind, stream: Stream, url: &str) -> Client {
+        Client::over_with_headers(kind, stream, url, &[]).await
+    }
+
+    /// Connects (WebSocket at `path`), the upgrade request carrying
+    /// `headers` (a cookie, an `Authorization` header, ...).
+    pub async fn connect_with_headers(
+        kind: Kind,
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&'static str, &str)],
+    ) -> Client {
+        let tcp = within("tcp connect", TcpStream::connect(addr))
+            .await
+            .expect("connect");
+        let url = format!("ws://{addr}{path}");
+        Client::over_with_headers(kind, Box::new(tcp), &url, headers).await
+    }
+
+    /// As [`Client::over`], the upgrade request carrying `headers`.
+    pub async fn over_with_headers(
+        kind: Kind,
+        stream: Stream,
+        url: &str,
+        headers: &[(&'static str, &str)],
+    ) -> Client {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let (tcp, ws) = match kind {
             Kind::Tcp => (Some(stream), None),
             _ => {
-                let (ws, _) = within("ws upgrade", tokio_tungstenite::client_async(url, stream))
+                let mut req = url.into_client_request().expect("a ws:// URL");
+                for (name, value) in headers {
+                    req.headers_mut()
+                        .insert(*name, value.parse().expect("a header value"));
+                }
+                let (ws, _) = within("ws upgrade", tokio_tungstenite::client_async(req, stream))
                     .await
                     .expect("ws upgrade");
                 (None, Some(ws))

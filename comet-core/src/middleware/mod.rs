@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use tower::util::{BoxCloneSyncService, BoxService as TowerBoxService};
 
-use crate::auth::{ConnInfo, Identity};
+use crate::auth::{ConnId, ConnInfo, Extensions, Identity};
 use crate::comet::Comet;
 use crate::error::BoxError;
 use crate::frame::Frame;
@@ -92,6 +92,17 @@ impl ConnContext {
     /// The authenticated mid.
     pub fn mid(&self) -> Mid {
         self.identity.mid
+    }
+
+    /// The connection's id (as in [`Event`](crate::Event)s).
+    pub fn conn_id(&self) -> ConnId {
+        self.conn.conn_id
+    }
+
+    /// The typed per-session data the login attached
+    /// ([`Identity::with_extension`]).
+    pub fn extensions(&self) -> &Extensions {
+        self.identity.extensions()
     }
 
     /// The comet this connection belongs to (to send messages, look up who is

@@ -2,8 +2,7 @@ use foldhash::HashMap;
 use std::sync::RwLock;
 
 use comet_core::{
-    async_trait, AuthOutcome, AuthRequest, Authenticator, BoxError, ConnInfo, Identity, Mid,
-    UserDirectory,
+    async_trait, AuthContext, AuthOutcome, Authenticator, BoxError, Identity, Mid, UserDirectory,
 };
 use subtle::ConstantTimeEq;
 
@@ -53,6 +52,11 @@ impl MemoryAuth {
         self.len() == 0
     }
 
+    fn knows(&self, mid: Mid) -> bool {
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        keys.contains_key(&mid)
+    }
+
     fn check(&self, mid: Mid, mkey: &[u8]) -> bool {
         let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
         match keys.get(&mid) {
@@ -65,8 +69,11 @@ impl MemoryAuth {
 #[async_trait]
 impl UserDirectory for MemoryAuth {
     async fn exists(&self, mid: Mid) -> Result<bool, BoxError> {
-        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
-        Ok(keys.contains_key(&mid))
+        Ok(self.knows(mid))
+    }
+
+    fn exists_now(&self, mid: Mid) -> Option<bool> {
+        Some(self.knows(mid))
     }
 }
 
@@ -84,11 +91,8 @@ impl<K: AsRef<[u8]>> FromIterator<(Mid, K)> for MemoryAuth {
 
 #[async_trait]
 impl Authenticator for MemoryAuth {
-    async fn authenticate(
-        &self,
-        req: &AuthRequest,
-        _conn: &ConnInfo,
-    ) -> Result<AuthOutcome, BoxError> {
+    async fn authenticate(&self, ctx: &AuthContext) -> Result<AuthOutcome, BoxError> {
+        let req = ctx.auth_request();
         let Some(mid) = req.mid() else {
             return Ok(AuthOutcome::Denied("auth body needs an integer mid".into()));
         };
@@ -106,34 +110,35 @@ impl Authenticator for MemoryAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use comet_core::{Transport, WireMode};
+    use comet_core::{AuthRequest, ConnInfo, Transport, WireMode};
 
     fn conn() -> ConnInfo {
-        ConnInfo {
-            conn_id: 1,
-            transport: Transport::Local,
-            mode: WireMode::Binary,
-            peer: "127.0.0.1:1".parse().unwrap(),
-            accepted_at: tokio::time::Instant::now(),
-        }
+        ConnInfo::new(
+            1,
+            Transport::Local,
+            WireMode::Binary,
+            "127.0.0.1:1".parse().unwrap(),
+        )
     }
 
     async fn login(auth: &MemoryAuth, body: &str) -> AuthOutcome {
         let req = AuthRequest::parse(&body.to_owned().into()).unwrap();
-        auth.authenticate(&req, &conn()).await.unwrap()
+        auth.authenticate(&AuthContext::new(req, conn()))
+            .await
+            .unwrap()
     }
 
     #[tokio::test]
     async fn accepts_right_key_and_ignores_extra_fields() {
         let auth = MemoryAuth::from_iter([(7, "seven")]);
-        assert_eq!(
+        assert!(matches!(
             login(
                 &auth,
                 r#"{"mid":7,"mkey":"seven","platform":"ios","room_id":"x"}"#
             )
             .await,
-            AuthOutcome::Accepted(Identity::new(7))
-        );
+            AuthOutcome::Accepted(id) if id.mid == 7
+        ));
     }
 
     #[tokio::test]

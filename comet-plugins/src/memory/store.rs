@@ -1,4 +1,4 @@
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 
 // foldhash, not SipHash: every send hashes its conversation twice here, and
 // SipHash was 4% of the server's instructions in a 1:1 ping-pong. Its seed
@@ -191,7 +191,7 @@ struct Conv {
 struct ConvShard {
     map: HashMap<Conversation, Conv>,
     /// Conversations with kept history, least recently appended first.
-    lru: BTreeSet<(u64, Conversation)>,
+    lru: Recency<Conversation>,
 }
 
 #[derive(Debug)]
@@ -210,7 +210,94 @@ struct InboxShard {
     /// Only inboxes with entries.
     map: HashMap<Mid, Inbox>,
     /// Every inbox, least recently pushed first.
-    lru: BTreeSet<(u64, Mid)>,
+    lru: Recency<Mid>,
+}
+
+/// A least-recently-used order with lazy removal. A touch appends
+/// `(stamp, key)` at the back (stamps rise, so the queue stays sorted); an
+/// entry is current only while its key's record still carries that stamp,
+/// so moving a key to the back costs one push instead of a search tree's
+/// removal and insertion on every append. Stale entries leave from the
+/// front as they are met, and by a compaction once they outnumber the
+/// current ones, so the queue holds at most about twice its live keys.
+#[derive(Debug)]
+struct Recency<K> {
+    queue: VecDeque<(u64, K)>,
+    /// Keys with a current entry.
+    live: usize,
+}
+
+impl<K> Default for Recency<K> {
+    fn default() -> Self {
+        Recency {
+            queue: VecDeque::new(),
+            live: 0,
+        }
+    }
+}
+
+impl<K: Copy> Recency<K> {
+    /// Makes `(stamp, key)` the key's current entry; `new` says the key had
+    /// none.
+    fn touch(&mut self, stamp: u64, key: K, new: bool) {
+        self.live += usize::from(new);
+        self.queue.push_back((stamp, key));
+    }
+
+    /// The key's current entry went stale (its record is gone or empty).
+    fn forget(&mut self) {
+        self.live = self.live.saturating_sub(1);
+    }
+
+    /// Drops stale entries once they outnumber the current ones.
+    fn compact(&mut self, current: impl Fn(u64, &K) -> bool) {
+        if self.queue.len() > 2 * self.live + 32 {
+            self.queue.retain(|(stamp, key)| current(*stamp, key));
+            self.queue.shrink_to(2 * self.queue.len() + 32);
+        }
+    }
+
+    /// The least recent current entry, dropping stale ones in front of it.
+    fn first(&mut self, current: impl Fn(u64, &K) -> bool) -> Option<(u64, K)> {
+        while let Some(&(stamp, key)) = self.queue.front() {
+            if current(stamp, &key) {
+                return Some((stamp, key));
+            }
+            self.queue.pop_front();
+        }
+        None
+    }
+}
+
+/// Messages taken out of the store under a lock, freed after it is
+/// released. Usually one (an append that pushes the oldest history message
+/// out), which needs no allocation.
+#[derive(Default)]
+struct Victims {
+    one: Option<Arc<Message>>,
+    more: Vec<Arc<Message>>,
+}
+
+impl Victims {
+    fn push(&mut self, msg: Arc<Message>) {
+        match self.one {
+            None => self.one = Some(msg),
+            Some(_) => self.more.push(msg),
+        }
+    }
+}
+
+/// Whether `(stamp, key)` is a conversation's current place in its shard's
+/// eviction order.
+fn conv_current(map: &HashMap<Conversation, Conv>, stamp: u64, key: &Conversation) -> bool {
+    map.get(key)
+        .is_some_and(|c| c.stamp == stamp && !c.history.is_empty())
+}
+
+/// Whether `(stamp, mid)` is an inbox's current place in its shard's
+/// eviction order.
+fn inbox_current(map: &HashMap<Mid, Inbox>, stamp: u64, mid: &Mid) -> bool {
+    map.get(mid).is_some_and(|i| i.stamp == stamp)
 }
 
 /// Why entries leave an inbox.
@@ -263,9 +350,12 @@ enum Gone {
 ///   pushed to or read and by a sweep that pushes drive (every inbox is
 ///   looked at at least every `min(inbox_ttl, 64 s)` while pushes arrive).
 ///
-/// A message shared by a history and inboxes (or by many inboxes: one group
-/// message to offline members) is charged once to the store, and in full
-/// to each conversation and inbox bound it counts against.
+/// A message shared by many inboxes (one group message to offline members)
+/// is charged once for all of them; its history slot charges it once more,
+/// so a message is charged at most twice, whatever the number of its
+/// holders, and in full to each conversation and inbox bound it counts
+/// against. (Counting the history slot apart keeps the common send, whose
+/// recipients are online, off the shared holder table.)
 ///
 /// ```
 /// # use comet_plugins::memory::MemoryStore;
@@ -277,7 +367,7 @@ pub struct MemoryStore {
     limits: MemoryLimits,
     conversations: Box<[Mutex<ConvShard>]>,
     inboxes: Box<[Mutex<InboxShard>]>,
-    /// How many history slots and inbox entries share each message (by
+    /// How many inbox entries share each message (by
     /// address: an entry holds its `Arc`, so the address is not reused
     /// while it is counted here).
     held: Box<[Mutex<HashMap<usize, u32>>]>,
@@ -466,10 +556,33 @@ impl MemoryStore {
         }
     }
 
-    /// Records shard `i`'s least recent stamp after a change to `lru`.
-    fn settle<K: Ord>(oldest: &[AtomicU64], i: usize, lru: &BTreeSet<(u64, K)>) {
-        let first = lru.first().map_or(u64::MAX, |e| e.0);
-        oldest[i].store(first, Ordering::Relaxed);
+    /// Records conversation shard `i`'s least recent stamp after a change.
+    fn settle_convs(oldest: &[AtomicU64], i: usize, shard: &mut ConvShard) {
+        let ConvShard { map, lru } = shard;
+        lru.compact(|stamp, key| conv_current(map, stamp, key));
+        let first = lru.first(|stamp, key| conv_current(map, stamp, key));
+        oldest[i].store(first.map_or(u64::MAX, |e| e.0), Ordering::Relaxed);
+    }
+
+    /// After an append to conversation shard `i` with `stamp`: keeps the
+    /// order compact and the shard's recorded stamp a lower bound of its
+    /// least recent one (exact when the shard had none), which costs no
+    /// lookup. [`make_room`](Self::make_room) corrects a stale record
+    /// before it evicts by it.
+    fn appended(oldest: &[AtomicU64], i: usize, shard: &mut ConvShard, stamp: u64) {
+        let ConvShard { map, lru } = shard;
+        lru.compact(|stamp, key| conv_current(map, stamp, key));
+        if oldest[i].load(Ordering::Relaxed) == u64::MAX {
+            oldest[i].store(stamp, Ordering::Relaxed);
+        }
+    }
+
+    /// Records inbox shard `i`'s least recent stamp after a change.
+    fn settle_inboxes(oldest: &[AtomicU64], i: usize, shard: &mut InboxShard) {
+        let InboxShard { map, lru } = shard;
+        lru.compact(|stamp, mid| inbox_current(map, stamp, mid));
+        let first = lru.first(|stamp, mid| inbox_current(map, stamp, mid));
+        oldest[i].store(first.map_or(u64::MAX, |e| e.0), Ordering::Relaxed);
     }
 
     /// The shard whose least recent stamp is the oldest, if any has one.
@@ -492,22 +605,16 @@ impl MemoryStore {
 
     /// Takes the oldest message off `conv`'s history (keeping `lru` in
     /// step) into `victims`.
-    fn pop_history(
-        &self,
-        conv: &mut Conv,
-        key: Conversation,
-        lru: &mut BTreeSet<(u64, Conversation)>,
-        victims: &mut Vec<Arc<Message>>,
-    ) {
+    fn pop_history(&self, conv: &mut Conv, lru: &mut Recency<Conversation>, victims: &mut Victims) {
         let Some(msg) = conv.history.pop_front() else {
             return;
         };
         conv.bytes -= msg.delivered().msg.len();
-        self.sub_bytes(self.release(&msg) + HISTORY_ENTRY);
+        self.sub_bytes(charge(&msg) + HISTORY_ENTRY);
         self.history_messages.fetch_sub(1, Ordering::Relaxed);
         self.dropped_history.fetch_add(1, Ordering::Relaxed);
         if conv.history.is_empty() {
-            lru.remove(&(conv.stamp, key));
+            lru.forget();
         }
         victims.push(msg);
     }
@@ -519,7 +626,7 @@ impl MemoryStore {
         shard: &mut InboxShard,
         mid: Mid,
         why: Gone,
-        victims: &mut Vec<Arc<Message>>,
+        victims: &mut Victims,
     ) -> bool {
         let Some(inbox) = shard.map.get_mut(&mid) else {
             return true;
@@ -540,7 +647,7 @@ impl MemoryStore {
         if !inbox.entries.is_empty() {
             return false;
         }
-        shard.lru.remove(&(inbox.stamp, mid));
+        shard.lru.forget();
         shard.map.remove(&mid);
         self.inbox_count.fetch_sub(1, Ordering::Relaxed);
         self.record_bytes.fetch_sub(INBOX_RECORD, Ordering::Relaxed);
@@ -569,7 +676,7 @@ impl MemoryStore {
     fn make_room(&self, inboxes_too: bool) {
         let budget = self.limits.total_bytes;
         let over = || self.bytes.load(Ordering::Relaxed) > budget;
-        let mut victims = Vec::new();
+        let mut victims = Victims::default();
         // Each round evicts or corrects one shard's stale stamp; the bound
         // only guards against racing writers refreshing stamps forever.
         for _ in 0..4 * SHARDS {
@@ -581,19 +688,20 @@ impl MemoryStore {
             };
             let mut shard = lock(&self.conversations[i]);
             let ConvShard { map, lru } = &mut *shard;
-            if let Some(&(_, key)) = lru.first() {
-                match map.get_mut(&key) {
-                    Some(conv) => {
-                        while !conv.history.is_empty() && over() {
-                            self.pop_history(conv, key, lru, &mut victims);
-                        }
-                    }
-                    None => {
-                        lru.pop_first();
+            let first = lru.first(|stamp, key| conv_current(map, stamp, key));
+            if first.map_or(u64::MAX, |e| e.0) != self.conv_oldest[i].load(Ordering::Relaxed) {
+                // A lower bound left by appends: correct it and choose again.
+                Self::settle_convs(&self.conv_oldest, i, &mut shard);
+                continue;
+            }
+            if let Some((_, key)) = first {
+                if let Some(conv) = map.get_mut(&key) {
+                    while !conv.history.is_empty() && over() {
+                        self.pop_history(conv, lru, &mut victims);
                     }
                 }
             }
-            Self::settle(&self.conv_oldest, i, lru);
+            Self::settle_convs(&self.conv_oldest, i, &mut shard);
         }
         if inboxes_too {
             for _ in 0..4 * SHARDS {
@@ -604,17 +712,11 @@ impl MemoryStore {
                     break;
                 };
                 let mut shard = lock(&self.inboxes[i]);
-                if let Some(&(_, mid)) = shard.lru.first() {
-                    if shard.map.contains_key(&mid) {
-                        while over()
-                            && !self.pop_inbox(&mut shard, mid, Gone::Dropped, &mut victims)
-                        {
-                        }
-                    } else {
-                        shard.lru.pop_first();
-                    }
+                let InboxShard { map, lru } = &mut *shard;
+                if let Some((_, mid)) = lru.first(|stamp, mid| inbox_current(map, stamp, mid)) {
+                    while over() && !self.pop_inbox(&mut shard, mid, Gone::Dropped, &mut victims) {}
                 }
-                Self::settle(&self.inbox_oldest, i, &shard.lru);
+                Self::settle_inboxes(&self.inbox_oldest, i, &mut shard);
             }
         }
         // Freed after the locks are released, not under them.
@@ -638,7 +740,7 @@ impl MemoryStore {
             return;
         }
         let i = self.sweep_shard.fetch_add(1, Ordering::Relaxed) % SHARDS;
-        let mut victims = Vec::new();
+        let mut victims = Victims::default();
         let mut shard = lock(&self.inboxes[i]);
         let expired: Vec<Mid> = shard
             .map
@@ -649,7 +751,7 @@ impl MemoryStore {
         for mid in expired {
             while !self.pop_inbox(&mut shard, mid, Gone::Expired, &mut victims) {}
         }
-        Self::settle(&self.inbox_oldest, i, &shard.lru);
+        Self::settle_inboxes(&self.inbox_oldest, i, &mut shard);
         drop(shard);
         drop(victims);
     }
@@ -660,7 +762,7 @@ impl MessageStore for MemoryStore {
     async fn append(&self, draft: Draft) -> Result<Arc<Message>, BoxError> {
         let start = self.shard_of(&draft.conversation);
         let key = draft.conversation;
-        let mut victims = Vec::new();
+        let mut victims = Victims::default();
         let mut shard = lock(&self.conversations[start]);
         let ConvShard { map, lru } = &mut *shard;
         if !map.contains_key(&key) {
@@ -688,19 +790,18 @@ impl MessageStore for MemoryStore {
         let conv = map.entry(key).or_default();
         conv.last += 1;
         let msg = draft.into_message(conv.last);
-        if !conv.history.is_empty() {
-            lru.remove(&(conv.stamp, key));
-        }
+        let new = conv.history.is_empty();
         conv.stamp = self.clock.fetch_add(1, Ordering::Relaxed);
         conv.history.push_back(msg.clone());
         conv.bytes += msg.delivered().msg.len();
-        self.add_bytes(self.hold(&msg) + HISTORY_ENTRY);
+        self.add_bytes(charge(&msg) + HISTORY_ENTRY);
         self.history_messages.fetch_add(1, Ordering::Relaxed);
-        lru.insert((conv.stamp, key));
+        lru.touch(conv.stamp, key, new);
         while conv.history.len() > self.limits.history || conv.bytes > self.limits.history_bytes {
-            self.pop_history(conv, key, lru, &mut victims);
+            self.pop_history(conv, lru, &mut victims);
         }
-        Self::settle(&self.conv_oldest, start, lru);
+        let stamp = conv.stamp;
+        Self::appended(&self.conv_oldest, start, &mut shard, stamp);
         // Evicted messages (maybe the last references to their bytes and
         // encodings) are freed after the lock is released, not under it.
         drop(shard);
@@ -748,16 +849,17 @@ impl MessageStore for MemoryStore {
             return Ok(());
         }
         let start = self.shard_of(&mid);
-        let mut victims = Vec::new();
+        let mut victims = Victims::default();
         let mut shard = lock(&self.inboxes[start]);
         if shard.map.get(&mid).is_some_and(|i| self.expired(i, now)) {
             while !self.pop_inbox(&mut shard, mid, Gone::Expired, &mut victims) {}
         }
-        if !shard.map.contains_key(&mid) {
+        let new = !shard.map.contains_key(&mid);
+        if new {
             let open = self.inbox_count.load(Ordering::Relaxed);
             let records = self.record_bytes.load(Ordering::Relaxed);
             if open >= self.limits.inboxes || records + INBOX_RECORD > self.limits.total_bytes {
-                Self::settle(&self.inbox_oldest, start, &shard.lru);
+                Self::settle_inboxes(&self.inbox_oldest, start, &mut shard);
                 drop(shard);
                 self.count_dropped(mid);
                 return Ok(());
@@ -774,9 +876,6 @@ impl MessageStore for MemoryStore {
                     stamp: 0,
                 },
             );
-        } else if let Some(inbox) = shard.map.get(&mid) {
-            let old = (inbox.stamp, mid);
-            shard.lru.remove(&old);
         }
         let stamp = self.clock.fetch_add(1, Ordering::Relaxed);
         // Taken under the shard lock: seqs rise within each inbox.
@@ -790,7 +889,7 @@ impl MessageStore for MemoryStore {
             inbox.entries.push_back(Offline { seq, msg });
             over = inbox.entries.len().saturating_sub(self.limits.inbox);
         }
-        shard.lru.insert((stamp, mid));
+        shard.lru.touch(stamp, mid, new);
         for _ in 0..over {
             self.pop_inbox(&mut shard, mid, Gone::Dropped, &mut victims);
         }
@@ -801,7 +900,7 @@ impl MessageStore for MemoryStore {
         {
             self.pop_inbox(&mut shard, mid, Gone::Dropped, &mut victims);
         }
-        Self::settle(&self.inbox_oldest, start, &shard.lru);
+        Self::settle_inboxes(&self.inbox_oldest, start, &mut shard);
         drop(shard);
         drop(victims);
         if self.bytes.load(Ordering::Relaxed) > self.limits.total_bytes {
@@ -812,7 +911,7 @@ impl MessageStore for MemoryStore {
 
     async fn offline(&self, mid: Mid, limit: usize) -> Result<Vec<Offline>, BoxError> {
         let now = self.now();
-        let mut victims = Vec::new();
+        let mut victims = Victims::default();
         let i = self.shard_of(&mid);
         let mut shard = lock(&self.inboxes[i]);
         let Some(inbox) = shard.map.get_mut(&mid) else {
@@ -823,7 +922,7 @@ impl MessageStore for MemoryStore {
             return Ok(inbox.entries.iter().take(limit).cloned().collect());
         }
         while !self.pop_inbox(&mut shard, mid, Gone::Expired, &mut victims) {}
-        Self::settle(&self.inbox_oldest, i, &shard.lru);
+        Self::settle_inboxes(&self.inbox_oldest, i, &mut shard);
         drop(shard);
         drop(victims);
         Ok(Vec::new())
@@ -831,7 +930,7 @@ impl MessageStore for MemoryStore {
 
     async fn remove_offline(&self, mid: Mid, through: u64) -> Result<(), BoxError> {
         let now = self.now();
-        let mut victims = Vec::new();
+        let mut victims = Victims::default();
         let i = self.shard_of(&mid);
         let mut shard = lock(&self.inboxes[i]);
         let Some(inbox) = shard.map.get_mut(&mid) else {
@@ -846,7 +945,7 @@ impl MessageStore for MemoryStore {
         {
             self.pop_inbox(&mut shard, mid, Gone::Read, &mut victims);
         }
-        Self::settle(&self.inbox_oldest, i, &shard.lru);
+        Self::settle_inboxes(&self.inbox_oldest, i, &mut shard);
         drop(shard);
         drop(victims);
         Ok(())
@@ -912,8 +1011,8 @@ mod tests {
         let u = store.usage();
         assert_eq!((u.dropped_history, u.dropped_offline), (2, 3));
         assert_eq!((u.history_messages, u.inbox_messages), (3, 2));
-        // Charged once though held by the history and the inbox.
-        let want = CONV_RECORD + INBOX_RECORD + 3 * (one + HISTORY_ENTRY) + 2 * INBOX_ENTRY;
+        // Charged once by the history slot and once for all its inboxes.
+        let want = CONV_RECORD + INBOX_RECORD + 3 * (one + HISTORY_ENTRY) + 2 * (one + INBOX_ENTRY);
         assert_eq!(u.bytes, want);
         // A message over the history budget is numbered, delivered, not kept.
         let big = store.append(draft(g, 1, 7, 40_000)).await.unwrap();
@@ -966,6 +1065,87 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(next.chat_id(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_group_message_in_many_inboxes_is_charged_once_for_all_of_them() {
+        let store = MemoryStore::default();
+        let msg = store
+            .append(draft(Conversation::Group(3), 1, 3, 1_000))
+            .await
+            .unwrap();
+        let one = charge(&msg);
+        assert_eq!(store.usage().bytes, CONV_RECORD + one + HISTORY_ENTRY);
+        for mid in 10..110 {
+            store.push_offline(mid, msg.clone()).await.unwrap();
+        }
+        let inboxes = 100 * (INBOX_RECORD + INBOX_ENTRY);
+        assert_eq!(
+            store.usage().bytes,
+            CONV_RECORD + one + HISTORY_ENTRY + one + inboxes
+        );
+        // The last reader frees the inboxes' charge; the history keeps its own.
+        for mid in 10..110 {
+            store.remove_offline(mid, u64::MAX).await.unwrap();
+        }
+        assert_eq!(store.usage().bytes, CONV_RECORD + one + HISTORY_ENTRY);
+    }
+
+    #[tokio::test]
+    async fn a_conversation_appended_again_is_evicted_last_and_the_order_stays_small() {
+        let one = charge(&draft(Conversation::Group(1), 1, 1, 10_000).into_message(1));
+        let total = 4 * CONV_RECORD + 7 * (one + HISTORY_ENTRY);
+        let store = MemoryStore::with_limits(MemoryLimits::default().with_total_bytes(total));
+        // Two messages each in 1, 2, 3, then conversation 1 again: 2 is now
+        // the least recently appended.
+        for c in [1, 1, 2, 2, 3, 3, 1] {
+            store
+                .append(draft(Conversation::Group(c), 1, c, 10_000))
+                .await
+                .unwrap();
+        }
+        // One more message (into 4) takes the store past its bound.
+        store
+            .append(draft(Conversation::Group(4), 1, 4, 10_000))
+            .await
+            .unwrap();
+        let oldest = |c| {
+            let store = &store;
+            async move {
+                store
+                    .history(Conversation::Group(c), 0, 10)
+                    .await
+                    .unwrap()
+                    .oldest
+            }
+        };
+        assert_eq!(
+            oldest(2).await,
+            2,
+            "2 was the least recent: it loses its oldest"
+        );
+        assert_eq!((oldest(1).await, oldest(3).await), (1, 1));
+        // Thousands of appends to a few conversations keep the eviction
+        // order near its live keys (stale entries are compacted away).
+        let store = MemoryStore::new(10, 10);
+        for i in 0..20_000 {
+            store
+                .append(draft(Conversation::Group(i % 3), 1, 1, 1))
+                .await
+                .unwrap();
+        }
+        for shard in store.conversations.iter() {
+            let shard = lock(shard);
+            assert!(
+                shard.lru.queue.len() <= 2 * shard.lru.live + 33,
+                "{:?}",
+                shard.lru
+            );
+            assert_eq!(
+                shard.lru.live,
+                shard.map.values().filter(|c| !c.history.is_empty()).count()
+            );
+        }
     }
 
     #[tokio::test]
