@@ -52,7 +52,10 @@ pub mod axum;
 // parts of them have no caller.
 #[cfg_attr(not(all(feature = "tcp", feature = "ws")), allow(dead_code))]
 mod io;
-#[cfg_attr(not(all(feature = "tcp", feature = "ws", feature = "axum")), allow(dead_code))]
+#[cfg_attr(
+    not(all(feature = "tcp", feature = "ws", feature = "axum")),
+    allow(dead_code)
+)]
 mod limits;
 #[cfg_attr(not(all(feature = "tcp", feature = "ws")), allow(dead_code))]
 mod listener;
