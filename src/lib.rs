@@ -73,5 +73,5 @@ pub use comet_plugins as plugins;
 #[doc(inline)]
 pub use comet_transports as transports;
 
-#[doc(inline)]
+#[doc(no_inline)]
 pub use comet_core::{Comet, CometBuilder, Config};

@@ -118,9 +118,9 @@ impl Default for AdminSection {
     }
 }
 
-/// The `[server]` table.
+/// The `[server]` table: listeners, connection limits, and the engine's
+/// [`Config`] (`engine`) as keys of the same table.
 #[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct ServerSection {
     /// TCP listen address (binary frames); absent: no TCP listener.
     #[serde(default)]
@@ -131,28 +131,9 @@ pub struct ServerSection {
     /// WebSocket path (default `/sub`).
     #[serde(default = "defaults::ws_path")]
     pub ws_path: String,
-    /// Time to send op 7 (default 10,000 ms).
-    #[serde(default = "defaults::handshake_timeout_ms")]
-    pub handshake_timeout_ms: u64,
-    /// Silence before a session is closed (default 90,000 ms).
-    #[serde(default = "defaults::heartbeat_timeout_ms")]
-    pub heartbeat_timeout_ms: u64,
-    /// Largest frame body (default 65,536 bytes).
-    #[serde(default = "defaults::max_body")]
-    pub max_body: usize,
     /// Connections at once, all listeners together (default 100,000).
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
-    /// Bytes queued for one session before it is closed as a slow consumer
-    /// (default 4 MiB).
-    #[serde(default = "defaults::max_outbound_bytes")]
-    pub max_outbound_bytes: usize,
-    /// Bound of every plug-in call (default 5,000 ms).
-    #[serde(default = "defaults::hook_timeout_ms")]
-    pub hook_timeout_ms: u64,
-    /// Time sessions get to flush at shutdown (default 10,000 ms).
-    #[serde(default = "defaults::shutdown_timeout_ms")]
-    pub shutdown_timeout_ms: u64,
     /// TCP+TLS listen address (needs `tls_cert` and `tls_key`).
     #[serde(default)]
     pub tcp_tls: Option<SocketAddr>,
@@ -169,10 +150,6 @@ pub struct ServerSection {
     /// carrier-grade NAT puts many users behind one address).
     #[serde(default = "defaults::max_connections_per_ip")]
     pub max_connections_per_ip: usize,
-    /// Sessions one mid may hold; a login past it closes the oldest
-    /// (default 16).
-    #[serde(default = "defaults::max_sessions_per_mid")]
-    pub max_sessions_per_mid: usize,
     /// Frames per second a connection may send on average before it is
     /// closed (default 1,000; 0 turns the limit off).
     #[serde(default = "defaults::max_frames_per_sec")]
@@ -180,14 +157,6 @@ pub struct ServerSection {
     /// Frames a connection may send in one burst (default 2,000).
     #[serde(default = "defaults::frame_burst")]
     pub frame_burst: u32,
-    /// The most messages one op 22 sync replays (default 100; PROTOCOL.md
-    /// 2.7).
-    #[serde(default = "defaults::sync_limit")]
-    pub sync_limit: usize,
-    /// Largest frame body before op 8, i.e. what op 7 may take (default
-    /// 4,096 bytes; above `max_body` it acts as `max_body`).
-    #[serde(default = "defaults::max_auth_body")]
-    pub max_auth_body: usize,
     /// Connections at once that have not authenticated yet, all listeners
     /// together (default 10,000).
     #[serde(default = "defaults::max_unauthenticated")]
@@ -201,6 +170,18 @@ pub struct ServerSection {
     /// (default none). Connections from other peers are never read as one.
     #[serde(default)]
     pub proxy_protocol_from: Vec<String>,
+    /// The engine's settings, as keys of this same table
+    /// (`handshake_timeout_ms`, `heartbeat_timeout_ms`, `max_body`,
+    /// `max_auth_body`, `max_outbound_bytes`, `hook_timeout_ms`,
+    /// `shutdown_timeout_ms`, `max_sessions_per_mid`, `sync_limit`): the
+    /// engine's own [`Config`], read by its `Deserialize`.
+    #[serde(flatten)]
+    pub engine: Config,
+    /// Keys neither the table nor the engine knows; [`ServerConfig::parse`]
+    /// refuses the file when there is one. (`deny_unknown_fields` does not
+    /// work beside `flatten`.)
+    #[serde(flatten, skip_serializing)]
+    unknown: std::collections::BTreeMap<String, toml::Value>,
 }
 
 /// Which message store the server runs on.
@@ -313,32 +294,11 @@ mod defaults {
     pub(super) fn ws_path() -> String {
         "/sub".into()
     }
-    pub(super) fn handshake_timeout_ms() -> u64 {
-        10_000
-    }
-    pub(super) fn heartbeat_timeout_ms() -> u64 {
-        90_000
-    }
-    pub(super) fn max_body() -> usize {
-        65_536
-    }
     pub(super) fn max_connections() -> usize {
         100_000
     }
-    pub(super) fn max_outbound_bytes() -> usize {
-        4 * 1024 * 1024
-    }
-    pub(super) fn hook_timeout_ms() -> u64 {
-        5_000
-    }
-    pub(super) fn shutdown_timeout_ms() -> u64 {
-        10_000
-    }
     pub(super) fn max_connections_per_ip() -> usize {
         10_000
-    }
-    pub(super) fn max_sessions_per_mid() -> usize {
-        16
     }
     pub(super) fn max_frames_per_sec() -> u32 {
         1_000
@@ -351,12 +311,6 @@ mod defaults {
     }
     pub(super) fn history_limit() -> usize {
         1_000
-    }
-    pub(super) fn sync_limit() -> usize {
-        100
-    }
-    pub(super) fn max_auth_body() -> usize {
-        4_096
     }
     pub(super) fn max_unauthenticated() -> usize {
         10_000
@@ -440,9 +394,12 @@ impl ServerConfig {
     pub fn parse(text: &str, file: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let file = file.as_ref();
         let config: ServerConfig = toml::from_str(text).map_err(|e| {
-            let key = match e.span() {
-                Some(span) => key_at(text, span.start),
-                None => "(document)".into(),
+            let key = match (engine_key_at_fault(text), e.span()) {
+                // A bad engine key's error spans the whole `[server]` table
+                // (the engine's keys are read through `flatten`).
+                (Some(at), _) => key_at(text, at),
+                (None, Some(span)) => key_at(text, span.start),
+                (None, None) => "(document)".into(),
             };
             ConfigError {
                 file: file.into(),
@@ -450,6 +407,16 @@ impl ServerConfig {
                 problem: e.message().to_owned(),
             }
         })?;
+        if let Some(key) = config.server.unknown.keys().next() {
+            // Found by the flattened catch-all, so without a span: point at
+            // the line that sets it.
+            let at = key_line(text, key);
+            return Err(ConfigError {
+                file: file.into(),
+                key: at.map_or_else(|| format!("server.{key}"), |at| key_at(text, at)),
+                problem: format!("unknown field `{key}`"),
+            });
+        }
         config.check().map_err(|(key, problem)| ConfigError {
             file: file.into(),
             key,
@@ -482,7 +449,8 @@ impl ServerConfig {
         if s.max_connections_per_ip == 0 {
             return bad("server.max_connections_per_ip", "must be greater than 0");
         }
-        if s.max_sessions_per_mid == 0 {
+        let e = &s.engine;
+        if e.max_sessions_per_mid == 0 {
             return bad("server.max_sessions_per_mid", "must be greater than 0");
         }
         if s.max_frames_per_sec > 0 && s.frame_burst == 0 {
@@ -491,25 +459,25 @@ impl ServerConfig {
         if !s.ws_path.starts_with('/') {
             return bad("server.ws_path", "must start with '/'");
         }
-        if s.handshake_timeout_ms == 0 {
+        if e.handshake_timeout.is_zero() {
             return bad("server.handshake_timeout_ms", "must be greater than 0");
         }
-        if s.heartbeat_timeout_ms == 0 {
+        if e.heartbeat_timeout.is_zero() {
             return bad("server.heartbeat_timeout_ms", "must be greater than 0");
         }
-        if s.hook_timeout_ms == 0 {
+        if e.hook_timeout.is_zero() {
             return bad("server.hook_timeout_ms", "must be greater than 0");
         }
-        if !(64..=16 * 1024 * 1024).contains(&s.max_body) {
+        if !(64..=16 * 1024 * 1024).contains(&e.max_body) {
             return bad("server.max_body", "must be between 64 and 16777216 bytes");
         }
         if s.max_connections == 0 {
             return bad("server.max_connections", "must be greater than 0");
         }
-        if s.max_outbound_bytes < s.max_body {
+        if e.max_outbound_bytes < e.max_body {
             return bad("server.max_outbound_bytes", "must be at least max_body");
         }
-        if s.max_auth_body == 0 {
+        if e.max_auth_body == 0 {
             return bad("server.max_auth_body", "must be greater than 0");
         }
         if s.max_unauthenticated == 0 {
@@ -518,10 +486,10 @@ impl ServerConfig {
         if s.ipv6_prefix_len > 128 {
             return bad("server.ipv6_prefix_len", "must be between 0 and 128");
         }
-        if let Err(e) = TrustedProxies::new(&s.proxy_protocol_from) {
-            return bad("server.proxy_protocol_from", &e.to_string());
+        if let Err(err) = TrustedProxies::new(&s.proxy_protocol_from) {
+            return bad("server.proxy_protocol_from", &err.to_string());
         }
-        if s.sync_limit == 0 {
+        if e.sync_limit == 0 {
             return bad("server.sync_limit", "must be greater than 0");
         }
         let st = &self.store;
@@ -600,19 +568,38 @@ impl ServerConfig {
 
     /// The engine settings this file asks for.
     pub fn engine_config(&self) -> Config {
-        let s = &self.server;
-        Config {
-            handshake_timeout: Duration::from_millis(s.handshake_timeout_ms),
-            heartbeat_timeout: Duration::from_millis(s.heartbeat_timeout_ms),
-            max_body: s.max_body,
-            max_outbound_bytes: s.max_outbound_bytes,
-            hook_timeout: Duration::from_millis(s.hook_timeout_ms),
-            shutdown_timeout: Duration::from_millis(s.shutdown_timeout_ms),
-            max_sessions_per_mid: s.max_sessions_per_mid,
-            sync_limit: s.sync_limit,
-            max_auth_body: s.max_auth_body,
-        }
+        self.server.engine.clone()
     }
+}
+
+/// Where the first line setting `key` starts in `text` (its first
+/// non-blank byte).
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    let mut offset = 0;
+    text.lines().find_map(|line| {
+        let start = offset;
+        offset += line.len() + 1;
+        let rest = line.trim_start().strip_prefix(key)?;
+        rest.trim_start()
+            .starts_with('=')
+            .then(|| start + line.len() - line.trim_start().len())
+    })
+}
+
+/// The line of the first `[server]` key that the engine's [`Config`]
+/// refuses on its own (a wrong type, say), if any.
+fn engine_key_at_fault(text: &str) -> Option<usize> {
+    let doc: toml::Table = toml::from_str(text).ok()?;
+    let server = doc.get("server")?.as_table()?;
+    server.iter().find_map(|(key, value)| {
+        let mut one = toml::Table::new();
+        one.insert(key.clone(), value.clone());
+        match Config::deserialize(toml::Value::Table(one)) {
+            // An unknown field is a listener key here, not a fault.
+            Err(e) if !e.to_string().contains("unknown field") => key_line(text, key),
+            _ => None,
+        }
+    })
 }
 
 /// Names the key at byte `offset` of `text` for an error message, as

@@ -125,7 +125,7 @@ async fn node(redis: &Redis, id: &str) -> Running {
         c.store.url = url;
         c.cluster.node_id = Some(id);
         c.server.max_frames_per_sec = 0;
-        c.server.sync_limit = 1000;
+        c.server.engine.sync_limit = 1000;
     })
     .await
 }

@@ -14,7 +14,7 @@ fn the_shipped_config_is_valid_and_as_documented() {
         "127.0.0.1:3102"
     );
     assert_eq!(config.server.ws_path, "/sub");
-    assert_eq!(config.server.max_body, 65536);
+    assert_eq!(config.server.engine.max_body, 65536);
     assert!(config.users.len() >= 3);
     assert_eq!(config.groups[0].id, 100);
     let engine = config.engine_config();
@@ -52,7 +52,7 @@ fn an_absent_store_table_means_the_documented_defaults() {
         (a.inbox_limit, a.inbox_bytes),
         (b.inbox_limit, b.inbox_bytes)
     );
-    assert_eq!(config.server.sync_limit, 100);
+    assert_eq!(config.server.engine.sync_limit, 100);
     let always = ServerConfig::parse(
         "[server]\ntcp = \"127.0.0.1:0\"\nsync_limit = 7\n[store]\nbackend = \"memory\"\nfsync = \"always\"\n",
         "t.toml",

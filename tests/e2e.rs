@@ -137,8 +137,8 @@ async fn offline_inbox_arrives_after_reconnect_once() {
 #[tokio::test]
 async fn handshake_and_heartbeat_timeouts_over_sockets() {
     let srv = start_with(|s| {
-        s.handshake_timeout_ms = 300;
-        s.heartbeat_timeout_ms = 600;
+        s.engine.handshake_timeout = std::time::Duration::from_millis(300);
+        s.engine.heartbeat_timeout = std::time::Duration::from_millis(600);
     })
     .await;
     let (tcp, ws) = (srv.tcp_addr.unwrap(), srv.ws_addr.unwrap());
@@ -188,7 +188,8 @@ async fn handshake_and_heartbeat_timeouts_over_sockets() {
 
 #[tokio::test]
 async fn a_trickle_that_never_completes_a_frame_is_closed_at_the_heartbeat_timeout() {
-    let srv = start_with(|s| s.heartbeat_timeout_ms = 800).await;
+    let srv =
+        start_with(|s| s.engine.heartbeat_timeout = std::time::Duration::from_millis(800)).await;
     let tcp = srv.tcp_addr.unwrap();
     let mut c = Client::login(Kind::Tcp, tcp, 1, "k1").await;
     // One byte every 100 ms of a frame that never completes.

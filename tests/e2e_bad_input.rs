@@ -55,7 +55,7 @@ fn closed_as_protocol_error(kind: Kind, closed: &Closed) {
 
 #[tokio::test]
 async fn bad_headers_and_oversized_frames_close_only_their_connection() {
-    let srv = start_with(|s| s.max_body = 1024).await;
+    let srv = start_with(|s| s.engine.max_body = 1024).await;
     let mut w = Witness::new(&srv).await;
     for kind in [Kind::Tcp, Kind::WsBinary] {
         let mut bad_header_len = pack(1, 7, 1, b"{}");
@@ -154,7 +154,7 @@ async fn bad_logins_get_a_reason_then_close() {
 
 #[tokio::test]
 async fn refused_sends_answer_ret_minus_one_and_keep_the_connection() {
-    let srv = start_with(|s| s.max_body = 1024).await;
+    let srv = start_with(|s| s.engine.max_body = 1024).await;
     let mut w = Witness::new(&srv).await;
     for kind in KINDS {
         let mut c = Client::login(kind, addr(&srv, kind), 4, "k4").await;
@@ -244,7 +244,7 @@ async fn websocket_frames_that_break_the_text_or_binary_rules() {
 #[tokio::test]
 async fn a_client_that_reads_nothing_is_closed_and_blocks_nobody() {
     let srv = start_with(|s| {
-        s.max_outbound_bytes = 64 * 1024;
+        s.engine.max_outbound_bytes = 64 * 1024;
         s.max_frames_per_sec = 0; // the sender floods on purpose
     })
     .await;
@@ -328,10 +328,7 @@ async fn heartbeat_replies_count_what_they_hold_against_the_outbound_bound() {
         .authenticator(Arc::new(MemoryAuth::from_iter([(1, "k1".to_string())])))
         .store(Arc::new(MemoryStore::new(100, 100)))
         .groups(Arc::new(MemoryGroups::default()))
-        .config(Config {
-            max_outbound_bytes: 64 * 1024,
-            ..Config::default()
-        })
+        .config(Config::default().with_max_outbound_bytes(64 * 1024))
         .build()
         .unwrap();
     let socket = tokio::net::TcpSocket::new_v4().unwrap();

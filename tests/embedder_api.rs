@@ -66,15 +66,15 @@ impl Authenticator for RoleAuth {
 #[derive(Clone)]
 struct WhoAmI<S>(S);
 
-impl<S> Service<comet::core::Request> for WhoAmI<S>
+impl<S> Service<comet::core::FrameRequest> for WhoAmI<S>
 where
-    S: Service<comet::core::Request, Response = comet::core::Response, Error = BoxError>,
+    S: Service<comet::core::FrameRequest, Response = comet::core::FrameResponse, Error = BoxError>,
     S::Future: Send + 'static,
 {
-    type Response = comet::core::Response;
+    type Response = comet::core::FrameResponse;
     type Error = BoxError;
     type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<comet::core::Response, BoxError>> + Send>,
+        Box<dyn std::future::Future<Output = Result<comet::core::FrameResponse, BoxError>> + Send>,
     >;
 
     fn poll_ready(
@@ -84,7 +84,7 @@ where
         self.0.poll_ready(cx)
     }
 
-    fn call(&mut self, req: comet::core::Request) -> Self::Future {
+    fn call(&mut self, req: comet::core::FrameRequest) -> Self::Future {
         if req.frame.op != 1000 {
             return Box::pin(self.0.call(req));
         }
@@ -331,4 +331,114 @@ async fn the_upgrade_request_and_tls_facts_a_transport_attaches_reach_the_authen
         drop(in_tx);
         within("session end", session).await.unwrap();
     }
+}
+
+#[tokio::test]
+async fn every_hook_runs_in_order_and_a_broadcast_subscriber_sees_logins_and_logouts() {
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let (first, second) = (calls.clone(), calls.clone());
+    let s = start(|b| {
+        b.on_event(move |e| {
+            if let Event::Authenticated { mid, .. } = e {
+                first.lock().unwrap().push(format!("first {mid}"));
+            }
+        })
+        .on_event(move |e| {
+            if let Event::Authenticated { mid, .. } = e {
+                second.lock().unwrap().push(format!("second {mid}"));
+            }
+        })
+    })
+    .await;
+    let mut events = s.comet.subscribe_events();
+
+    let c = s.login(Kind::WsJson, 5, "user").await;
+    let conn_id = match within("the login event", events.recv()).await.unwrap() {
+        Event::Authenticated {
+            conn,
+            mid,
+            extensions,
+            ..
+        } => {
+            assert_eq!(mid, 5);
+            assert_eq!(extensions.get::<Role>(), Some(&Role("user".into())));
+            conn.conn_id
+        }
+        other => panic!("expected a login, got {other:?}"),
+    };
+    // The hooks ran before the broadcast got the event.
+    assert_eq!(*calls.lock().unwrap(), ["first 5", "second 5"]);
+    c.close().await;
+    match within("the logout event", events.recv()).await.unwrap() {
+        Event::Disconnected {
+            conn, mid, reason, ..
+        } => {
+            assert_eq!((conn.conn_id, mid), (conn_id, Some(5)));
+            assert_eq!(reason, comet::core::SessionEnd::PeerClosed);
+        }
+        other => panic!("expected a logout, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_subscriber_that_lags_loses_events_and_never_holds_sessions_up() {
+    let s = start(|b| b).await;
+    // Subscribed, never read: past the buffer the oldest events go.
+    let mut idle = s.comet.subscribe_events();
+    for _ in 0..600 {
+        // 600 logins and 600 logouts: more than the 1,024 events kept.
+        let mut c = s.login(Kind::Tcp, 9, "x").await;
+        assert_eq!(who_am_i(&mut c).await.split(' ').next(), Some("x"));
+        c.close().await;
+    }
+    within("the last session to end", async {
+        while s.comet.connection_count() > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    match idle.recv().await {
+        Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+            assert!(missed >= 1200 - 1024, "missed {missed}")
+        }
+        other => panic!("expected Lagged, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn disconnect_conn_closes_exactly_that_connection() {
+    let s = start(|b| b).await;
+    let mut phone = s.login(Kind::Tcp, 3, "phone").await;
+    let mut laptop = s.login(Kind::WsBinary, 3, "laptop").await;
+    let phone_id: u64 = who_am_i(&mut phone)
+        .await
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(s.comet.sessions_of(3), 2);
+
+    assert!(s.comet.disconnect_conn(phone_id));
+    assert_eq!(
+        within("the phone's close", phone.closed()).await,
+        common::raw::Closed::Eof
+    );
+    within("the registry to drop the phone", async {
+        while s.comet.sessions_of(3) != 1 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    // The laptop is untouched: it still answers, and gets messages.
+    assert!(who_am_i(&mut laptop).await.starts_with("laptop "));
+    s.comet
+        .send_to_user(4, 3, "still here".into())
+        .await
+        .unwrap();
+    assert_eq!(&laptop.msg().await.msg[..], b"still here");
+    // An id that is gone (or never was) closes nothing.
+    assert!(!s.comet.disconnect_conn(phone_id));
+    assert!(!s.comet.disconnect_conn(u64::MAX));
+    assert_eq!(s.comet.sessions_of(3), 1);
 }

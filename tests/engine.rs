@@ -165,10 +165,7 @@ async fn group_delivery_rules() {
 
 #[tokio::test]
 async fn send_rules_fail_without_closing_or_consuming_chat_ids() {
-    let config = Config {
-        max_body: 1024,
-        ..Config::default()
-    };
+    let config = Config::default().with_max_body(1024);
     for mode in MODES {
         let s = setup(config.clone());
         let mut a = Conn::login(&s.comet, mode, 1).await;
@@ -502,10 +499,7 @@ async fn chat_ids_are_gapless_and_ordered_under_eight_concurrent_senders() {
 
 #[tokio::test]
 async fn slow_consumer_is_closed_without_blocking_the_sender_or_others() {
-    let config = Config {
-        max_outbound_bytes: 16 * 1024,
-        ..Config::default()
-    };
+    let config = Config::default().with_max_outbound_bytes(16 * 1024);
     let s = setup(config);
     let mut sender = Conn::login(&s.comet, WireMode::Binary, 1).await;
     let mut good = Conn::login(&s.comet, WireMode::Binary, 2).await;
@@ -541,10 +535,7 @@ async fn replies_count_what_they_hold_against_the_outbound_bound() {
     // 900 heartbeats from a client that reads nothing: 14,400 bytes of op 3
     // on the wire, under the 16 KiB bound, but each queued reply also holds
     // a boxed frame and a queue slot, which the bound counts too.
-    let s = setup(Config {
-        max_outbound_bytes: 16 * 1024,
-        ..Config::default()
-    });
+    let s = setup(Config::default().with_max_outbound_bytes(16 * 1024));
     let mut stuck = Conn::connect_with(&s.comet, WireMode::Binary, 1);
     let reply = stuck.auth(r#"{"mid":3,"mkey":"k3"}"#).await;
     assert_eq!(reply, AuthReply::Ok { mid: 3 });
@@ -560,10 +551,7 @@ async fn replies_count_what_they_hold_against_the_outbound_bound() {
 
 #[tokio::test(start_paused = true)]
 async fn handshake_timeout_closes_silent_connections() {
-    let s = setup(Config {
-        handshake_timeout: Duration::from_secs(3),
-        ..Config::default()
-    });
+    let s = setup(Config::default().with_handshake_timeout(Duration::from_secs(3)));
     let c = Conn::connect(&s.comet, WireMode::Binary);
     let started = tokio::time::Instant::now();
     let (end, close) = c.end().await;
@@ -579,10 +567,7 @@ async fn handshake_timeout_closes_silent_connections() {
 
 #[tokio::test(start_paused = true)]
 async fn the_handshake_deadline_counts_from_the_accept_not_the_session_start() {
-    let s = setup(Config {
-        handshake_timeout: Duration::from_secs(3),
-        ..Config::default()
-    });
+    let s = setup(Config::default().with_handshake_timeout(Duration::from_secs(3)));
     // Accepted 2 s ago (a slow TLS handshake or upgrade, say): 1 s is left.
     let mut info = s.comet.conn_info(
         comet::core::Transport::Local,
@@ -688,10 +673,7 @@ async fn the_engine_reads_nothing_after_op7_until_the_login_is_accepted() {
 
 #[tokio::test(start_paused = true)]
 async fn heartbeat_timeout_counts_from_the_last_frame() {
-    let config = Config {
-        heartbeat_timeout: Duration::from_secs(5),
-        ..Config::default()
-    };
+    let config = Config::default().with_heartbeat_timeout(Duration::from_secs(5));
     let s = setup(config);
     let mut c = Conn::login(&s.comet, WireMode::Binary, 1).await;
     // Beating every 4 s keeps it alive well past the timeout.
@@ -713,10 +695,7 @@ async fn heartbeat_timeout_counts_from_the_last_frame() {
 async fn a_client_that_only_receives_still_times_out() {
     // Deliveries wake the session every 100 ms, but the client never sends
     // a frame: the heartbeat timer must still end it after 5 s of silence.
-    let config = Config {
-        heartbeat_timeout: Duration::from_secs(5),
-        ..Config::default()
-    };
+    let config = Config::default().with_heartbeat_timeout(Duration::from_secs(5));
     let s = setup(config);
     let mut c = Conn::login(&s.comet, WireMode::Binary, 1).await;
     let silent_since = tokio::time::Instant::now();
@@ -863,10 +842,7 @@ async fn shutdown_flushes_queued_messages_then_closes() {
 
 #[tokio::test]
 async fn batches_coalesce_pending_messages_within_max_body() {
-    let config = Config {
-        max_body: 512,
-        ..Config::default()
-    };
+    let config = Config::default().with_max_body(512);
     let s = setup(config);
     let mut a = Conn::login(&s.comet, WireMode::Binary, 1).await;
     // Mid 2 logs in after 40 messages piled up in its inbox.

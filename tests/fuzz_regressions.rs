@@ -70,7 +70,7 @@ fn session_inputs() {
 /// The checks can fail: each catches the fault it is there for.
 mod the_checks_fail {
     use super::*;
-    use comet::core::{BoxError, Request, Response};
+    use comet::core::{BoxError, FrameRequest, FrameResponse};
 
     /// A login and then one frame of op 1000, in binary mode.
     fn login_then_op_1000() -> Vec<u8> {
@@ -88,7 +88,9 @@ mod the_checks_fail {
         session_check::session_with(&login_then_op_1000(), |b| {
             b.handler(
                 1000,
-                tower::service_fn(|_req: Request| async { Ok::<Response, BoxError>(None) }),
+                tower::service_fn(|_req: FrameRequest| async {
+                    Ok::<FrameResponse, BoxError>(None)
+                }),
             )
         });
     }
@@ -99,10 +101,10 @@ mod the_checks_fail {
         session_check::session_with(&login_then_op_1000(), |b| {
             b.handler(
                 1000,
-                tower::service_fn(|_req: Request| async {
+                tower::service_fn(|_req: FrameRequest| async {
                     panic!("handler bug");
                     #[allow(unreachable_code)]
-                    Ok::<Response, BoxError>(None)
+                    Ok::<FrameResponse, BoxError>(None)
                 }),
             )
         });

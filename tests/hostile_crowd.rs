@@ -79,10 +79,10 @@ async fn mixed_crowd() {
     let p = plan();
     let half = p.good / 2;
     let srv = common::server::start_config(|c| {
-        c.server.handshake_timeout_ms = 2_000;
+        c.server.engine.handshake_timeout = std::time::Duration::from_millis(2_000);
         // Small enough that the flood fills it; the good clients, which read
         // only once all is sent, hold about 30 KB each.
-        c.server.max_outbound_bytes = OUTBOUND_BOUND;
+        c.server.engine.max_outbound_bytes = OUTBOUND_BOUND;
         let mut mids: Vec<i32> = (1..=p.good).collect();
         mids.push(FLOOD);
         for base in [NEVER_READ, STORM, SPOOF, OUTSIDER] {

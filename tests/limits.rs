@@ -12,7 +12,7 @@ use comet::core::middleware::FrameRateLimitLayer;
 use comet::core::payload::{AuthReply, SendReply};
 use comet::core::{
     async_trait, AuthContext, AuthOutcome, Authenticator, BoxError, Comet, Config, Conversation,
-    Draft, History, Message, MessageStore, Offline, Request, Response, SessionEnd,
+    Draft, FrameRequest, FrameResponse, History, Message, MessageStore, Offline, SessionEnd,
 };
 use comet::plugins::memory::{MemoryAuth, MemoryGroups, MemoryStore};
 use common::engine::{setup, Conn};
@@ -24,10 +24,7 @@ fn users() -> Arc<MemoryAuth> {
 
 #[tokio::test]
 async fn a_login_past_the_sessions_per_mid_limit_closes_the_oldest() {
-    let s = setup(Config {
-        max_sessions_per_mid: 2,
-        ..Config::default()
-    });
+    let s = setup(Config::default().with_max_sessions_per_mid(2));
     let mut first = Conn::login(&s.comet, WireMode::Binary, 1).await;
     first.sync().await;
     let mut second = Conn::login(&s.comet, WireMode::Json, 1).await;
@@ -134,15 +131,15 @@ async fn panics_close_only_the_connection_concerned() {
         .groups(groups)
         .handler(
             1000,
-            service_fn(|req: Request| async move {
+            service_fn(|req: FrameRequest| async move {
                 if req.frame.body.is_empty() {
                     panic!("handler bug");
                 }
-                Ok::<Response, BoxError>(None)
+                Ok::<FrameResponse, BoxError>(None)
             }),
         )
         .layer(tower::layer::layer_fn(|inner: comet::core::BoxService| {
-            tower::util::MapRequest::new(inner, |req: Request| {
+            tower::util::MapRequest::new(inner, |req: FrameRequest| {
                 assert!(req.frame.op != 4242, "layer bug");
                 req
             })

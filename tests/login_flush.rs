@@ -44,7 +44,7 @@ async fn start(
     heartbeat_ms: u64,
 ) -> comet::server::Running {
     common::server::start_edit(|c| {
-        c.server.heartbeat_timeout_ms = heartbeat_ms;
+        c.server.engine.heartbeat_timeout = std::time::Duration::from_millis(heartbeat_ms);
         c.store.backend = backend;
         c.store.path = dir.to_owned();
         c.store.inbox_limit = 10_000;

@@ -13,8 +13,8 @@ use comet::core::frame::{op, Frame, WireMode};
 use comet::core::payload::{AuthReply, SendReply};
 use comet::core::{
     async_trait, AuthContext, AuthOutcome, Authenticator, BoxError, Comet, Config, Conversation,
-    Draft, GroupDirectory, History, Identity, Members, Message, MessageStore, Offline, Request,
-    Response, SessionEnd,
+    Draft, FrameRequest, FrameResponse, GroupDirectory, History, Identity, Members, Message,
+    MessageStore, Offline, SessionEnd,
 };
 use common::engine::Conn;
 use tower::{service_fn, Service};
@@ -202,21 +202,21 @@ async fn a_custom_op_is_handled_by_an_application_service() {
         Comet::builder()
             .handler(
                 1000,
-                service_fn(|req: Request| async move {
+                service_fn(|req: FrameRequest| async move {
                     let body = format!(
                         r#"{{"mid":{},"transport":"{}"}}"#,
                         req.ctx.mid(),
                         req.ctx.conn.transport
                     );
-                    Ok::<Response, BoxError>(Some(req.frame.reply(1001, body)))
+                    Ok::<FrameResponse, BoxError>(Some(req.frame.reply(1001, body)))
                 }),
             )
             .handler(
                 1002,
-                service_fn(|req: Request| async move {
+                service_fn(|req: FrameRequest| async move {
                     let online = req.ctx.comet().online_users().len();
                     req.ctx.push(Frame::new(1, 1003, 0, format!("{online}")));
-                    Ok::<Response, BoxError>(None)
+                    Ok::<FrameResponse, BoxError>(None)
                 }),
             ),
     );
@@ -236,7 +236,7 @@ async fn handlers_for_protocol_ops_are_refused() {
     let err = Comet::builder()
         .handler(
             18,
-            service_fn(|_req: Request| async { Ok::<Response, BoxError>(None) }),
+            service_fn(|_req: FrameRequest| async { Ok::<FrameResponse, BoxError>(None) }),
         )
         .authenticator(Arc::new(TokenAuth))
         .store(Arc::new(LogStore::default()))
@@ -255,15 +255,16 @@ struct Guard<S> {
     seen: Arc<AtomicUsize>,
 }
 
-impl<S> Service<Request> for Guard<S>
+impl<S> Service<FrameRequest> for Guard<S>
 where
-    S: Service<Request, Response = Response, Error = BoxError> + Send + 'static,
+    S: Service<FrameRequest, Response = FrameResponse, Error = BoxError> + Send + 'static,
     S::Future: Send + 'static,
 {
-    type Response = Response;
+    type Response = FrameResponse;
     type Error = BoxError;
-    type Future =
-        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, BoxError>> + Send>>;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<FrameResponse, BoxError>> + Send>,
+    >;
 
     fn poll_ready(
         &mut self,
@@ -272,7 +273,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request) -> Self::Future {
+    fn call(&mut self, req: FrameRequest) -> Self::Future {
         self.seen.fetch_add(1, Ordering::SeqCst);
         match req.frame.op {
             op::SEND_TO_GROUP => {
@@ -430,10 +431,7 @@ async fn plugin_failures_become_failure_replies() {
         .authenticator(Arc::new(Hanging))
         .store(Arc::new(LogStore::default()))
         .groups(Arc::new(Divisors))
-        .config(Config {
-            hook_timeout: Duration::from_millis(50),
-            ..Config::default()
-        })
+        .config(Config::default().with_hook_timeout(Duration::from_millis(50)))
         .build()
         .unwrap();
     let mut c = Conn::connect(&comet, WireMode::Binary);
@@ -531,10 +529,7 @@ async fn group_directory_failures_and_hangs_become_op21_failures() {
         .authenticator(auth)
         .store(Arc::new(comet::plugins::memory::MemoryStore::default()))
         .groups(Arc::new(BrokenGroups))
-        .config(Config {
-            hook_timeout: Duration::from_millis(50),
-            ..Config::default()
-        })
+        .config(Config::default().with_hook_timeout(Duration::from_millis(50)))
         .build()
         .unwrap();
     let mut a = Conn::login(&comet, WireMode::Json, 1).await;
@@ -592,10 +587,7 @@ async fn a_hanging_inbox_and_a_vanished_sender_never_lock_the_recipient_out() {
             comet::plugins::memory::MemoryStore::default(),
         )))
         .groups(Arc::new(Divisors))
-        .config(Config {
-            hook_timeout: Duration::from_millis(200),
-            ..Config::default()
-        })
+        .config(Config::default().with_hook_timeout(Duration::from_millis(200)))
         .build()
         .unwrap();
     let mut a = Conn::login(&comet, WireMode::Binary, 1).await;
@@ -631,10 +623,7 @@ async fn a_group_send_to_offline_members_is_bounded_as_a_whole() {
             comet::plugins::memory::MemoryStore::default(),
         )))
         .groups(Arc::new(Divisors))
-        .config(Config {
-            hook_timeout: Duration::from_millis(300),
-            ..Config::default()
-        })
+        .config(Config::default().with_hook_timeout(Duration::from_millis(300)))
         .build()
         .unwrap();
     let mut a = Conn::login(&comet, WireMode::Binary, 1).await;
@@ -702,12 +691,12 @@ async fn a_send_and_a_handler_pending_when_their_session_closes_still_complete()
         .groups(Arc::new(Divisors))
         .handler(1000, {
             let (gate, handled) = (gate.clone(), handled.clone());
-            service_fn(move |_req: Request| {
+            service_fn(move |_req: FrameRequest| {
                 let (gate, handled) = (gate.clone(), handled.clone());
                 async move {
                     drop(gate.acquire().await?);
                     handled.notify_one();
-                    Ok::<Response, BoxError>(None)
+                    Ok::<FrameResponse, BoxError>(None)
                 }
             })
         })
@@ -756,12 +745,12 @@ async fn a_client_that_logs_in_and_never_reads_its_inbox_is_closed_and_keeps_it(
         ])))
         .store(Arc::new(comet::plugins::memory::MemoryStore::default()))
         .groups(Arc::new(Divisors))
-        .config(Config {
-            heartbeat_timeout: Duration::from_millis(300),
-            // One message per op 9: the inbox takes five units.
-            max_body: 256,
-            ..Config::default()
-        })
+        .config(
+            Config::default()
+                .with_heartbeat_timeout(Duration::from_millis(300))
+                // One message per op 9: the inbox takes five units.
+                .with_max_body(256),
+        )
         .build()
         .unwrap();
     let msg = |i: i64| format!("m{i}-{}", "x".repeat(150));

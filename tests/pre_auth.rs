@@ -86,10 +86,7 @@ async fn start(config: Config, limits: Limits) -> Srv {
 }
 
 fn with_timeout(ms: u64) -> Config {
-    Config {
-        handshake_timeout: Duration::from_millis(ms),
-        ..Config::default()
-    }
+    Config::default().with_handshake_timeout(Duration::from_millis(ms))
 }
 
 /// Reads (and drops) whatever arrives until `until`; whether the peer

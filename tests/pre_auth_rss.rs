@@ -63,11 +63,9 @@ async fn settle(comet: &Comet, n: usize) {
 async fn unauthenticated_connections_announcing_big_frames_hold_little_memory() {
     // op 7 allowed as large as any frame, so the announced length is not
     // refused and only the decoder's buffering is measured.
-    let config = Config {
-        handshake_timeout: Duration::from_secs(60),
-        max_auth_body: 64 * 1024,
-        ..Config::default()
-    };
+    let config = Config::default()
+        .with_handshake_timeout(Duration::from_secs(60))
+        .with_max_auth_body(64 * 1024);
     let comet = Comet::builder()
         .authenticator(Arc::new(MemoryAuth::from_iter([(1, "k1")])))
         .store(Arc::new(MemoryStore::new(10, 10)))

@@ -276,8 +276,8 @@ async fn a_replay_goes_at_the_readers_pace_past_the_outbound_bound() {
     // An outbound bound of 4 KiB and 100 messages of 2,000 bytes to replay:
     // the replay must wait for the reader, not close it as a slow consumer.
     let running = common::server::start_with(|s| {
-        s.max_body = 4096;
-        s.max_outbound_bytes = 4096;
+        s.engine.max_body = 4096;
+        s.engine.max_outbound_bytes = 4096;
     })
     .await;
     for kind in KINDS {

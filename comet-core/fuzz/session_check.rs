@@ -78,13 +78,13 @@ pub fn session_with(data: &[u8], customize: impl FnOnce(CometBuilder) -> CometBu
             .authenticator(auth)
             .store(Arc::new(MemoryStore::new(16, 16)))
             .groups(groups)
-            .config(Config {
-                max_body: 1024,
-                max_outbound_bytes: 64 * 1024,
-                heartbeat_timeout: Duration::from_secs(5),
-                handshake_timeout: Duration::from_secs(5),
-                ..Config::default()
-            });
+            .config(
+                Config::default()
+                    .with_max_body(1024)
+                    .with_max_outbound_bytes(64 * 1024)
+                    .with_heartbeat_timeout(Duration::from_secs(5))
+                    .with_handshake_timeout(Duration::from_secs(5)),
+            );
         let comet = customize(builder).build().expect("comet");
         let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<Outgoing>(1024);
         // Whether the first data unit written (if any) is op 8 ret 0.

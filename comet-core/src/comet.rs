@@ -3,7 +3,6 @@
 use foldhash::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::hash::BuildHasher;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,59 +13,26 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tower::{Layer, Service, ServiceExt as _};
 
-use crate::auth::{Authenticator, ConnId, ConnInfo, Extensions, UserDirectory};
-use crate::broker::{Broker, BrokerError};
+use crate::auth::{Authenticator, ConnId, ConnInfo, UserDirectory};
+use crate::broker::Broker;
 use crate::config::Config;
+use crate::engine::{Engine, EventHook, LayerFn, EVENT_BUFFER, SEND_STRIPES};
 use crate::error::{BoxError, FrameError, SendError, SyncError};
 use crate::frame::{op, Frame, Transport, WireMode};
 use crate::groups::GroupDirectory;
 use crate::message::Conversation;
-use crate::middleware::{BoxService, Handler, Request, Response, Router, Stack};
-use crate::payload::{SendRequest, SyncRequest};
+use crate::middleware::{BoxService, FrameRequest, FrameResponse, Handler, Router};
+use crate::payload::SendRequest;
 use crate::registry::{Delivery, Kick, Registry};
 use crate::session::{self, Outgoing, SessionEnd};
 use crate::stats::{Stats, StatsSnapshot};
-use crate::store::{Draft, History, MessageStore};
+use crate::store::{History, MessageStore};
 use crate::{GroupId, Mid};
 
-/// Number of stripes of the per-conversation send lock.
-const SEND_STRIPES: usize = 1024;
+pub use crate::engine::Event;
 
-/// Something that happened to a connection, reported to the hook set with
-/// [`CometBuilder::on_event`].
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub enum Event {
-    /// A connection authenticated.
-    #[non_exhaustive]
-    Authenticated {
-        /// The connection (with its `conn_id`).
-        conn: ConnInfo,
-        /// As whom.
-        mid: Mid,
-        /// The per-session data the login attached
-        /// ([`Identity::extensions`](crate::Identity::extensions)).
-        extensions: Arc<Extensions>,
-    },
-    /// A connection ended.
-    #[non_exhaustive]
-    Disconnected {
-        /// The connection.
-        conn: ConnInfo,
-        /// Its mid, if it had authenticated.
-        mid: Option<Mid>,
-        /// Why it ended.
-        reason: SessionEnd,
-        /// The per-session data the login attached (empty if it never
-        /// authenticated).
-        extensions: Arc<Extensions>,
-    },
-}
-
-type EventHook = Arc<dyn Fn(&Event) + Send + Sync>;
 type DeliveryFn = Box<dyn FnOnce(Arc<Registry>) -> Arc<dyn Delivery> + Send>;
 type BrokerFn = Box<dyn FnOnce(Arc<Registry>) -> Arc<dyn Broker> + Send>;
-type LayerFn = Arc<dyn Fn(BoxService) -> BoxService + Send + Sync>;
 
 /// Why [`CometBuilder::build`] refused.
 #[derive(Debug, thiserror::Error)]
@@ -106,7 +72,7 @@ pub enum BuildError {
 ///     .authenticator(Arc::new(A))
 ///     .store(Arc::new(S))
 ///     .groups(Arc::new(G))
-///     .config(Config { max_body: 8192, ..Config::default() })
+///     .config(Config::default().with_max_body(8192))
 ///     .layer(tower::limit::ConcurrencyLimitLayer::new(1))
 ///     .build()
 ///     .unwrap();
@@ -122,7 +88,7 @@ pub struct CometBuilder {
     layers: Vec<LayerFn>,
     handlers: HashMap<u32, Handler>,
     reserved: Option<u32>,
-    events: Option<EventHook>,
+    events: Vec<EventHook>,
     delivery: Option<DeliveryFn>,
     broker: Option<BrokerFn>,
 }
@@ -178,9 +144,9 @@ impl CometBuilder {
     pub fn layer<L>(mut self, layer: L) -> Self
     where
         L: Layer<BoxService> + Send + Sync + 'static,
-        L::Service: Service<Request, Response = Response> + Send + 'static,
-        <L::Service as Service<Request>>::Error: Into<BoxError>,
-        <L::Service as Service<Request>>::Future: Send + 'static,
+        L::Service: Service<FrameRequest, Response = FrameResponse> + Send + 'static,
+        <L::Service as Service<FrameRequest>>::Error: Into<BoxError>,
+        <L::Service as Service<FrameRequest>>::Future: Send + 'static,
     {
         self.layers.push(Arc::new(move |inner: BoxService| {
             BoxService::new(layer.layer(inner).map_err(Into::into))
@@ -192,7 +158,7 @@ impl CometBuilder {
     /// `service`. `build` refuses handlers for the protocol's own ops.
     pub fn handler<S>(mut self, op: u32, service: S) -> Self
     where
-        S: Service<Request, Response = Response> + Clone + Send + Sync + 'static,
+        S: Service<FrameRequest, Response = FrameResponse> + Clone + Send + Sync + 'static,
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
     {
@@ -232,10 +198,13 @@ impl CometBuilder {
         self
     }
 
-    /// Calls `hook` on every connection event (authenticated, disconnected).
-    /// It runs on the session's task: keep it short and non-blocking.
+    /// Adds `hook`, called on every connection event (authenticated,
+    /// disconnected). Hooks run in the order they were added, on the
+    /// session's task: keep them short and non-blocking. For async work
+    /// (a database write on disconnect, say) use
+    /// [`Comet::subscribe_events`] instead.
     pub fn on_event(mut self, hook: impl Fn(&Event) + Send + Sync + 'static) -> Self {
-        self.events = Some(Arc::new(hook));
+        self.events.push(Arc::new(hook));
         self
     }
 
@@ -282,7 +251,8 @@ impl CometBuilder {
                 broker,
                 registry,
                 stats,
-                events: self.events,
+                events: self.events.into_boxed_slice(),
+                event_tx: tokio::sync::broadcast::Sender::new(EVENT_BUFFER),
                 stripes: (0..SEND_STRIPES)
                     .map(|_| tokio::sync::Mutex::new(()))
                     .collect(),
@@ -294,252 +264,6 @@ impl CometBuilder {
             }
         });
         Ok(Comet { engine })
-    }
-}
-
-pub(crate) struct Engine {
-    pub(crate) config: Config,
-    pub(crate) auth: Arc<dyn Authenticator>,
-    pub(crate) store: Arc<dyn MessageStore>,
-    pub(crate) groups: Arc<dyn GroupDirectory>,
-    users: Option<Arc<dyn UserDirectory>>,
-    pub(crate) registry: Arc<Registry>,
-    pub(crate) delivery: Option<Arc<dyn Delivery>>,
-    pub(crate) broker: Option<Arc<dyn Broker>>,
-    pub(crate) stats: Arc<Stats>,
-    pub(crate) events: Option<EventHook>,
-    router: Router,
-    layers: Vec<LayerFn>,
-    stripes: Box<[tokio::sync::Mutex<()>]>,
-    hasher: foldhash::fast::RandomState,
-    next_conn: AtomicU64,
-    pub(crate) shutdown: CancellationToken,
-    pub(crate) active: AtomicUsize,
-    pub(crate) idle: Notify,
-}
-
-impl Engine {
-    /// A fresh middleware stack for one connection.
-    pub(crate) fn stack(&self) -> Stack {
-        if self.layers.is_empty() {
-            return Stack::Bare(self.router.clone());
-        }
-        let mut service = BoxService::new(self.router.clone());
-        for layer in self.layers.iter().rev() {
-            service = layer(service);
-        }
-        Stack::Layered(service)
-    }
-
-    /// Reports an event; `event` is only called when someone listens.
-    pub(crate) fn emit(&self, event: impl FnOnce() -> Event) {
-        if let Some(hook) = &self.events {
-            hook(&event());
-        }
-    }
-
-    /// Runs a plug-in call under the hook timeout.
-    pub(crate) async fn bounded<T>(
-        &self,
-        what: &'static str,
-        call: impl std::future::Future<Output = Result<T, BoxError>>,
-    ) -> Result<T, String> {
-        crate::stats::bounded(&self.stats, self.config.hook_timeout, what, call).await
-    }
-
-    /// Validates, stores and delivers one message (op 18 or op 20).
-    ///
-    /// `as_mid` is the authenticated sender when the message comes from a
-    /// connection (`from` must match it); `except` is the sending connection.
-    pub(crate) async fn send(
-        &self,
-        op: u32,
-        req: &SendRequest,
-        as_mid: Option<Mid>,
-        except: Option<ConnId>,
-    ) -> Result<i64, SendError> {
-        let result = self.send_checked(op, req, as_mid, except, false).await;
-        self.stats.tel.send(&result);
-        result
-    }
-
-    async fn send_checked(
-        &self,
-        op: u32,
-        req: &SendRequest,
-        as_mid: Option<Mid>,
-        except: Option<ConnId>,
-        trusted: bool,
-    ) -> Result<i64, SendError> {
-        if as_mid.is_some_and(|m| m != req.from) {
-            return Err(SendError::Spoofed);
-        }
-        if req.to <= 0 {
-            return Err(SendError::BadRecipient);
-        }
-        if req.msg.is_empty() {
-            return Err(SendError::EmptyMessage);
-        }
-        let max = self.config.max_msg();
-        if req.msg.len() > max {
-            return Err(SendError::MessageTooLarge {
-                len: req.msg.len(),
-                max,
-            });
-        }
-        if let Some(broker) = &self.broker {
-            return self.send_through(broker, op, req, except).await;
-        }
-        let (conversation, members) = if op == op::SEND_TO_GROUP {
-            let member = trusted
-                || self
-                    .bounded("group directory", self.groups.is_member(req.to, req.from))
-                    .await
-                    .map_err(SendError::Groups)?;
-            if !member {
-                return Err(SendError::NotMember(req.to));
-            }
-            let members = self
-                .bounded("group directory", self.groups.members(req.to))
-                .await
-                .map_err(SendError::Groups)?;
-            (Conversation::Group(req.to), Some(members))
-        } else {
-            if let Some(users) = self.users.as_ref().filter(|_| req.to != req.from) {
-                let exists = match users.exists_now(req.to) {
-                    Some(known) => known,
-                    None => self
-                        .bounded("user directory", users.exists(req.to))
-                        .await
-                        .map_err(SendError::Users)?,
-                };
-                if !exists {
-                    return Err(SendError::UnknownUser(req.to));
-                }
-            }
-            (Conversation::direct(req.from, req.to), None)
-        };
-        let draft = Draft {
-            conversation,
-            op,
-            from: req.from,
-            to: req.to,
-            msg: req.msg.clone(),
-        };
-        // Storing and enqueueing happen under one per-conversation lock, so
-        // every session sees a conversation in chatId order.
-        let _order = self.stripe(&conversation).lock().await;
-        let msg = self
-            .bounded("message store", self.store.append(draft))
-            .await
-            .map_err(SendError::Store)?;
-        let chat_id = msg.chat_id();
-        let single = [req.to];
-        let (recipients, echo): (&[Mid], Option<Mid>) = match &members {
-            Some(members) => (members, Some(req.from)),
-            None if req.to == req.from => (&single, None),
-            None => (&single, Some(req.from)),
-        };
-        match &self.delivery {
-            None => {
-                self.registry
-                    .deliver_local(recipients, echo, &msg, except)
-                    .await
-            }
-            Some(delivery) => {
-                if let Err(e) = delivery.deliver(recipients, echo, &msg, except).await {
-                    // The message is stored: the sender's ack stands.
-                    tracing::error!(chat_id, cause = %e, "delivery failed");
-                }
-            }
-        }
-        self.stats.message();
-        Ok(chat_id)
-    }
-
-    /// The cluster's send: the broker checks membership, assigns the chatId
-    /// and routes in one step; this node delivers from its feed.
-    async fn send_through(
-        &self,
-        broker: &Arc<dyn Broker>,
-        op: u32,
-        req: &SendRequest,
-        except: Option<ConnId>,
-    ) -> Result<i64, SendError> {
-        let conversation = if op == op::SEND_TO_GROUP {
-            Conversation::Group(req.to)
-        } else {
-            if let Some(users) = self.users.as_ref().filter(|_| req.to != req.from) {
-                let exists = match users.exists_now(req.to) {
-                    Some(known) => known,
-                    None => self
-                        .bounded("user directory", users.exists(req.to))
-                        .await
-                        .map_err(SendError::Users)?,
-                };
-                if !exists {
-                    return Err(SendError::UnknownUser(req.to));
-                }
-            }
-            Conversation::direct(req.from, req.to)
-        };
-        let draft = Draft {
-            conversation,
-            op,
-            from: req.from,
-            to: req.to,
-            msg: req.msg.clone(),
-        };
-        let sent = tokio::time::timeout(self.config.hook_timeout, broker.send(draft, except)).await;
-        match sent {
-            Ok(Ok(chat_id)) => {
-                self.stats.message();
-                Ok(chat_id)
-            }
-            Ok(Err(BrokerError::NotMember)) => Err(SendError::NotMember(req.to)),
-            Ok(Err(e)) => Err(SendError::Store(e.to_string())),
-            Err(_) => Err(SendError::Store("cluster broker timed out".into())),
-        }
-    }
-
-    /// Checks a sync request from `mid` against PROTOCOL.md 2.7 (group
-    /// membership, the cap) and reads the page it asks for.
-    pub(crate) async fn sync(&self, mid: Mid, req: &SyncRequest) -> Result<History, SyncError> {
-        let conversation = if req.kind == op::SEND_TO_GROUP {
-            let member = self
-                .bounded("group directory", self.groups.is_member(req.to, mid))
-                .await
-                .map_err(SyncError::Groups)?;
-            if !member {
-                return Err(SyncError::NotMember(req.to));
-            }
-            Conversation::Group(req.to)
-        } else {
-            Conversation::direct(mid, req.to)
-        };
-        let cap = self.config.sync_limit;
-        let limit = req.limit.map_or(cap, |n| (n as usize).min(cap));
-        self.history(conversation, req.after, limit).await
-    }
-
-    /// Reads a page of a conversation's history, bounded like every
-    /// plug-in call.
-    pub(crate) async fn history(
-        &self,
-        conversation: Conversation,
-        after: i64,
-        limit: usize,
-    ) -> Result<History, SyncError> {
-        self.bounded(
-            "message store",
-            self.store.history(conversation, after, limit),
-        )
-        .await
-        .map_err(SyncError::Store)
-    }
-
-    fn stripe(&self, conversation: &Conversation) -> &tokio::sync::Mutex<()> {
-        &self.stripes[(self.hasher.hash_one(conversation) as usize) % SEND_STRIPES]
     }
 }
 
@@ -574,7 +298,7 @@ impl Comet {
             layers: Vec::new(),
             handlers: HashMap::default(),
             reserved: None,
-            events: None,
+            events: Vec::new(),
             delivery: None,
             broker: None,
         }
@@ -768,6 +492,49 @@ impl Comet {
     /// Closes every session of `mid`; returns how many there were.
     pub fn disconnect(&self, mid: Mid) -> usize {
         self.engine.registry.disconnect(mid)
+    }
+
+    /// Closes one connection: the authenticated session with id `conn_id`
+    /// (from [`Event`]s, [`ConnContext::conn_id`](crate::ConnContext::conn_id)
+    /// or [`ConnInfo::conn_id`]), leaving the user's other sessions alone.
+    /// It ends as [`disconnect`](Self::disconnect) ends sessions
+    /// ([`SessionEnd::Disconnected`], WebSocket close 1000). Returns whether
+    /// such a session was live on this node. It walks every session: meant
+    /// for occasional calls, not per message.
+    pub fn disconnect_conn(&self, conn_id: ConnId) -> bool {
+        self.engine.registry.disconnect_conn(conn_id)
+    }
+
+    /// Subscribes to connection events, for async observers: every
+    /// [`Event`] after this call, in order, as the hooks of
+    /// [`CometBuilder::on_event`] see them. Sessions never wait for a
+    /// subscriber: one that falls more than 1,024 events behind loses the
+    /// oldest (its next `recv` is `Err(RecvError::Lagged(n))`). Events are
+    /// only built and sent while someone is subscribed (or a hook is set).
+    ///
+    /// ```no_run
+    /// # async fn demo(comet: comet_core::Comet) {
+    /// use comet_core::Event;
+    /// use tokio::sync::broadcast::error::RecvError;
+    ///
+    /// let mut events = comet.subscribe_events();
+    /// tokio::spawn(async move {
+    ///     loop {
+    ///         match events.recv().await {
+    ///             Ok(Event::Disconnected { mid: Some(mid), .. }) => {
+    ///                 // e.g. write "last seen" to the database
+    ///                 let _ = mid;
+    ///             }
+    ///             Ok(_) => {}
+    ///             Err(RecvError::Lagged(missed)) => eprintln!("missed {missed} events"),
+    ///             Err(RecvError::Closed) => break,
+    ///         }
+    ///     }
+    /// });
+    /// # }
+    /// ```
+    pub fn subscribe_events(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.engine.event_tx.subscribe()
     }
 
     /// The engine's counters.

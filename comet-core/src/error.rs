@@ -60,6 +60,20 @@ impl FrameError {
     }
 }
 
+/// A plug-in call that did not answer within
+/// [`Config::hook_timeout`](crate::Config::hook_timeout): the source of a
+/// [`SendError`] or [`SyncError`] then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{0} timed out")]
+pub struct PluginTimeout(pub(crate) &'static str);
+
+impl PluginTimeout {
+    /// Which plug-in timed out ("message store", "group directory", ...).
+    pub fn plugin(&self) -> &'static str {
+        self.0
+    }
+}
+
 /// A payload that cannot be read (body too short, bad JSON, ...). Answered
 /// with a failure reply; the connection stays open where PROTOCOL.md says so.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -92,7 +106,7 @@ pub enum SendError {
     UnknownUser(i32),
     /// The user directory failed or timed out.
     #[error("user directory unavailable: {0}")]
-    Users(String),
+    Users(#[source] BoxError),
     /// `msg` is empty.
     #[error("msg must not be empty")]
     EmptyMessage,
@@ -109,10 +123,10 @@ pub enum SendError {
     Payload(#[from] PayloadError),
     /// The message store failed or timed out; no chatId was consumed.
     #[error("message store unavailable: {0}")]
-    Store(String),
+    Store(#[source] BoxError),
     /// The group directory failed or timed out.
     #[error("group directory unavailable: {0}")]
-    Groups(String),
+    Groups(#[source] BoxError),
 }
 
 /// Why a sync (op 22, or [`crate::Comet::history`]) failed. The `Display`
@@ -129,8 +143,8 @@ pub enum SyncError {
     NotMember(i32),
     /// The message store failed or timed out.
     #[error("message store unavailable: {0}")]
-    Store(String),
+    Store(#[source] BoxError),
     /// The group directory failed or timed out.
     #[error("group directory unavailable: {0}")]
-    Groups(String),
+    Groups(#[source] BoxError),
 }

@@ -11,6 +11,8 @@ use crate::{GroupId, Mid};
 pub type Members = Arc<[Mid]>;
 
 /// Answers who is in a group. A group that does not exist has no members.
+///
+/// An extension point: applications implement it.
 #[async_trait]
 pub trait GroupDirectory: Send + Sync + 'static {
     /// Whether `mid` is a member of `group`.

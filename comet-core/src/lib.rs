@@ -13,11 +13,20 @@
 //! - [`auth`], [`store`], [`groups`]: the plug-in traits [`Authenticator`],
 //!   [`MessageStore`], [`GroupDirectory`];
 //! - [`registry`]: live sessions and the [`Delivery`] seam;
-//! - [`session`]: one connection's life; [`middleware`]: the tower stack;
+//! - [`middleware`]: the tower stack; [`session`]: one connection's life;
 //! - [`comet`]: the [`Comet`] handle and its builder;
 //! - [`telemetry`]: the `metrics` series the engine reports;
 //! - [`testing`]: conformance kits for store and group-directory authors.
 //!
+//! The modules depend on each other in one direction, read top-down:
+//! frame → codec → queue (a session's outbound queue) → registry → engine
+//! (the state one comet's sessions share: plug-ins, settings, the send
+//! path) → middleware → session → comet (the handle). A module calls only
+//! into those before it. Two type names point the other way, without
+//! calls: the engine keeps the middleware's router and layers (to build
+//! each connection's stack), and the middleware's [`ConnContext`] holds a
+//! [`Comet`] handle to give handlers.
+
 //! ## Quick start
 //!
 //! ```
@@ -59,6 +68,14 @@
 //! assert_eq!(comet.session_count(), 0);
 //! ```
 
+//! ## Where items live
+//!
+//! Every item has one home, its module, where it is documented. The crate
+//! root re-exports the ones an embedder names most (the handle, the plug-in
+//! traits, frames, errors) as plain re-exports that link to that page, so
+//! `comet_core::Comet` and `comet_core::comet::Comet` are the same item,
+//! documented once.
+
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod auth;
@@ -66,6 +83,7 @@ pub mod broker;
 pub mod codec;
 pub mod comet;
 pub mod config;
+mod engine;
 pub mod error;
 pub mod frame;
 pub mod groups;
@@ -92,32 +110,32 @@ pub use async_trait::async_trait;
 /// embedders use the same version.
 pub use http;
 
-#[doc(inline)]
+#[doc(no_inline)]
 pub use crate::auth::{
     AuthContext, AuthOutcome, AuthRequest, Authenticator, ConnId, ConnInfo, Extensions, Identity,
     TlsInfo, UserDirectory,
 };
-#[doc(inline)]
+#[doc(no_inline)]
 pub use crate::broker::{Broker, BrokerError};
-#[doc(inline)]
+#[doc(no_inline)]
 pub use crate::comet::{BuildError, Comet, CometBuilder, Event};
-#[doc(inline)]
+#[doc(no_inline)]
 pub use crate::config::Config;
-#[doc(inline)]
-pub use crate::error::{BoxError, FrameError, PayloadError, SendError, SyncError};
-#[doc(inline)]
+#[doc(no_inline)]
+pub use crate::error::{BoxError, FrameError, PayloadError, PluginTimeout, SendError, SyncError};
+#[doc(no_inline)]
 pub use crate::frame::{op, Frame, Transport, WireMode};
-#[doc(inline)]
+#[doc(no_inline)]
 pub use crate::groups::{GroupDirectory, GroupMembership, Members};
-#[doc(inline)]
+#[doc(no_inline)]
 pub use crate::message::{Conversation, Message};
-#[doc(inline)]
-pub use crate::middleware::{BoxService, ConnContext, Request, Response};
-#[doc(inline)]
+#[doc(no_inline)]
+pub use crate::middleware::{BoxService, ConnContext, FrameRequest, FrameResponse};
+#[doc(no_inline)]
 pub use crate::registry::{Delivery, Registry, SessionHandle};
-#[doc(inline)]
+#[doc(no_inline)]
 pub use crate::session::{Outgoing, SessionEnd};
-#[doc(inline)]
+#[doc(no_inline)]
 pub use crate::stats::StatsSnapshot;
-#[doc(inline)]
+#[doc(no_inline)]
 pub use crate::store::{Draft, History, MessageStore, Offline};

@@ -14,12 +14,36 @@
 //! cheap registration covers both.
 
 use std::collections::VecDeque;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
 
-use crate::registry::Outbound;
+use crate::frame::Frame;
+use crate::message::Message;
+
+/// What a session's writer has to send.
+#[derive(Debug)]
+pub(crate) enum Outbound {
+    /// A reply or other frame, already in the session's mode (boxed: it is
+    /// rarer than messages, and keeps queue slots at two words).
+    Frame(Box<Frame>),
+    /// A delivered message, batched into op 9 by the writer.
+    Message(Arc<Message>),
+    /// A message of the session's offline inbox and its entry's seq: once
+    /// written, the entry leaves the store.
+    Inbox(Arc<Message>, u64),
+}
+
+impl Outbound {
+    #[cfg(test)]
+    pub(crate) fn into_message(self) -> Arc<Message> {
+        match self {
+            Outbound::Message(m) | Outbound::Inbox(m, _) => m,
+            Outbound::Frame(_) => unreachable!("a frame"),
+        }
+    }
+}
 
 /// Every queue exists once per session, so its counters are `u32`: the
 /// byte bound itself is at most `u32::MAX` (see [`Queue::new`]), and a

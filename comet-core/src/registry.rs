@@ -1,7 +1,7 @@
 //! Live sessions by mid, and the [`Delivery`] seam that hands messages to them.
 //!
 //! The registry is sharded by mid: delivering to one user takes a read lock on
-//! one shard out of [`SHARDS`], never a global lock. Pushing to a session
+//! one shard out of 64, never a global lock. Pushing to a session
 //! never waits: its queue is bounded in bytes, and a session over its bound
 //! is closed (slow consumer) instead of slowing the sender.
 
@@ -18,13 +18,13 @@ use crate::auth::ConnId;
 use crate::error::BoxError;
 use crate::frame::{Frame, WireMode, HEADER_LEN};
 use crate::message::Message;
-use crate::queue::{Queue, Refused};
+use crate::queue::{Outbound, Queue, Refused};
 use crate::stats::Stats;
 use crate::store::MessageStore;
 use crate::Mid;
 
 /// Number of registry shards (a power of two).
-pub const SHARDS: usize = 64;
+pub(crate) const SHARDS: usize = 64;
 
 /// Hashes mids with one multiply (Fibonacci hashing of the mid xor a
 /// per-process random seed): a fan-out to thousands of members hashes every
@@ -71,29 +71,6 @@ impl std::hash::Hasher for MidHash {
 /// Bytes of one queue slot, counted against the outbound bound with
 /// whatever the slot holds.
 const SLOT: usize = std::mem::size_of::<Outbound>();
-
-/// What a session's writer has to send.
-#[derive(Debug)]
-pub(crate) enum Outbound {
-    /// A reply or other frame, already in the session's mode (boxed: it is
-    /// rarer than messages, and keeps queue slots at two words).
-    Frame(Box<Frame>),
-    /// A delivered message, batched into op 9 by the writer.
-    Message(Arc<Message>),
-    /// A message of the session's offline inbox and its entry's seq: once
-    /// written, the entry leaves the store.
-    Inbox(Arc<Message>, u64),
-}
-
-impl Outbound {
-    #[cfg(test)]
-    pub(crate) fn into_message(self) -> Arc<Message> {
-        match self {
-            Outbound::Message(m) | Outbound::Inbox(m, _) => m,
-            Outbound::Frame(_) => unreachable!("a frame"),
-        }
-    }
-}
 
 /// Why a session was told to close from outside its own task.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -296,6 +273,8 @@ impl Shard {
 /// Where delivered messages go: the one seam between the engine and the
 /// sessions. [`Registry`] delivers to this process's sessions; a multi-node
 /// backend wraps it and forwards to other nodes, without touching the engine.
+///
+/// An extension point: applications implement it.
 #[async_trait]
 pub trait Delivery: Send + Sync + 'static {
     /// Hands `msg` to every session of every mid in `recipients`, and to the
@@ -378,7 +357,7 @@ impl Registry {
     ///
     /// With `max_per_mid` sessions already there, the oldest is closed and
     /// removed first (the newest device wins).
-    pub async fn register(&self, handle: SessionHandle, max_per_mid: usize) {
+    pub(crate) async fn register(&self, handle: SessionHandle, max_per_mid: usize) {
         let shard = self.shard(handle.mid);
         let mid = handle.mid;
         {
@@ -429,7 +408,7 @@ impl Registry {
     }
 
     /// Removes connection `conn_id` of `mid`.
-    pub fn unregister(&self, mid: Mid, conn_id: ConnId) {
+    pub(crate) fn unregister(&self, mid: Mid, conn_id: ConnId) {
         let mut map = self.shard(mid).write();
         if let Some(entry) = map.get_mut(&mid) {
             self.remove_session(entry, conn_id);
@@ -515,6 +494,22 @@ impl Registry {
             s.disconnect();
         }
         entry.sessions.len()
+    }
+
+    /// Closes the authenticated session of connection `conn_id`, if it is
+    /// live on this node; returns whether it was. It walks every session
+    /// (connections are indexed by mid, not by id): meant for an operator's
+    /// or a moderation hook's occasional call, not for every frame.
+    pub fn disconnect_conn(&self, conn_id: ConnId) -> bool {
+        for shard in self.shards.iter() {
+            for entry in shard.read().values() {
+                if let Some(s) = entry.sessions.iter().find(|s| s.conn_id == conn_id) {
+                    s.disconnect();
+                    return true;
+                }
+            }
+        }
+        false
     }
 
     /// Closes every session.

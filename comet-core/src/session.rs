@@ -15,12 +15,14 @@ use tracing::Instrument;
 
 use crate::auth::{AuthContext, AuthOutcome, AuthRequest, ConnInfo, Identity, TlsInfo};
 use crate::codec::{BatchWriter, Units};
-use crate::comet::{Comet, Engine, Event};
+use crate::comet::Comet;
+use crate::engine::{Engine, Event};
 use crate::error::FrameError;
 use crate::frame::{op, Frame, WireMode};
-use crate::middleware::{ConnContext, Request, Stack};
+use crate::middleware::{ConnContext, FrameRequest, Stack};
 use crate::payload::AuthReply;
-use crate::registry::{Kick, Outbound, SessionHandle, Shared};
+use crate::queue::Outbound;
+use crate::registry::{Kick, SessionHandle, Shared};
 use crate::store::Offline;
 use crate::Mid;
 
@@ -724,7 +726,7 @@ async fn deliver_inbox(
         page = engine
             .bounded("message store", engine.store.offline(mid, INBOX_PAGE))
             .await
-            .map_err(SessionEnd::Store)?;
+            .map_err(|e| SessionEnd::Store(e.to_string()))?;
     }
     shared.queue.release_held();
     Ok(())
@@ -746,7 +748,7 @@ async fn remove_written_inbox(
             // Written but still stored: the next login gets them again (the
             // client drops them by chatId); this session stops here rather
             // than deliver live messages ahead of an inbox it cannot drain.
-            .map_err(SessionEnd::Store)?;
+            .map_err(|e| SessionEnd::Store(e.to_string()))?;
         *removed = written;
     }
     Ok(())
@@ -819,7 +821,7 @@ where
             if frame.op == op::AUTH {
                 return SessionEnd::Protocol(1002, "op 7 on an authenticated connection".into());
             }
-            Some(Request {
+            Some(FrameRequest {
                 frame,
                 ctx: ctx.clone(),
             })
@@ -851,12 +853,12 @@ where
 /// some recipients never get. `Err` carries a panic's message.
 async fn call(
     service: &mut Stack,
-    request: &mut Option<Request>,
-) -> Result<Result<crate::middleware::Response, crate::BoxError>, String> {
+    request: &mut Option<FrameRequest>,
+) -> Result<Result<crate::middleware::FrameResponse, crate::BoxError>, String> {
     // Readiness, the call and its first poll in one `poll_fn`, with the
     // request in the caller's frame: the session's future holds it once,
     // not a copy per stage. `Ready(None)`: the job has to wait.
-    let mut job: Option<<Stack as Service<Request>>::Future> = None;
+    let mut job: Option<<Stack as Service<FrameRequest>>::Future> = None;
     let first = std::future::poll_fn(|cx| {
         let step = std::panic::catch_unwind(AssertUnwindSafe(|| {
             if job.is_none() {

@@ -22,7 +22,9 @@ macro_rules! counters {
         impl Stats {
             $(
                 $(#[$doc])*
-                pub fn $inc(&self) {
+                // Some counters are only ever added to in bulk.
+                #[allow(dead_code)]
+                pub(crate) fn $inc(&self) {
                     self.$name.fetch_add(1, Ordering::Relaxed);
                 }
             )*
@@ -78,7 +80,7 @@ counters! {
 
 impl Stats {
     /// Counts `n` messages replayed by syncs.
-    pub fn replayed(&self, n: u64) {
+    pub(crate) fn replayed(&self, n: u64) {
         self.replayed.fetch_add(n, Ordering::Relaxed);
     }
 }
@@ -91,7 +93,7 @@ pub(crate) async fn bounded<T>(
     timeout: std::time::Duration,
     what: &'static str,
     call: impl std::future::Future<Output = Result<T, crate::BoxError>>,
-) -> Result<T, String> {
+) -> Result<T, crate::BoxError> {
     use std::task::Poll;
     let started = std::time::Instant::now();
     let mut call = std::pin::pin!(call);
@@ -107,13 +109,13 @@ pub(crate) async fn bounded<T>(
             stats.plugin_error();
             stats.tel.plugin_error(what, false);
             tracing::error!(hook = what, cause = %e, "plug-in call failed");
-            Err(e.to_string())
+            Err(e)
         }
         Err(_) => {
             stats.plugin_error();
             stats.tel.plugin_error(what, true);
             tracing::error!(hook = what, ?timeout, "plug-in call timed out");
-            Err(format!("{what} timed out"))
+            Err(Box::new(crate::error::PluginTimeout(what)))
         }
     }
 }

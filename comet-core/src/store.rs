@@ -74,6 +74,8 @@ pub struct Offline {
 ///
 /// `comet_core::testing::store_conformance` checks every rule written here
 /// against a store; run it in your store's tests.
+///
+/// An extension point: applications implement it.
 #[async_trait]
 pub trait MessageStore: Send + Sync + 'static {
     /// Stores `draft`, gives it its chatId and returns the stored message:

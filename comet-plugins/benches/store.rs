@@ -167,11 +167,11 @@ async fn crowd() -> Crowd {
         .authenticator(Arc::new(auth))
         .store(Arc::new(MemoryStore::default()))
         .groups(Arc::new(groups))
-        .config(Config {
-            heartbeat_timeout: Duration::from_secs(3600),
-            max_outbound_bytes: 64 << 20,
-            ..Config::default()
-        })
+        .config(
+            Config::default()
+                .with_heartbeat_timeout(Duration::from_secs(3600))
+                .with_max_outbound_bytes(64 << 20),
+        )
         .build()
         .expect("build");
     let tally = Arc::new(Tally::default());

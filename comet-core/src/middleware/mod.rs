@@ -1,6 +1,6 @@
 //! The tower middleware stack over decoded frames.
 //!
-//! Every frame a client sends after op 7 becomes a [`Request`] that runs
+//! Every frame a client sends after op 7 becomes a [`FrameRequest`] that runs
 //! through the application's layers (outermost first, in the order they were
 //! added to the builder) down to the innermost service, which handles the
 //! protocol's own ops (2, 18, 20) and routes any other op to the
@@ -27,7 +27,7 @@ use crate::Mid;
 
 /// One decoded frame from an authenticated connection, with its context.
 #[derive(Clone, Debug)]
-pub struct Request {
+pub struct FrameRequest {
     /// The frame; its body is in the connection's wire mode.
     pub frame: Frame,
     /// Who sent it, and over what.
@@ -36,15 +36,15 @@ pub struct Request {
 
 /// What a service answers: a frame to write back on the connection (in its
 /// wire mode, usually made with [`Frame::reply`]), or nothing.
-pub type Response = Option<Frame>;
+pub type FrameResponse = Option<Frame>;
 
 /// A type-erased frame service: what each layer wraps. A connection's stack
 /// is built when it authenticates, so layers with per-connection state (a
 /// `tower::limit::RateLimitLayer`, say) limit that connection alone.
-pub type BoxService = TowerBoxService<Request, Response, BoxError>;
+pub type BoxService = TowerBoxService<FrameRequest, FrameResponse, BoxError>;
 
 /// A type-erased application handler for one op (cloned per call).
-pub(crate) type Handler = BoxCloneSyncService<Request, Response, BoxError>;
+pub(crate) type Handler = BoxCloneSyncService<FrameRequest, FrameResponse, BoxError>;
 
 /// A connection's service: the router alone when the application added no
 /// layer, or the boxed stack. Without layers this saves boxing every
@@ -54,8 +54,8 @@ pub(crate) enum Stack {
     Layered(BoxService),
 }
 
-impl tower::Service<Request> for Stack {
-    type Response = Response;
+impl tower::Service<FrameRequest> for Stack {
+    type Response = FrameResponse;
     type Error = BoxError;
     type Future = router::BoxFuture;
 
@@ -69,7 +69,7 @@ impl tower::Service<Request> for Stack {
         }
     }
 
-    fn call(&mut self, req: Request) -> Self::Future {
+    fn call(&mut self, req: FrameRequest) -> Self::Future {
         match self {
             Stack::Bare(router) => router.call(req),
             Stack::Layered(service) => service.call(req),

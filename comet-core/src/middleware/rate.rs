@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
-use super::{Request, Response};
+use super::{FrameRequest, FrameResponse};
 use crate::error::BoxError;
 
 /// Closes (1008, policy violation) a connection that sends frames faster than `per_second` on
@@ -68,14 +68,14 @@ pub struct FrameRateLimit<S> {
 #[error("frame rate limit of {0} frames per second exceeded")]
 pub struct RateLimited(pub u32);
 
-type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
+type BoxFuture = Pin<Box<dyn Future<Output = Result<FrameResponse, BoxError>> + Send>>;
 
-impl<S> Service<Request> for FrameRateLimit<S>
+impl<S> Service<FrameRequest> for FrameRateLimit<S>
 where
-    S: Service<Request, Response = Response, Error = BoxError>,
+    S: Service<FrameRequest, Response = FrameResponse, Error = BoxError>,
     S::Future: Send + 'static,
 {
-    type Response = Response;
+    type Response = FrameResponse;
     type Error = BoxError;
     type Future = BoxFuture;
 
@@ -83,7 +83,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request) -> BoxFuture {
+    fn call(&mut self, req: FrameRequest) -> BoxFuture {
         let now = Instant::now();
         let elapsed = now.duration_since(self.last).as_secs_f64();
         self.last = now;

@@ -8,13 +8,13 @@ use std::task::{Context, Poll};
 
 use tower::{Service, ServiceExt};
 
-use super::{Handler, Request, Response};
-use crate::comet::Engine;
+use super::{FrameRequest, FrameResponse, Handler};
+use crate::engine::Engine;
 use crate::error::BoxError;
 use crate::frame::op;
 use crate::payload::{SendReply, SendRequest, SyncReply, SyncRequest};
 
-pub(crate) type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
+pub(crate) type BoxFuture = Pin<Box<dyn Future<Output = Result<FrameResponse, BoxError>> + Send>>;
 
 /// Handles ops 2, 18, 20 and 22, routes application ops to their handlers, and
 /// ignores (and counts) any other op.
@@ -24,8 +24,8 @@ pub(crate) struct Router {
     pub(crate) handlers: Arc<HashMap<u32, Handler>>,
 }
 
-impl Service<Request> for Router {
-    type Response = Response;
+impl Service<FrameRequest> for Router {
+    type Response = FrameResponse;
     type Error = BoxError;
     type Future = BoxFuture;
 
@@ -33,7 +33,7 @@ impl Service<Request> for Router {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request) -> BoxFuture {
+    fn call(&mut self, req: FrameRequest) -> BoxFuture {
         let engine = self.engine.clone();
         // Only application ops look up (and clone) a handler.
         let handler = match req.frame.op {
