@@ -738,7 +738,7 @@ fn parse_sync(rest: &str) -> Result<(Target, Option<i64>), String> {
 
 fn parse_hex(text: &str) -> Result<Bytes, String> {
     let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-    if digits.len() % 2 != 0 {
+    if !digits.len().is_multiple_of(2) {
         return Err("odd number of hex digits".into());
     }
     let nibble = |c: u8| -> Result<u8, String> {

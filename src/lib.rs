@@ -55,7 +55,15 @@
 //! it on an axum `Router` with [`transports::axum`], or start a ready server
 //! from a TOML file with [`server`].
 
+// The README's Rust snippets compile (and run) as doctests of this module,
+// which exists only for `cargo test --doc`.
+#[cfg(all(doctest, feature = "tcp", feature = "axum"))]
+#[doc = include_str!("../README.md")]
+mod readme {}
+
+#[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "ws")]
 pub mod web;
 
 #[doc(inline)]

@@ -154,7 +154,7 @@ async fn sender(
         let mut window = Vec::with_capacity(WINDOW);
         for _ in 0..WINDOW {
             n += 1;
-            let (op, to, conv) = if n % 2 == 0 {
+            let (op, to, conv) = if n.is_multiple_of(2) {
                 (20, GROUP, Conv::Group)
             } else {
                 (18, PEER, Conv::Direct(mid))

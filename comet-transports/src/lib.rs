@@ -48,14 +48,33 @@
 pub mod admin;
 #[cfg(feature = "axum")]
 pub mod axum;
+// The helpers shared by the listeners: with only some listeners enabled,
+// parts of them have no caller.
+#[cfg_attr(not(all(feature = "tcp", feature = "ws")), allow(dead_code))]
 mod io;
+#[cfg_attr(
+    not(all(feature = "tcp", feature = "ws", feature = "axum")),
+    allow(dead_code)
+)]
 mod limits;
+#[cfg_attr(not(all(feature = "tcp", feature = "ws")), allow(dead_code))]
 mod listener;
+#[cfg_attr(
+    not(all(feature = "tcp", feature = "ws", feature = "axum")),
+    allow(dead_code)
+)]
 mod login;
+#[cfg_attr(
+    not(all(feature = "tcp", feature = "ws", feature = "axum")),
+    allow(dead_code)
+)]
 mod proxy;
+#[cfg(feature = "ws")]
 pub mod static_files;
+#[cfg(feature = "tcp")]
 pub mod tcp;
 pub mod tls;
+#[cfg(feature = "ws")]
 pub mod ws;
 
 pub use limits::{address_key, Limits, DEFAULT_IPV6_PREFIX, DEFAULT_MAX_UNAUTHENTICATED};
