@@ -73,7 +73,16 @@ mod proxy;
 pub mod static_files;
 #[cfg(feature = "tcp")]
 pub mod tcp;
+#[cfg(feature = "tls")]
 pub mod tls;
+/// Without the `tls` feature: a listener option that cannot be set, so the
+/// listeners' TLS arms compile away.
+#[cfg(not(feature = "tls"))]
+mod tls {
+    /// No value exists: `with_tls` is not there to make one.
+    #[derive(Clone, Debug)]
+    pub(crate) enum TlsConfig {}
+}
 #[cfg(feature = "ws")]
 pub mod ws;
 

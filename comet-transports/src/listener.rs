@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use comet_core::{Comet, TlsInfo};
+#[cfg(feature = "tls")]
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -147,6 +148,7 @@ pub(crate) fn handshake_deadline(comet: &Comet, admission: &Admission) -> tokio:
 /// Completes a TLS handshake by the handshake deadline, logging failures;
 /// the stream, and what the handshake negotiated for the authenticator
 /// (boxed: the connection's futures carry it until the login).
+#[cfg(feature = "tls")]
 pub(crate) async fn tls_handshake<S>(
     comet: &Comet,
     tls: &TlsConfig,
@@ -179,4 +181,17 @@ where
             None
         }
     }
+}
+
+/// Without the `tls` feature no listener has a [`TlsConfig`], so this is
+/// never called.
+#[cfg(not(feature = "tls"))]
+pub(crate) async fn tls_handshake<S>(
+    _comet: &Comet,
+    _tls: &TlsConfig,
+    _stream: S,
+    _peer: SocketAddr,
+    _admission: &Admission,
+) -> Option<(S, Box<TlsInfo>)> {
+    None
 }

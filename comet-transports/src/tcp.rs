@@ -15,6 +15,7 @@ use crate::io::WriteSink;
 use crate::limits::Admission;
 use crate::listener::{accept_loop, tls_handshake, Common};
 use crate::login::LoginGuard;
+#[cfg(feature = "tls")]
 use crate::tls::TlsConfig;
 use crate::{Limits, TrustedProxies};
 
@@ -52,6 +53,7 @@ impl TcpOptions {
         self
     }
 
+    #[cfg(feature = "tls")]
     /// Serves TLS: the TLS handshake and op 7 must both be done within the
     /// handshake timeout of the accept.
     pub fn with_tls(mut self, tls: TlsConfig) -> Self {
@@ -93,6 +95,7 @@ pub async fn serve(listener: TcpListener, comet: Comet, options: TcpOptions) -> 
             )
             .await
         }
+        #[cfg(feature = "tls")]
         Some(tls) => {
             accept_loop(
                 comet,
@@ -112,6 +115,8 @@ pub async fn serve(listener: TcpListener, comet: Comet, options: TcpOptions) -> 
             )
             .await
         }
+        #[cfg(not(feature = "tls"))]
+        Some(never) => match never {},
     }
 }
 

@@ -26,6 +26,7 @@ use crate::limits::Admission;
 use crate::listener::{accept_loop, handshake_deadline, tls_handshake, Common};
 use crate::login::{BudgetSpent, Budgeted, LoginGuard, ReadBudget};
 use crate::static_files::{route, Rewind, Routed, StaticFiles};
+#[cfg(feature = "tls")]
 use crate::tls::TlsConfig;
 use crate::{Limits, TrustedProxies};
 
@@ -110,6 +111,7 @@ impl WsOptions {
         self
     }
 
+    #[cfg(feature = "tls")]
     /// Serves TLS (WSS): the TLS handshake, the upgrade and op 7 must all be
     /// done within the handshake timeout of the accept.
     pub fn with_tls(mut self, tls: TlsConfig) -> Self {
@@ -181,6 +183,7 @@ pub async fn serve(listener: TcpListener, comet: Comet, options: WsOptions) -> i
             )
             .await
         }
+        #[cfg(feature = "tls")]
         Some(tls) => {
             accept_loop(
                 comet,
@@ -202,6 +205,8 @@ pub async fn serve(listener: TcpListener, comet: Comet, options: WsOptions) -> i
             )
             .await
         }
+        #[cfg(not(feature = "tls"))]
+        Some(never) => match never {},
     }
 }
 
