@@ -194,18 +194,7 @@ impl Engine {
                 .map_err(SendError::Groups)?;
             (Conversation::Group(req.to), Some(members))
         } else {
-            if let Some(users) = self.users.as_ref().filter(|_| req.to != req.from) {
-                let exists = match users.exists_now(req.to) {
-                    Some(known) => known,
-                    None => self
-                        .bounded("user directory", users.exists(req.to))
-                        .await
-                        .map_err(SendError::Users)?,
-                };
-                if !exists {
-                    return Err(SendError::UnknownUser(req.to));
-                }
-            }
+            self.check_recipient(req).await?;
             (Conversation::direct(req.from, req.to), None)
         };
         let draft = Draft {
@@ -246,6 +235,27 @@ impl Engine {
         Ok(chat_id)
     }
 
+    /// op 18's recipient must be a user the [`UserDirectory`] knows (when
+    /// the application gave one; notes to oneself are never checked). A
+    /// directory that knows at once (`exists_now`) costs no future.
+    async fn check_recipient(&self, req: &SendRequest) -> Result<(), SendError> {
+        let Some(users) = self.users.as_ref().filter(|_| req.to != req.from) else {
+            return Ok(());
+        };
+        let exists = match users.exists_now(req.to) {
+            Some(known) => known,
+            None => self
+                .bounded("user directory", users.exists(req.to))
+                .await
+                .map_err(SendError::Users)?,
+        };
+        if exists {
+            Ok(())
+        } else {
+            Err(SendError::UnknownUser(req.to))
+        }
+    }
+
     /// The cluster's send: the broker checks membership, assigns the chatId
     /// and routes in one step; this node delivers from its feed.
     async fn send_through(
@@ -258,18 +268,7 @@ impl Engine {
         let conversation = if op == op::SEND_TO_GROUP {
             Conversation::Group(req.to)
         } else {
-            if let Some(users) = self.users.as_ref().filter(|_| req.to != req.from) {
-                let exists = match users.exists_now(req.to) {
-                    Some(known) => known,
-                    None => self
-                        .bounded("user directory", users.exists(req.to))
-                        .await
-                        .map_err(SendError::Users)?,
-                };
-                if !exists {
-                    return Err(SendError::UnknownUser(req.to));
-                }
-            }
+            self.check_recipient(req).await?;
             Conversation::direct(req.from, req.to)
         };
         let draft = Draft {
