@@ -353,23 +353,29 @@ where
         let (end, mid, extensions) = 'session: {
             // A statement of its own, so that the handshake's result is not
             // kept in the session's future beside the established session.
+            // Boxed: the login's state (the upgrade request, the auth
+            // context, the authenticator's call) is larger than the
+            // established session's, and an inline future would keep room
+            // for it for the connection's whole life.
             let (request, tls) = conn.take_handshake();
-            let (identity, auth_frame) = match handshake(
+            let (identity, auth_frame) = match Box::pin(handshake(
                 engine_ref,
                 &conn,
                 (request, tls),
                 &mut inbound,
                 &mut outbound,
-            )
+            ))
             .await
             {
                 Ok(login) => login,
                 Err(end) => break 'session (end, None, None),
             };
+            // `identity` is only moved, never borrowed, here and in
+            // `established`: a borrowed local keeps its room in the future
+            // for as long as it is in scope.
             tracing::Span::current().record("mid", identity.mid);
             let mid = identity.mid;
-            let extensions = identity.shared_extensions().clone();
-            let end = established(
+            let (end, extensions) = established(
                 engine_ref,
                 comet,
                 &conn,
@@ -514,7 +520,7 @@ async fn established<St, Si>(
     auth_frame: &Frame,
     inbound: &mut St,
     outbound: &mut Si,
-) -> SessionEnd
+) -> (SessionEnd, Arc<http::Extensions>)
 where
     St: Stream<Item = Result<Frame, FrameError>> + Unpin + Send,
     Si: Sink<Outgoing> + Unpin + Send,
@@ -528,7 +534,7 @@ where
     let (handle, registered, page) =
         match Box::pin(login(engine, conn, mid, auth_frame, outbound)).await {
             Ok(login) => login,
-            Err(end) => return end,
+            Err(end) => return (end, identity.shared_extensions().clone()),
         };
 
     // op 8 first; the inbox follows through the queue at the client's
@@ -536,17 +542,16 @@ where
     let mut writer = Writer::new(conn.mode, cfg.max_body, &engine.stats.tel);
     let _session = engine.stats.tel.session(conn.transport, conn.mode);
     handle.push_frame(auth_frame.reply(op::AUTH_REPLY, AuthReply::Ok { mid }.encode()));
-    engine.emit(|| Event::Authenticated {
-        conn: conn.clone(),
-        mid,
-        extensions: identity.shared_extensions().clone(),
-    });
-
     let ctx = Arc::new(ConnContext {
         conn: conn.clone(),
         identity,
         comet,
         handle: handle.clone(),
+    });
+    engine.emit(|| Event::Authenticated {
+        conn: conn.clone(),
+        mid,
+        extensions: ctx.identity.shared_extensions().clone(),
     });
     let shared = handle.shared().clone();
     let end = {
@@ -577,6 +582,7 @@ where
     // No new deliveries from here on; a new login of this mid waits until
     // the inbox work below is done.
     let settling = registered.settle();
+    let extensions = ctx.identity.shared_extensions().clone();
     drop(ctx);
     // Live messages held back behind an inbox that was not done go to the
     // inbox, behind its rest, when this was the mid's last session.
@@ -612,7 +618,7 @@ where
         let _ = Box::pin(remove_written_inbox(engine, mid, &shared, &mut removed)).await;
     }
     drop(settling);
-    end
+    (end, extensions)
 }
 
 /// Registers the session and reads the inbox's first page. The page is
@@ -776,34 +782,35 @@ where
     // polled only when it has fired or holds another waker.
     let mut armed: Option<std::task::Waker> = None;
     loop {
-        let woke = std::future::poll_fn(|cx| {
-            if let Poll::Ready(next) = inbound.poll_next_unpin(cx) {
-                return Poll::Ready(Some(next));
-            }
-            let holds = armed.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
-            if !holds || timer.is_elapsed() {
-                // Unconstrained: out of coop budget, a `Sleep` would answer
-                // Pending without registering the waker recorded below.
-                let mut poll = tokio::task::coop::unconstrained(timer.as_mut());
-                if std::pin::Pin::new(&mut poll).poll(cx).is_ready() {
-                    armed = None;
-                    return Poll::Ready(None);
-                }
-                armed = Some(cx.waker().clone());
-            }
-            Poll::Pending
-        })
-        .await;
-        let Some(next) = woke else {
-            if tokio::time::Instant::now() >= deadline {
-                return SessionEnd::HeartbeatTimeout;
-            }
-            timer.as_mut().reset(deadline);
-            continue;
-        };
-        // Scoped so that neither `next` nor `frame` outlives its move into
-        // the request: the future keeps no room for them across the call.
+        // Scoped so that neither the wake-up, `next` nor `frame` outlives
+        // its move into the request: the future keeps no room for them
+        // across the call.
         let mut request = {
+            let woke = std::future::poll_fn(|cx| {
+                if let Poll::Ready(next) = inbound.poll_next_unpin(cx) {
+                    return Poll::Ready(Some(next));
+                }
+                let holds = armed.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+                if !holds || timer.is_elapsed() {
+                    // Unconstrained: out of coop budget, a `Sleep` would answer
+                    // Pending without registering the waker recorded below.
+                    let mut poll = tokio::task::coop::unconstrained(timer.as_mut());
+                    if std::pin::Pin::new(&mut poll).poll(cx).is_ready() {
+                        armed = None;
+                        return Poll::Ready(None);
+                    }
+                    armed = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            })
+            .await;
+            let Some(next) = woke else {
+                if tokio::time::Instant::now() >= deadline {
+                    return SessionEnd::HeartbeatTimeout;
+                }
+                timer.as_mut().reset(deadline);
+                continue;
+            };
             let frame = match next {
                 None => return SessionEnd::PeerClosed,
                 Some(Err(FrameError::Io(e))) => return SessionEnd::Transport(e.to_string()),

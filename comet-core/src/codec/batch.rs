@@ -29,12 +29,14 @@ const MAX_HINT: usize = 64 * 1024;
 #[derive(Debug)]
 pub struct BatchWriter {
     mode: WireMode,
-    max_body: usize,
+    /// `u32`s where the values fit: every session holds one of these.
+    max_body: u32,
     buf: BytesMut,
     start: usize,
-    count: usize,
-    /// Size of the last unit taken: what the next buffer starts with.
-    hint: usize,
+    count: u32,
+    /// Size of the last unit taken (at most `MAX_HINT`): what the next
+    /// buffer starts with.
+    hint: u32,
 }
 
 impl BatchWriter {
@@ -42,7 +44,7 @@ impl BatchWriter {
     pub fn new(mode: WireMode, max_body: usize) -> Self {
         BatchWriter {
             mode,
-            max_body,
+            max_body: u32::try_from(max_body).unwrap_or(u32::MAX),
             buf: BytesMut::new(),
             start: 0,
             count: 0,
@@ -52,7 +54,7 @@ impl BatchWriter {
 
     /// Number of inner frames in the open batch.
     pub fn len(&self) -> usize {
-        self.count
+        self.count as usize
     }
 
     /// Whether the open batch holds no frame.
@@ -86,7 +88,7 @@ impl BatchWriter {
                 WireMode::Binary => inner.len(),
                 WireMode::Json => inner.len() + 2, // comma and closing bracket
             };
-            if self.body_len() + extra > self.max_body {
+            if self.body_len() + extra > self.max_body as usize {
                 return false;
             }
         } else {
@@ -112,7 +114,7 @@ impl BatchWriter {
     /// last unit if that was larger (up to 64 KiB): one allocation per unit.
     fn open(&mut self, need: usize) {
         if self.buf.capacity() == 0 {
-            self.buf.reserve(need.max(self.hint.min(MAX_HINT)));
+            self.buf.reserve(need.max(self.hint as usize));
         }
     }
 
@@ -152,7 +154,7 @@ impl BatchWriter {
         } else {
             // `split()` keeps the rest of the allocation: once this unit is
             // written and dropped, the next one reuses it in place.
-            self.hint = self.buf.len();
+            self.hint = self.buf.len().min(MAX_HINT) as u32;
             Some(self.buf.split().freeze())
         }
     }
