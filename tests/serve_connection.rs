@@ -85,3 +85,54 @@ async fn an_application_accept_loop_serves_both_transports() {
         two.close().await;
     }
 }
+
+/// Sends one plain HTTP request and reads the response head to the close.
+async fn plain_request(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    within("the response and the close", tcp.read_to_end(&mut out))
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn a_websocket_listener_without_files_answers_plain_requests() {
+    // Through an application's own loop: not a session, and said so.
+    let (addr, mut ends) = own_loop(Kind::WsJson).await;
+    let answer = plain_request(addr, "/healthz").await;
+    assert!(answer.starts_with("HTTP/1.1 404 Not Found\r\n"), "{answer}");
+    assert_eq!(within("the end", ends.recv()).await, Some(None));
+    let answer = plain_request(addr, "/sub").await;
+    assert!(answer.starts_with("HTTP/1.1 426 "), "{answer}");
+    assert!(
+        answer.ends_with("this is a WebSocket endpoint\n"),
+        "{answer}"
+    );
+    assert_eq!(within("the end", ends.recv()).await, Some(None));
+    // The endpoint itself still upgrades.
+    let mut one = Client::login(Kind::WsBinary, addr, 1, "k1").await;
+    let ack = one.send_msg(18, 1, 2, b"still there").await;
+    assert_eq!(ack.ret, 0, "{ack:?}");
+    one.close().await;
+
+    // Through `ws::serve`'s own accept loop, with the default options.
+    let comet = Comet::builder()
+        .authenticator(Arc::new(MemoryAuth::from_iter([(1, "k1".to_string())])))
+        .store(Arc::new(MemoryStore::new(10, 10)))
+        .groups(Arc::new(MemoryGroups::default()))
+        .build()
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(ws::serve(listener, comet, WsOptions::default()));
+    let answer = plain_request(addr, "/").await;
+    assert!(answer.starts_with("HTTP/1.1 404 Not Found\r\n"), "{answer}");
+    let answer = plain_request(addr, "/sub?probe=1").await;
+    assert!(answer.starts_with("HTTP/1.1 426 "), "{answer}");
+    let mut one = Client::login(Kind::WsJson, addr, 1, "k1").await;
+    one.close().await;
+}

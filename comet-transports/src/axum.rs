@@ -220,7 +220,7 @@ impl CometWs {
                     let io = Budgeted::new(TokioIo::new(upgraded), budget.clone());
                     let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
                     let request = Some(request);
-                    serve_upgraded(&comet, ws, peer, admission, Some(budget), request, None).await;
+                    serve_upgraded(comet, ws, peer, admission, Some(budget), request, None).await;
                 }
                 Ok(Err(e)) => tracing::warn!(%peer, cause = %e, "websocket upgrade failed"),
                 Err(_) => tracing::info!(%peer, "websocket upgrade not completed in time"),

@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use comet_core::{Comet, TlsInfo};
+use futures_util::future::Either;
+use futures_util::FutureExt as _;
 #[cfg(feature = "tls")]
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -91,14 +93,24 @@ where
             let Some(admission) = limits.admit_unkeyed(peer, name) else {
                 continue;
             };
-            let (comet, limits, serve) = (comet.clone(), limits.clone(), serve.clone());
-            tokio::spawn(async move {
-                if let Some((stream, client, admission)) =
-                    proxied(&comet, &limits, stream, peer, admission, name).await
-                {
-                    serve(comet, stream, client, admission).await;
+            // The header is read in a boxed future chained to the
+            // connection's: the task holds one or the other, not both.
+            let deadline = handshake_deadline(&comet, &admission);
+            let header = Box::pin(proxied(
+                limits.clone(),
+                stream,
+                peer,
+                admission,
+                deadline,
+                name,
+            ));
+            let (comet, serve) = (comet.clone(), serve.clone());
+            tokio::spawn(header.then(move |proxied| match proxied {
+                Some((stream, client, admission)) => {
+                    Either::Left(serve(comet, stream, client, admission))
                 }
-            });
+                None => Either::Right(std::future::ready(())),
+            }));
             continue;
         }
         let Some(admission) = limits.admit(peer, name) else {
@@ -115,14 +127,13 @@ where
 /// names; `None` (logged) when the header is bad or late, or the client's
 /// address is full.
 async fn proxied(
-    comet: &Comet,
-    limits: &Limits,
+    limits: Limits,
     mut stream: TcpStream,
     proxy: SocketAddr,
     mut admission: Admission,
+    deadline: tokio::time::Instant,
     name: &'static str,
 ) -> Option<(TcpStream, SocketAddr, Admission)> {
-    let deadline = handshake_deadline(comet, &admission);
     let client = match tokio::time::timeout_at(deadline, proxy::read_header(&mut stream)).await {
         Ok(Ok(client)) => client.unwrap_or(proxy),
         Ok(Err(e)) => {
@@ -150,16 +161,14 @@ pub(crate) fn handshake_deadline(comet: &Comet, admission: &Admission) -> tokio:
 /// (boxed: the connection's futures carry it until the login).
 #[cfg(feature = "tls")]
 pub(crate) async fn tls_handshake<S>(
-    comet: &Comet,
     tls: &TlsConfig,
     stream: S,
     peer: SocketAddr,
-    admission: &Admission,
+    deadline: tokio::time::Instant,
 ) -> Option<(tokio_rustls::server::TlsStream<S>, Box<TlsInfo>)>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let deadline = handshake_deadline(comet, admission);
     match tokio::time::timeout_at(deadline, tls.acceptor.accept(stream)).await {
         Ok(Ok(tls)) => {
             let session = tls.get_ref().1;
@@ -187,11 +196,10 @@ where
 /// never called.
 #[cfg(not(feature = "tls"))]
 pub(crate) async fn tls_handshake<S>(
-    _comet: &Comet,
     _tls: &TlsConfig,
     _stream: S,
     _peer: SocketAddr,
-    _admission: &Admission,
+    _deadline: tokio::time::Instant,
 ) -> Option<(S, Box<TlsInfo>)> {
     None
 }

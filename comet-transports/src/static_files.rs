@@ -7,7 +7,9 @@
 //! for a path of the map with that file and closes the connection, answers
 //! other requests that are not WebSocket upgrades with 404 (or 405, 426), and
 //! hands an upgrade request, bytes read so far included, to the WebSocket
-//! handshake as before. Without the option nothing of this runs.
+//! handshake. Without the option the listener reads the head the same way
+//! and answers every plain request with 404, or 426 on the endpoint's path
+//! (so a health probe gets an answer, not a failed upgrade).
 //!
 //! [`ws`]: crate::ws
 //! [`WsOptions::with_static_files`]: crate::ws::WsOptions::with_static_files
@@ -74,11 +76,11 @@ pub(crate) enum Routed {
 const MAX_HEADERS: usize = 64;
 
 /// Reads one request head from `stream` (at most `max_head` bytes) and
-/// either answers it from `files` or, for a WebSocket upgrade, returns
-/// what was read.
+/// either answers it from `files` (none: every path is 404, but 426 on
+/// `ws_path`) or, for a WebSocket upgrade, returns what was read.
 pub(crate) async fn route<S>(
     stream: &mut S,
-    files: &StaticFiles,
+    files: Option<&StaticFiles>,
     ws_path: &str,
     max_head: usize,
 ) -> io::Result<Routed>
@@ -116,7 +118,7 @@ where
         let path = req.path.unwrap_or("/");
         let path = path.split('?').next().unwrap_or(path);
         let method = req.method.unwrap_or("");
-        match files.get(path) {
+        match files.and_then(|files| files.get(path)) {
             Some((content_type, body)) if method == "GET" || method == "HEAD" => {
                 let len = body.len();
                 let body = if method == "GET" { &body[..] } else { b"" };
@@ -264,7 +266,9 @@ mod tests {
         // The peer's end of the request: the server's linger ends at once.
         client.shutdown().await.unwrap();
         let files = StaticFiles::new().with("/", "text/html", &b"<p>hi</p>"[..]);
-        let routed = route(&mut server, &files, "/sub", 16 * 1024).await.unwrap();
+        let routed = route(&mut server, Some(&files), "/sub", 16 * 1024)
+            .await
+            .unwrap();
         drop(server);
         let mut out = String::new();
         client.read_to_string(&mut out).await.unwrap();
@@ -310,7 +314,7 @@ mod tests {
         let long = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(3000));
         client.write_all(long.as_bytes()).await.unwrap();
         client.shutdown().await.unwrap();
-        let routed = route(&mut server, &StaticFiles::new(), "/sub", 1024).await;
+        let routed = route(&mut server, Some(&StaticFiles::new()), "/sub", 1024).await;
         assert!(matches!(routed, Ok(Routed::Answered)));
         drop(server);
         let mut out = String::new();

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 
 use comet_core::codec::TcpCodec;
 use comet_core::{Comet, SessionEnd, TlsInfo, Transport, WireMode};
+use futures_util::future::Either;
 use futures_util::FutureExt as _;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -13,9 +14,8 @@ use tokio_util::codec::FramedRead;
 
 use crate::io::WriteSink;
 use crate::limits::Admission;
-use crate::listener::{accept_loop, tls_handshake, Common};
+use crate::listener::{accept_loop, handshake_deadline, tls_handshake, Common};
 use crate::login::LoginGuard;
-#[cfg(feature = "tls")]
 use crate::tls::TlsConfig;
 use crate::{Limits, TrustedProxies};
 
@@ -103,14 +103,7 @@ pub async fn serve(listener: TcpListener, comet: Comet, options: TcpOptions) -> 
                 common,
                 "tcp+tls",
                 move |comet, stream, peer, admission| {
-                    let tls = tls.clone();
-                    async move {
-                        if let Some((stream, info)) =
-                            tls_handshake(&comet, &tls, stream, peer, &admission).await
-                        {
-                            serve_stream(&comet, stream, peer, admission, Some(info)).await;
-                        }
-                    }
+                    tls_then_serve(comet, &tls, stream, peer, admission).map(drop)
                 },
             )
             .await
@@ -136,18 +129,47 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let admission = options.common.limits.admit(peer, "tcp");
-    let tls = options.common.tls.clone();
-    let comet = comet.clone();
-    async move {
-        let admission = admission?;
-        match tls {
-            None => Some(serve_stream(&comet, stream, peer, admission, None).await),
-            Some(tls) => {
-                let (stream, info) = tls_handshake(&comet, &tls, stream, peer, &admission).await?;
-                Some(serve_stream(&comet, stream, peer, admission, Some(info)).await)
-            }
+    match (admission, &options.common.tls) {
+        (None, _) => Either::Left(std::future::ready(None)),
+        (Some(admission), None) => {
+            let session = serve_stream(comet, stream, peer, admission, None);
+            Either::Right(Either::Left(session.map(Some)))
         }
+        (Some(admission), Some(tls)) => Either::Right(Either::Right(tls_then_serve(
+            comet.clone(),
+            tls,
+            stream,
+            peer,
+            admission,
+        ))),
     }
+}
+
+/// The TLS handshake, by the handshake deadline, then the session. The
+/// handshake runs in a boxed future chained to the session's: the task
+/// holds one or the other, never room for both. (Without the `tls`
+/// feature no `TlsConfig` exists, and this is never called.)
+#[cfg_attr(not(feature = "tls"), allow(unreachable_code, unused_variables))]
+fn tls_then_serve<S>(
+    comet: Comet,
+    tls: &TlsConfig,
+    stream: S,
+    peer: SocketAddr,
+    admission: Admission,
+) -> impl Future<Output = Option<SessionEnd>> + Send + 'static
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let deadline = handshake_deadline(&comet, &admission);
+    let tls = tls.clone();
+    let handshake = Box::pin(async move { tls_handshake(&tls, stream, peer, deadline).await });
+    handshake.then(move |done| match done {
+        Some((stream, info)) => {
+            let session = serve_stream(&comet, stream, peer, admission, Some(info));
+            Either::Left(session.map(Some))
+        }
+        None => Either::Right(std::future::ready(None)),
+    })
 }
 
 /// Serves one binary-frame connection to its end; `tls` is what its TLS

@@ -13,7 +13,7 @@ use comet_core::codec::{json, split_frames};
 use comet_core::{Comet, Frame, FrameError, Outgoing, SessionEnd, TlsInfo, Transport, WireMode};
 use futures_util::future::Either;
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -26,7 +26,6 @@ use crate::limits::Admission;
 use crate::listener::{accept_loop, handshake_deadline, tls_handshake, Common};
 use crate::login::{BudgetSpent, Budgeted, LoginGuard, ReadBudget};
 use crate::static_files::{route, Rewind, Routed, StaticFiles};
-#[cfg(feature = "tls")]
 use crate::tls::TlsConfig;
 use crate::{Limits, TrustedProxies};
 
@@ -94,10 +93,10 @@ impl WsOptions {
     }
 
     /// Files served to plain `GET` requests on the same listener (default
-    /// none): requests that are not WebSocket upgrades are then answered
-    /// from `files`, or with 404, and the connection is closed (see
-    /// [`static_files`](crate::static_files)); without it such requests
-    /// fail the upgrade.
+    /// none): requests that are not WebSocket upgrades are answered from
+    /// `files`, or with 404, and the connection is closed (see
+    /// [`static_files`](crate::static_files)); without files they are
+    /// answered 426 on the endpoint's path and 404 elsewhere.
     pub fn with_static_files(mut self, files: StaticFiles) -> Self {
         self.static_files = Some(files);
         self
@@ -157,66 +156,43 @@ pub(crate) fn ws_config(max_body: usize) -> WebSocketConfig {
 }
 
 /// Accepts WebSocket connections on `listener` until the comet shuts
-/// down, serving each on its own task: the upgrade on `options`' path
-/// (other paths are answered 404; plain requests from the static files, if
-/// any), then the session. The TLS handshake (if any), the upgrade and op 7
-/// must all be done within the handshake timeout of the accept.
+/// down, serving each on its own task: the upgrade on `options`' path, then
+/// the session. Plain HTTP requests are answered and closed: from the
+/// static files if `options` has them, otherwise 426 on the endpoint's path
+/// and 404 elsewhere. The TLS handshake (if any), the upgrade and op 7 must
+/// all be done within the handshake timeout of the accept.
 pub async fn serve(listener: TcpListener, comet: Comet, options: WsOptions) -> io::Result<()> {
     let WsOptions {
         path,
         static_files: files,
         common,
     } = options;
-    match common.tls.clone() {
-        None => {
-            accept_loop(
-                comet,
-                listener,
-                &common,
-                "websocket",
-                move |comet, stream, peer, admission| {
-                    let (path, files) = (path.clone(), files.clone());
-                    async move {
-                        accept(&comet, stream, peer, &path, files.as_ref(), admission, None).await;
-                    }
-                },
-            )
-            .await
-        }
-        #[cfg(feature = "tls")]
-        Some(tls) => {
-            accept_loop(
-                comet,
-                listener,
-                &common,
-                "websocket+tls",
-                move |comet, stream, peer, admission| {
-                    let (path, files, tls) = (path.clone(), files.clone(), tls.clone());
-                    async move {
-                        let Some((stream, info)) =
-                            tls_handshake(&comet, &tls, stream, peer, &admission).await
-                        else {
-                            return;
-                        };
-                        let files = files.as_ref();
-                        accept(&comet, stream, peer, &path, files, admission, Some(info)).await;
-                    }
-                },
-            )
-            .await
-        }
-        #[cfg(not(feature = "tls"))]
-        Some(never) => match never {},
-    }
+    let name = match common.tls {
+        None => "websocket",
+        Some(_) => "websocket+tls",
+    };
+    let tls = common.tls.clone();
+    accept_loop(
+        comet,
+        listener,
+        &common,
+        name,
+        move |comet, stream, peer, admission| {
+            let endpoint = (path.clone(), files.clone());
+            connection(comet, stream, peer, endpoint, tls.as_ref(), admission).map(drop)
+        },
+    )
+    .await
 }
 
 /// Serves one connection that an application accepted itself, as
 /// [`serve`] serves each of its own: counted in `options`' limits under
-/// `peer`, TLS first if `options` has it, then the upgrade (or a static
-/// file), then the session; the handshake timeout counts from now. Until
-/// the login at most [`pre_auth_budget`] bytes are read. `None` when the
-/// connection never became a session (refused by the limits, a failed
-/// TLS handshake or upgrade, a plain HTTP request; logged with `peer`).
+/// `peer`, TLS first if `options` has it, then the upgrade (or the answer
+/// to a plain HTTP request), then the session; the handshake timeout counts
+/// from now. Until the login at most [`pre_auth_budget`] bytes are read.
+/// `None` when the connection never became a session (refused by the
+/// limits, a failed TLS handshake or upgrade, a plain HTTP request; logged
+/// with `peer`).
 pub fn serve_connection<S>(
     stream: S,
     peer: SocketAddr,
@@ -226,134 +202,133 @@ pub fn serve_connection<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let admission = options.common.limits.admit(peer, "websocket");
-    let comet = comet.clone();
-    let (path, files, tls) = (
-        options.path.clone(),
-        options.static_files.clone(),
-        options.common.tls.clone(),
-    );
-    async move {
-        let admission = admission?;
-        match tls {
-            None => accept(&comet, stream, peer, &path, files.as_ref(), admission, None).await,
-            Some(tls) => {
-                let (stream, info) = tls_handshake(&comet, &tls, stream, peer, &admission).await?;
-                accept(
-                    &comet,
-                    stream,
-                    peer,
-                    &path,
-                    files.as_ref(),
-                    admission,
-                    Some(info),
-                )
-                .await
-            }
+    match options.common.limits.admit(peer, "websocket") {
+        Some(admission) => {
+            let endpoint = (options.path.clone(), options.static_files.clone());
+            let tls = options.common.tls.as_ref();
+            Either::Left(connection(
+                comet.clone(),
+                stream,
+                peer,
+                endpoint,
+                tls,
+                admission,
+            ))
+        }
+        None => Either::Right(std::future::ready(None)),
+    }
+}
+
+/// The endpoint's path and the static files beside it.
+type Endpoint = (Arc<str>, Option<StaticFiles>);
+
+/// What a connection's handshake hands to its session.
+struct Upgraded<S> {
+    ws: WebSocketStream<Rewind<Budgeted<S>>>,
+    budget: ReadBudget,
+    request: Option<Box<http::request::Parts>>,
+    tls: Option<Box<TlsInfo>>,
+}
+
+/// An admitted connection, from the TLS handshake (with `tls`) to the
+/// session's end.
+///
+/// The handshake (TLS, the request head, the upgrade) runs in a boxed
+/// future, chained to the session rather than awaited inside an `async`
+/// block: the task then holds either the handshake's box or the session,
+/// never room for both, and none for arguments consumed on the way.
+fn connection<S>(
+    comet: Comet,
+    stream: S,
+    peer: SocketAddr,
+    (path, files): Endpoint,
+    tls: Option<&TlsConfig>,
+    admission: Admission,
+) -> impl Future<Output = Option<SessionEnd>> + Send + 'static
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let deadline = handshake_deadline(&comet, &admission);
+    match tls.cloned() {
+        None => {
+            let handshake = upgrade(comet.clone(), stream, peer, path, files, deadline, None);
+            Either::Left(session_after(Box::pin(handshake), comet, peer, admission))
+        }
+        Some(tls) => {
+            let c = comet.clone();
+            let handshake = async move {
+                let (stream, info) = tls_handshake(&tls, stream, peer, deadline).await?;
+                upgrade(c, stream, peer, path, files, deadline, Some(info)).await
+            };
+            Either::Right(session_after(Box::pin(handshake), comet, peer, admission))
         }
     }
 }
 
-/// The upgrade (or, with `files`, a static file) and the session on an
-/// admitted connection. No async layer of its own: it returns one of the
-/// two futures, which keep no second copy of the stream.
-fn accept<'a, S>(
-    comet: &'a Comet,
-    stream: S,
+/// The session on the connection `handshake` upgrades, if it does.
+fn session_after<S, H>(
+    handshake: Pin<Box<H>>,
+    comet: Comet,
     peer: SocketAddr,
-    path: &'a str,
-    files: Option<&'a StaticFiles>,
     admission: Admission,
-    tls: Option<Box<TlsInfo>>,
-) -> impl Future<Output = Option<SessionEnd>> + Send + 'a
+) -> impl Future<Output = Option<SessionEnd>> + Send + 'static
 where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'a,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Future<Output = Option<Upgraded<S>>> + Send + 'static,
 {
-    match files {
-        Some(files) => Either::Left(accept_or_serve_file(
-            comet, stream, peer, path, files, admission, tls,
-        )),
-        None => Either::Right(accept_stream(comet, stream, peer, path, admission, tls)),
-    }
+    handshake.then(move |upgraded| match upgraded {
+        Some(Upgraded {
+            ws,
+            budget,
+            request,
+            tls,
+        }) => {
+            let budget = Some(budget);
+            let session = serve_upgraded(comet, ws, peer, admission, budget, request, tls);
+            Either::Left(session.map(Some))
+        }
+        None => Either::Right(std::future::ready(None)),
+    })
 }
 
-/// Performs the WebSocket upgrade on `stream` (plain TCP or TLS) and serves
-/// the session. The upgrade, the first data message and op 7 share one
-/// deadline, the handshake timeout after the accept; until the login at
-/// most [`pre_auth_budget`] bytes are read.
-async fn accept_stream<S>(
-    comet: &Comet,
+/// Reads the request head by `deadline` (at most [`UPGRADE_ALLOWANCE`]
+/// bytes, counted in the pre-login read budget): a plain request is
+/// answered (from `files`, 426 or 404) and the connection closed (`None`);
+/// an upgrade on `path` is completed, the head read again by the
+/// handshake. The upgrade request's method, URI, version and headers go
+/// to the authenticator ([`AuthContext`](comet_core::AuthContext)).
+async fn upgrade<S>(
+    comet: Comet,
     stream: S,
     peer: SocketAddr,
-    path: &str,
-    admission: Admission,
+    path: Arc<str>,
+    files: Option<StaticFiles>,
+    deadline: tokio::time::Instant,
     tls: Option<Box<TlsInfo>>,
-) -> Option<SessionEnd>
-where
-    S: AsyncRead + AsyncWrite + Send + Unpin,
-{
-    let budget = ReadBudget::new(pre_auth_budget(comet.config()));
-    let stream = Budgeted::new(stream, budget.clone());
-    upgrade(comet, stream, budget, peer, path, admission, tls).await
-}
-
-/// Like [`accept_stream`], reading the request head first: a plain request
-/// is answered from `files` (or 404) and the connection closed (`None`);
-/// an upgrade goes on as in [`accept_stream`]. The head counts towards the
-/// handshake timeout and the pre-login read budget.
-async fn accept_or_serve_file<S>(
-    comet: &Comet,
-    stream: S,
-    peer: SocketAddr,
-    path: &str,
-    files: &StaticFiles,
-    admission: Admission,
-    tls: Option<Box<TlsInfo>>,
-) -> Option<SessionEnd>
+) -> Option<Upgraded<S>>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin,
 {
     let budget = ReadBudget::new(pre_auth_budget(comet.config()));
     let mut stream = Budgeted::new(stream, budget.clone());
-    let deadline = handshake_deadline(comet, &admission);
-    let routed = route(&mut stream, files, path, UPGRADE_ALLOWANCE);
-    match tokio::time::timeout_at(deadline, routed).await {
-        Ok(Ok(Routed::Upgrade(head))) => {
-            let stream = Rewind::new(head, stream);
-            upgrade(comet, stream, budget, peer, path, admission, tls).await
-        }
-        Ok(Ok(Routed::Answered)) => None,
+    let routed = route(&mut stream, files.as_ref(), &path, UPGRADE_ALLOWANCE);
+    let head = match tokio::time::timeout_at(deadline, routed).await {
+        Ok(Ok(Routed::Upgrade(head))) => head,
+        Ok(Ok(Routed::Answered)) => return None,
         Ok(Err(e)) => {
             tracing::debug!(%peer, cause = %e, "http request failed");
-            None
+            return None;
         }
         Err(_) => {
             tracing::info!(%peer, "http request not completed within the handshake timeout");
-            None
+            return None;
         }
-    }
-}
-
-/// The WebSocket handshake on a budgeted stream, then the session. The
-/// upgrade request's method, URI, version and headers go to the
-/// authenticator ([`AuthContext`](comet_core::AuthContext)).
-async fn upgrade<S>(
-    comet: &Comet,
-    stream: S,
-    budget: ReadBudget,
-    peer: SocketAddr,
-    path: &str,
-    admission: Admission,
-    tls: Option<Box<TlsInfo>>,
-) -> Option<SessionEnd>
-where
-    S: AsyncRead + AsyncWrite + Send + Unpin,
-{
+    };
     let mut request = None;
     // tungstenite's callback signature fixes the error type.
     #[allow(clippy::result_large_err)]
     let check_path = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-        if req.uri().path() == path {
+        if req.uri().path() == &*path {
             request = Some(Box::new(request_parts(req)));
             Ok(resp)
         } else {
@@ -364,22 +339,25 @@ where
         }
     };
     let config = ws_config(comet.config().max_body);
+    let stream = Rewind::new(head, stream);
     let handshake =
         tokio_tungstenite::accept_hdr_async_with_config(stream, check_path, Some(config));
-    // A statement of its own, so that the connection's future keeps no
-    // room for the upgrade's result beside the session.
-    let ws = match tokio::time::timeout_at(handshake_deadline(comet, &admission), handshake).await {
-        Ok(Ok(ws)) => ws,
+    match tokio::time::timeout_at(deadline, handshake).await {
+        Ok(Ok(ws)) => Some(Upgraded {
+            ws,
+            budget,
+            request,
+            tls,
+        }),
         Ok(Err(e)) => {
             tracing::warn!(%peer, cause = %e, "websocket upgrade failed");
-            return None;
+            None
         }
         Err(_) => {
             tracing::info!(%peer, "websocket upgrade not completed within the handshake timeout");
-            return None;
+            None
         }
-    };
-    Some(serve_upgraded(comet, ws, peer, admission, Some(budget), request, tls).await)
+    }
 }
 
 /// A copy of an upgrade request's method, URI, version and headers (not
@@ -401,33 +379,36 @@ pub(crate) fn request_parts<B>(req: &http::Request<B>) -> http::request::Parts {
 /// `request` and `tls` (boxed: the connection's futures carry them until
 /// here) go to the authenticator.
 ///
-/// A plain function returning the future, not an `async fn`: an `async
-/// fn` keeps room for its arguments (the whole `WebSocketStream`, here)
-/// for as long as it runs, that is for the connection's life. The future
-/// holds the two halves instead, and the first message is awaited in a
-/// future of its own, gone before the session starts.
-pub(crate) fn serve_upgraded<'a, S>(
-    comet: &'a Comet,
+/// Not an `async fn`: the wait for the first message is chained to the
+/// session, so the future holds one or the other, and its arguments only
+/// until they are used.
+pub(crate) fn serve_upgraded<S>(
+    comet: Comet,
     ws: WebSocketStream<S>,
     peer: SocketAddr,
     admission: Admission,
     budget: Option<ReadBudget>,
     request: Option<Box<http::request::Parts>>,
     tls: Option<Box<TlsInfo>>,
-) -> impl std::future::Future<Output = SessionEnd> + Send + 'a
+) -> impl Future<Output = SessionEnd> + Send + 'static
 where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'a,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let (sink, stream) = ws.split();
     let sink = WsSink {
         inner: sink,
         mode: WireMode::Binary,
     };
-    async move {
-        let deadline = handshake_deadline(comet, &admission);
-        let (frames, sink) = match first_message(comet, stream, sink, deadline, peer).await {
+    let deadline = handshake_deadline(&comet, &admission);
+    let limits = (
+        comet.config().auth_body_limit(),
+        auth_message_limit(comet.config()),
+    );
+    let first = first_message(stream, sink, deadline, peer, limits);
+    first.then(move |halves| {
+        let (frames, sink) = match halves {
             Ok(halves) => halves,
-            Err(end) => return end,
+            Err(end) => return Either::Right(std::future::ready(end)),
         };
         let mut info = comet.conn_info(Transport::WebSocket, frames.mode, peer);
         info.accepted_at = admission.accepted_at();
@@ -445,19 +426,20 @@ where
                 budget.lift();
             }
         });
-        comet.serve(info, frames, sink).await
-    }
+        Either::Left(comet.serve(info, frames, sink))
+    })
 }
 
 /// Waits for the first data message, which fixes the wire mode, until
 /// `deadline`; returns the frame stream (holding that message) and the sink
-/// in that mode.
+/// in that mode. `(max_body, max_message)` are the limits before the
+/// login.
 async fn first_message<S>(
-    comet: &Comet,
     mut stream: SplitStream<WebSocketStream<S>>,
     mut sink: WsSink<S>,
     deadline: tokio::time::Instant,
     peer: SocketAddr,
+    (max_body, max_message): (usize, usize),
 ) -> Result<(WsFrames<S>, WsSink<S>), SessionEnd>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin,
@@ -492,12 +474,11 @@ where
         _ => WireMode::Binary,
     };
     sink.mode = mode;
-    let config = comet.config();
     let mut frames = WsFrames {
         inner: stream,
         mode,
-        max_body: config.auth_body_limit(),
-        max_message: Some(auth_message_limit(config)),
+        max_body,
+        max_message: Some(max_message),
         batch: Vec::new().into_iter(),
         next: None,
         failed: false,
