@@ -93,24 +93,13 @@ where
             let Some(admission) = limits.admit_unkeyed(peer, name) else {
                 continue;
             };
-            // The header is read in a boxed future chained to the
-            // connection's: the task holds one or the other, not both.
             let deadline = handshake_deadline(&comet, &admission);
-            let header = Box::pin(proxied(
-                limits.clone(),
-                stream,
-                peer,
-                admission,
-                deadline,
-                name,
-            ));
+            let header = proxied(limits.clone(), stream, peer, admission, deadline, name);
             let (comet, serve) = (comet.clone(), serve.clone());
-            tokio::spawn(header.then(move |proxied| match proxied {
-                Some((stream, client, admission)) => {
-                    Either::Left(serve(comet, stream, client, admission))
-                }
-                None => Either::Right(std::future::ready(())),
-            }));
+            let connection = then_serve(header, move |(stream, client, admission)| {
+                serve(comet, stream, client, admission)
+            });
+            tokio::spawn(connection.map(drop));
             continue;
         }
         let Some(admission) = limits.admit(peer, name) else {
@@ -120,6 +109,30 @@ where
     }
     tracing::info!(%local, listener = name, "listener stopped");
     Ok(())
+}
+
+/// A connection's handshake step (a PROXY header, TLS, a WebSocket
+/// upgrade), then what `serve` makes of its result; `None` when the
+/// handshake gave none (it logs why).
+///
+/// The handshake runs boxed and is chained to the session rather than
+/// awaited in an `async` block: the connection's task holds either the
+/// handshake's box or the session, never room for both, and none for
+/// what the handshake consumed. Idle connections pay only for the session.
+pub(crate) fn then_serve<H, T, F, Fut>(
+    handshake: H,
+    serve: F,
+) -> impl Future<Output = Option<Fut::Output>> + Send + 'static
+where
+    H: Future<Output = Option<T>> + Send + 'static,
+    F: FnOnce(T) -> Fut + Send + 'static,
+    Fut: Future + Send + 'static,
+    Fut::Output: Send,
+{
+    Box::pin(handshake).then(move |done| match done {
+        Some(done) => Either::Left(serve(done).map(Some)),
+        None => Either::Right(std::future::ready(None)),
+    })
 }
 
 /// Reads the PROXY header of a connection from the trusted proxy `proxy`

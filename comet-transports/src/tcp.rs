@@ -14,7 +14,7 @@ use tokio_util::codec::FramedRead;
 
 use crate::io::WriteSink;
 use crate::limits::Admission;
-use crate::listener::{accept_loop, handshake_deadline, tls_handshake, Common};
+use crate::listener::{accept_loop, handshake_deadline, then_serve, tls_handshake, Common};
 use crate::login::LoginGuard;
 use crate::tls::TlsConfig;
 use crate::{Limits, TrustedProxies};
@@ -145,10 +145,9 @@ where
     }
 }
 
-/// The TLS handshake, by the handshake deadline, then the session. The
-/// handshake runs in a boxed future chained to the session's: the task
-/// holds one or the other, never room for both. (Without the `tls`
-/// feature no `TlsConfig` exists, and this is never called.)
+/// The TLS handshake, by the handshake deadline, then the session (see
+/// [`then_serve`]). (Without the `tls` feature no `TlsConfig` exists, and
+/// this is never called.)
 #[cfg_attr(not(feature = "tls"), allow(unreachable_code, unused_variables))]
 fn tls_then_serve<S>(
     comet: Comet,
@@ -162,13 +161,9 @@ where
 {
     let deadline = handshake_deadline(&comet, &admission);
     let tls = tls.clone();
-    let handshake = Box::pin(async move { tls_handshake(&tls, stream, peer, deadline).await });
-    handshake.then(move |done| match done {
-        Some((stream, info)) => {
-            let session = serve_stream(&comet, stream, peer, admission, Some(info));
-            Either::Left(session.map(Some))
-        }
-        None => Either::Right(std::future::ready(None)),
+    let handshake = async move { tls_handshake(&tls, stream, peer, deadline).await };
+    then_serve(handshake, move |(stream, info)| {
+        serve_stream(&comet, stream, peer, admission, Some(info))
     })
 }
 

@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::limits::Admission;
-use crate::listener::{accept_loop, handshake_deadline, tls_handshake, Common};
+use crate::listener::{accept_loop, handshake_deadline, then_serve, tls_handshake, Common};
 use crate::login::{BudgetSpent, Budgeted, LoginGuard, ReadBudget};
 use crate::static_files::{route, Rewind, Routed, StaticFiles};
 use crate::tls::TlsConfig;
@@ -230,13 +230,9 @@ struct Upgraded<S> {
     tls: Option<Box<TlsInfo>>,
 }
 
-/// An admitted connection, from the TLS handshake (with `tls`) to the
+/// An admitted connection, from the TLS handshake (with `tls`) through
+/// the upgrade (one boxed handshake future, see [`then_serve`]) to the
 /// session's end.
-///
-/// The handshake (TLS, the request head, the upgrade) runs in a boxed
-/// future, chained to the session rather than awaited inside an `async`
-/// block: the task then holds either the handshake's box or the session,
-/// never room for both, and none for arguments consumed on the way.
 fn connection<S>(
     comet: Comet,
     stream: S,
@@ -252,7 +248,7 @@ where
     match tls.cloned() {
         None => {
             let handshake = upgrade(comet.clone(), stream, peer, path, files, deadline, None);
-            Either::Left(session_after(Box::pin(handshake), comet, peer, admission))
+            Either::Left(session_after(handshake, comet, peer, admission))
         }
         Some(tls) => {
             let c = comet.clone();
@@ -260,34 +256,29 @@ where
                 let (stream, info) = tls_handshake(&tls, stream, peer, deadline).await?;
                 upgrade(c, stream, peer, path, files, deadline, Some(info)).await
             };
-            Either::Right(session_after(Box::pin(handshake), comet, peer, admission))
+            Either::Right(session_after(handshake, comet, peer, admission))
         }
     }
 }
 
 /// The session on the connection `handshake` upgrades, if it does.
-fn session_after<S, H>(
-    handshake: Pin<Box<H>>,
+fn session_after<S>(
+    handshake: impl Future<Output = Option<Upgraded<S>>> + Send + 'static,
     comet: Comet,
     peer: SocketAddr,
     admission: Admission,
 ) -> impl Future<Output = Option<SessionEnd>> + Send + 'static
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: Future<Output = Option<Upgraded<S>>> + Send + 'static,
 {
-    handshake.then(move |upgraded| match upgraded {
-        Some(Upgraded {
+    then_serve(handshake, move |upgraded: Upgraded<S>| {
+        let Upgraded {
             ws,
             budget,
             request,
             tls,
-        }) => {
-            let budget = Some(budget);
-            let session = serve_upgraded(comet, ws, peer, admission, budget, request, tls);
-            Either::Left(session.map(Some))
-        }
-        None => Either::Right(std::future::ready(None)),
+        } = upgraded;
+        serve_upgraded(comet, ws, peer, admission, Some(budget), request, tls)
     })
 }
 
