@@ -81,7 +81,7 @@ use comet_core::{
     async_trait, BoxError, ConnId, Conversation, Delivery, GroupDirectory, GroupId, Members,
     Message, Mid, Registry,
 };
-use futures_util::StreamExt as _;
+use futures_util::{FutureExt as _, StreamExt as _};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
@@ -362,16 +362,66 @@ struct Feed {
     groups: HashMap<GroupId, Group>,
     /// Reused for each delivery's recipients.
     recipients: Vec<Mid>,
+    /// The messages of the current burst that go to the same sessions,
+    /// not yet delivered.
+    run: Run,
+}
+
+/// Most feed messages a node reads before it delivers what it has read.
+/// Past a few dozen, a bigger burst saves little more per message and only
+/// delays the first of them.
+const BURST: usize = 256;
+/// Most payload bytes a node reads before it delivers what it has read: a
+/// run lands in a session's queue at once, so a burst stays far below the
+/// queue's bound (4 MiB by default) and a reader that keeps up is never
+/// taken for a slow consumer because its messages came in bursts.
+const BURST_BYTES: usize = 64 * 1024;
+
+/// Consecutive feed messages with the same recipients on this node: each
+/// session gets them in one queue push and one wake-up
+/// ([`Registry::deliver_run`]), so its writer sends them in one write.
+/// Anything else the feed reads (a message for other sessions, a login, a
+/// membership change) delivers the run first, so a run is delivered
+/// exactly as its messages would have been one by one.
+#[derive(Default)]
+struct Run {
+    /// Group messages: the group and sender the recipients were computed
+    /// for (the membership and local sessions cannot change within a run).
+    /// `None`: 1:1 messages, compared by their recipients.
+    group: Option<(GroupId, Mid)>,
+    recipients: Vec<Mid>,
+    echo: Option<Mid>,
+    except: Option<ConnId>,
+    msgs: Vec<Arc<Message>>,
 }
 
 impl Feed {
     fn reset(&mut self) {
         self.local.clear();
         self.groups.clear();
+        self.run.msgs.clear();
     }
 
-    /// One payload of either channel (see the layout in `scripts`).
+    /// Delivers the current run, if any.
+    async fn flush(&mut self) {
+        let run = &mut self.run;
+        if run.msgs.is_empty() {
+            return;
+        }
+        self.registry
+            .deliver_run(&run.recipients, run.echo, &run.msgs, run.except)
+            .await;
+        run.msgs.clear();
+    }
+
+    /// One payload of either channel (see the layout in `scripts`). Group
+    /// and 1:1 messages may wait in the current run: call
+    /// [`flush`](Self::flush) at the end of a burst.
     async fn handle(&mut self, payload: &[u8]) {
+        let kind = payload.first().copied();
+        if !matches!(kind, Some(b'D' | b'G')) {
+            self.flush().await;
+        }
         let handled = match payload.split_first() {
             Some((kind, rest)) if rest.first() == Some(&b'\n') => {
                 let rest = &rest[1..];
@@ -427,10 +477,21 @@ impl Feed {
             echo = None;
         }
         let except = (except != 0).then_some(except);
-        let _ = self
-            .registry
-            .deliver(&self.recipients, echo, &msg, except)
-            .await;
+        let run = &self.run;
+        let same = !run.msgs.is_empty()
+            && run.group.is_none()
+            && run.echo == echo
+            && run.except == except
+            && run.recipients == self.recipients;
+        if !same {
+            self.flush().await;
+            let run = &mut self.run;
+            std::mem::swap(&mut run.recipients, &mut self.recipients);
+            run.group = None;
+            run.echo = echo;
+            run.except = except;
+        }
+        self.run.msgs.push(msg);
         Some(())
     }
 
@@ -452,18 +513,25 @@ impl Feed {
             to: group,
             msg: Bytes::copy_from_slice(msg),
         });
-        match self.groups.get_mut(&group) {
-            Some(Group::Ready(members)) => {
-                deliver_group(
-                    &self.registry,
-                    &self.local,
-                    members,
-                    &mut self.recipients,
-                    &msg,
-                    except,
-                )
-                .await;
+        if let Some(Group::Ready(_)) = self.groups.get(&group) {
+            let run = &self.run;
+            let same =
+                !run.msgs.is_empty() && run.group == Some((group, from)) && run.except == except;
+            if !same {
+                self.flush().await;
+                let run = &mut self.run;
+                if let Some(Group::Ready(members)) = self.groups.get(&group) {
+                    run.echo = group_recipients(&self.local, members, from, &mut run.recipients);
+                }
+                run.group = Some((group, from));
+                run.except = except;
             }
+            self.run.msgs.push(msg);
+            return Some(());
+        }
+        self.flush().await;
+        match self.groups.get_mut(&group) {
+            Some(Group::Ready(_)) => {}
             Some(Group::Loading(pending)) => {
                 pending.push(Pending::Msg(msg, except));
                 if pending.len() > MAX_PENDING {
@@ -605,7 +673,22 @@ async fn deliver_group(
     msg: &Arc<Message>,
     except: Option<ConnId>,
 ) {
-    let from = msg.delivered().from;
+    let echo = group_recipients(local, members, msg.delivered().from, recipients);
+    if recipients.is_empty() && echo.is_none() {
+        return;
+    }
+    let _ = registry.deliver(recipients, echo, msg, except).await;
+}
+
+/// Fills `recipients` with this node's members of a group (those whose
+/// login reached the feed) but `from`; returns `from` as the echo if it is
+/// one of them.
+fn group_recipients(
+    local: &HashSet<Mid>,
+    members: &HashSet<Mid>,
+    from: Mid,
+    recipients: &mut Vec<Mid>,
+) -> Option<Mid> {
     recipients.clear();
     let mut echo = None;
     let mut take = |m: Mid| {
@@ -627,10 +710,7 @@ async fn deliver_group(
             .filter(|m| local.contains(m))
             .for_each(|&m| take(m));
     }
-    if recipients.is_empty() && echo.is_none() {
-        return;
-    }
-    let _ = registry.deliver(recipients, echo, msg, except).await;
+    echo
 }
 
 /// Asks for `group`'s members to be published on this node's feed, again
@@ -669,6 +749,7 @@ async fn feed(inner: Arc<Inner>, registry: Arc<Registry>, link: Arc<Link>) {
         local: HashSet::new(),
         groups: HashMap::new(),
         recipients: Vec::new(),
+        run: Run::default(),
     };
     let mut first = true;
     loop {
@@ -696,8 +777,30 @@ async fn feed(inner: Arc<Inner>, registry: Arc<Registry>, link: Arc<Link>) {
                 link.subscribed.store(true, Ordering::SeqCst);
                 tracing::info!(node = %inner.opts.node_id, "cluster feed subscribed");
                 let mut stream = stream;
-                while let Some(msg) = stream.next().await {
+                // A burst: whatever the connection has already read (up
+                // to BURST messages) is handled before anything is
+                // delivered, so runs of messages for the same sessions
+                // reach each session in one push.
+                'feed: while let Some(msg) = stream.next().await {
+                    let mut bytes = msg.get_payload_bytes().len();
                     state.handle(msg.get_payload_bytes()).await;
+                    for _ in 1..BURST {
+                        if bytes >= BURST_BYTES {
+                            break;
+                        }
+                        match stream.next().now_or_never() {
+                            Some(Some(msg)) => {
+                                bytes += msg.get_payload_bytes().len();
+                                state.handle(msg.get_payload_bytes()).await;
+                            }
+                            Some(None) => {
+                                state.flush().await;
+                                break 'feed;
+                            }
+                            None => break,
+                        }
+                    }
+                    state.flush().await;
                 }
                 link.subscribed.store(false, Ordering::SeqCst);
                 let sessions = registry.session_count();
