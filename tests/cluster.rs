@@ -118,6 +118,15 @@ impl Drop for Redis {
 /// One in-process node on `redis`, users 1..=9 ("k{mid}"), group 100 =
 /// {1, 2, 3}, group 200 = {1..=9}.
 async fn node(redis: &Redis, id: &str) -> Running {
+    node_with(redis, id, |_| {}).await
+}
+
+/// [`node`], with `edit` applied to its configuration last.
+async fn node_with(
+    redis: &Redis,
+    id: &str,
+    edit: impl FnOnce(&mut comet::server::ServerConfig),
+) -> Running {
     let url = redis.url();
     let id = id.to_string();
     common::server::start_edit(move |c| {
@@ -126,6 +135,7 @@ async fn node(redis: &Redis, id: &str) -> Running {
         c.cluster.node_id = Some(id);
         c.server.max_frames_per_sec = 0;
         c.server.engine.sync_limit = 1000;
+        edit(c);
     })
     .await
 }
@@ -145,8 +155,11 @@ fn addr(n: &Running, kind: Kind) -> SocketAddr {
     }
 }
 
+/// Logs in; a node that has just started may not have subscribed to its
+/// feed yet and refuse for a moment ("cluster unavailable"), so this
+/// retries as [`login_eventually`] does.
 async fn login(n: &Running, kind: Kind, mid: i32) -> Client {
-    Client::login(kind, addr(n, kind), mid, &format!("k{mid}")).await
+    login_eventually(n, kind, mid).await
 }
 
 /// Logs in, retrying while the node refuses (e.g. resubscribing).
@@ -761,4 +774,145 @@ async fn a_sigkilled_node_loses_nothing_acknowledged() {
             "acknowledged op {op} chatId {id} missing"
         );
     }
+}
+
+/// Writes one op 20 per body without waiting for replies (binary modes),
+/// then reads the replies in order: a node's feed gets the messages in
+/// bursts. Returns the chatIds acknowledged.
+async fn send_pipelined(c: &mut Client, from: i32, sends: &[(i32, Vec<u8>)]) -> Vec<i64> {
+    let mut seqs = Vec::new();
+    for (to, msg) in sends {
+        let seq = c.next_seq();
+        let mut body = Vec::new();
+        body.extend_from_slice(&from.to_be_bytes());
+        body.extend_from_slice(&to.to_be_bytes());
+        body.extend_from_slice(msg);
+        c.send_frame(20, seq, None, Some(&body)).await;
+        seqs.push(seq);
+    }
+    let mut acked = Vec::new();
+    for seq in seqs {
+        let ack = c.ack(21, seq).await;
+        assert_eq!(ack.ret, 0, "{ack:?}");
+        acked.push(ack.chat_id);
+    }
+    acked
+}
+
+/// Reads `want` messages on its own task, so that a reader keeps up while
+/// the senders flood; checks each conversation's chatIds are 1, 2, 3, ...
+/// in order (nothing lost, repeated or reordered) and returns the count per
+/// group.
+fn read_all(mut c: Client, want: usize) -> tokio::task::JoinHandle<BTreeMap<i32, i64>> {
+    tokio::spawn(async move {
+        let mut last: BTreeMap<i32, i64> = BTreeMap::new();
+        for _ in 0..want {
+            let m = common::within("a burst's delivery", c.msg()).await;
+            let seen = last.entry(m.to).or_default();
+            let what = (m.to, m.from, m.chat_id);
+            assert_eq!(
+                m.chat_id,
+                *seen + 1,
+                "(group, from, chatId) {what:?} after {seen}"
+            );
+            *seen = m.chat_id;
+            assert_eq!(m.msg.len(), 8000);
+        }
+        c.no_msg().await;
+        last
+    })
+}
+
+/// Nodes deliver the bursts their feed reads as runs (each session gets a
+/// run in one push): pipelined group sends from two nodes, interleaving two
+/// groups, reach every member on every node exactly once and in chatId
+/// order, the sender's other session included and the sending connection
+/// excluded; a member that stops reading is closed alone, as a slow
+/// consumer, when its queue passes the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bursts_of_group_messages_arrive_once_in_order_and_only_a_stuck_member_is_closed() {
+    let redis = Redis::start();
+    // Node a holds both senders, which are members of group 200 too and
+    // do not read while they write: its bound is large. Nodes b and c
+    // close a session past 1 MiB (a reader that keeps up stays under it:
+    // a burst is at most 64 KiB).
+    let mut n = Vec::new();
+    for (id, bound) in [("a", 64 << 20), ("b", 1 << 20), ("c", 1 << 20)] {
+        n.push(
+            node_with(&redis, id, move |c| {
+                c.server.engine.max_outbound_bytes = bound
+            })
+            .await,
+        );
+    }
+    // Mid 3 (groups 100 and 200) on node b never reads after its login; a
+    // small receive buffer keeps the kernel from absorbing megabytes.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stuck = Client::from_tcp(socket.connect(addr(&n[1], Kind::Tcp)).await.unwrap());
+    assert_eq!(stuck.auth(json!({"mid": 3, "mkey": "k3"})).await.0, 0);
+    let mut sender_a = login(&n[0], Kind::Tcp, 1).await;
+    let mut sender_b = login(&n[0], Kind::WsBinary, 6).await;
+    // Through node a, sender 1 sends 600 messages, every tenth to group
+    // 100, the rest to group 200; sender 6 sends 300 to group 200 at the
+    // same time.
+    let body = |i: usize| {
+        let mut m = format!("{i:08}").into_bytes();
+        m.resize(8000, b'm');
+        m
+    };
+    let from_a: Vec<(i32, Vec<u8>)> = (0..600)
+        .map(|i| (if i % 10 == 0 { 100 } else { 200 }, body(i)))
+        .collect();
+    let from_b: Vec<(i32, Vec<u8>)> = (0..300).map(|i| (200, body(i))).collect();
+    let (g100, g200) = (60, 840);
+    let readers = [
+        // Mid 2: both groups, next to the stuck member.
+        (
+            read_all(login(&n[1], Kind::WsJson, 2).await, g100 + g200),
+            true,
+        ),
+        // Mid 4 and 5: group 200, on node c and on the senders' node.
+        (read_all(login(&n[2], Kind::Tcp, 4).await, g200), false),
+        (read_all(login(&n[0], Kind::WsBinary, 5).await, g200), false),
+        // Mid 1's other session: its own sends to both groups and the
+        // other sender's.
+        (
+            read_all(login(&n[2], Kind::WsJson, 1).await, g100 + g200),
+            true,
+        ),
+    ];
+    let (acked_a, acked_b) = tokio::join!(
+        send_pipelined(&mut sender_a, 1, &from_a),
+        send_pipelined(&mut sender_b, 6, &from_b)
+    );
+    let mut all: Vec<i64> = acked_a.iter().chain(&acked_b).copied().collect();
+    all.sort_unstable();
+    assert_eq!(all.len(), 900);
+    for (reader, both) in readers {
+        let last = common::within("a reader", reader).await.unwrap();
+        let mut want = BTreeMap::from([(200, g200 as i64)]);
+        if both {
+            want.insert(100, g100 as i64);
+        }
+        assert_eq!(last, want);
+    }
+    // The sending connections got the other sender's messages to group
+    // 200, and none of their own.
+    for (c, want, other) in [(&mut sender_a, 300, 6), (&mut sender_b, 540, 1)] {
+        let got = take(c, want).await;
+        assert_eq!(got.len(), want);
+        assert!(got.iter().all(|m| m.from == other && m.to == 200));
+        assert!(got.windows(2).all(|w| w[0].chat_id < w[1].chat_id));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while n[1].comet.is_online(3) {
+        assert!(
+            Instant::now() < deadline,
+            "the stuck member is still online"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(n[1].comet.stats().slow_consumers >= 1);
+    drop(stuck);
 }

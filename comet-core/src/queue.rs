@@ -146,6 +146,49 @@ impl Queue {
         Ok(())
     }
 
+    /// Queues delivered messages in order, each of `size(msg)` bytes, as
+    /// [`push`](Self::push) would one by one, but under one lock and with
+    /// at most one wake-up: the writer finds the whole run at once and
+    /// sends it in one batch. Stops at the first message past the bound
+    /// (those before it stay queued).
+    pub(crate) fn push_messages(
+        &self,
+        msgs: &[Arc<Message>],
+        size: impl Fn(&Message) -> usize,
+    ) -> Result<(), Refused> {
+        let mut inner = self.lock();
+        if inner.closed {
+            return Err(Refused::Closed);
+        }
+        let was_empty = inner.items.is_empty();
+        let mut result = Ok(());
+        for msg in msgs {
+            let size = size(msg);
+            let queued =
+                u64::from(inner.bytes) + u64::from(inner.in_flight) + u64::from(inner.held_bytes);
+            if queued + size as u64 > u64::from(self.limit) {
+                result = Err(Refused::Full);
+                break;
+            }
+            // Within the bound, so within `u32`.
+            let size = size as u32;
+            let item = Outbound::Message(msg.clone());
+            if inner.holding {
+                inner.held.get_or_insert_with(Box::default).push_back(item);
+                inner.held_bytes += size;
+            } else {
+                inner.items.push_back(item);
+                inner.bytes += size;
+            }
+        }
+        let wake = was_empty && !inner.items.is_empty();
+        drop(inner);
+        if wake {
+            self.waker.wake();
+        }
+        result
+    }
+
     /// Appends `item` and releases the lock; wakes the session task if the
     /// queue was empty (it is already awake otherwise).
     fn enqueue(&self, mut inner: MutexGuard<'_, Inner>, item: Outbound) {
@@ -380,5 +423,30 @@ mod tests {
         queue.close();
         assert_eq!(queue.poll_replay_room(&cx, 50), Poll::Ready(false));
         assert_eq!(queue.push_replay(item(), 1), Err(Refused::Closed));
+    }
+
+    #[test]
+    fn a_run_of_messages_is_queued_whole_held_back_and_bounded_per_message() {
+        let queue = Queue::new(100);
+        let cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        let run: Vec<_> = (1..=4).map(|c| message(c).into_message()).collect();
+        // Held back while the inbox is written, like single pushes.
+        assert_eq!(queue.push_messages(&run[..2], |_| 20), Ok(()));
+        let mut taken = VecDeque::new();
+        assert_eq!(queue.poll_take(&cx, &mut taken), Poll::Pending);
+        queue.release_held();
+        assert_eq!(queue.push_messages(&run[2..], |_| 20), Ok(()));
+        assert_eq!(queue.poll_take(&cx, &mut taken), Poll::Ready(true));
+        assert_eq!(chat_ids(&taken), vec![1, 2, 3, 4]);
+        taken.clear();
+        // 80 bytes in flight: of a run of three 10-byte messages, two fit;
+        // the third is refused and the two before it stay queued.
+        assert_eq!(queue.push_messages(&run[..3], |_| 10), Err(Refused::Full));
+        assert_eq!(queue.bytes(), 100);
+        queue.written();
+        assert_eq!(queue.poll_take(&cx, &mut taken), Poll::Ready(true));
+        assert_eq!(chat_ids(&taken), vec![1, 2]);
+        queue.close();
+        assert_eq!(queue.push_messages(&run, |_| 1), Err(Refused::Closed));
     }
 }

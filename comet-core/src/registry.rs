@@ -187,6 +187,25 @@ impl SessionHandle {
         self.push(Outbound::Message(msg.clone()), size)
     }
 
+    /// Queues a run of delivered messages in order, under one queue lock
+    /// and with one wake-up (see [`Registry::deliver_run`]); past the byte
+    /// bound the session is closed as a slow consumer and `false` returned.
+    fn push_messages(&self, msgs: &[Arc<Message>]) -> bool {
+        let mode = self.mode;
+        match self
+            .shared
+            .queue
+            .push_messages(msgs, |m| m.wire(mode).len() + SLOT)
+        {
+            Ok(()) => true,
+            Err(Refused::Full) => {
+                self.shared.kick(Kick::SlowConsumer);
+                false
+            }
+            Err(Refused::Closed) => false,
+        }
+    }
+
     /// Queues a replayed message (op 22; with `inbox_seq`, an entry of the
     /// session's offline inbox) once fewer than `window` replayed bytes wait
     /// to be written: a replay goes at the pace the client reads it and is
@@ -656,6 +675,71 @@ impl Delivery for Registry {
 }
 
 impl Registry {
+    /// Delivers `msgs`, a run of messages with the same `recipients`, `echo`
+    /// and `except`, as [`Delivery::deliver`] called for each of them in
+    /// order would, except that each live session gets the whole run under
+    /// one lock of its queue and one wake-up, so its writer sends the run in
+    /// one batch rather than one write per message. A cluster node delivers
+    /// the bursts its feed reads this way.
+    pub async fn deliver_run(
+        &self,
+        recipients: &[Mid],
+        echo: Option<Mid>,
+        msgs: &[Arc<Message>],
+        except: Option<ConnId>,
+    ) {
+        match msgs {
+            [] => return,
+            [msg] => return self.deliver_local(recipients, echo, msg, except).await,
+            _ => {}
+        }
+        let mut delivered = 0;
+        if let Some(mid) = echo {
+            self.push_live_run(mid, msgs, except, &mut delivered);
+        }
+        let deadline = tokio::time::Instant::now() + self.hook_timeout;
+        for &mid in recipients {
+            if Some(mid) == echo {
+                continue;
+            }
+            if !self.push_live_run(mid, msgs, except, &mut delivered) {
+                self.stats
+                    .tel
+                    .deliveries
+                    .increment(std::mem::take(&mut delivered));
+                // A recipient without a session here: rare in a cluster
+                // (presence routed the run here), so the inbox copies are
+                // made per message.
+                for msg in msgs {
+                    let stored = Message::new(msg.delivered().clone());
+                    self.push_offline(mid, msg, &stored, except, deadline).await;
+                }
+            }
+        }
+        self.stats.tel.deliveries.increment(delivered);
+    }
+
+    /// [`push_live`](Self::push_live) for a run of messages.
+    fn push_live_run(
+        &self,
+        mid: Mid,
+        msgs: &[Arc<Message>],
+        except: Option<ConnId>,
+        delivered: &mut u64,
+    ) -> bool {
+        let map = self.shard(mid).read();
+        let Some(entry) = map.get(&mid) else {
+            return false;
+        };
+        for s in &entry.sessions {
+            if Some(s.conn_id) != except {
+                s.push_messages(msgs);
+                *delivered += msgs.len() as u64;
+            }
+        }
+        !entry.sessions.is_empty()
+    }
+
     /// [`Delivery::deliver`] without the trait's boxed future: the engine
     /// calls this directly when no other delivery was configured.
     pub(crate) async fn deliver_local(

@@ -160,6 +160,15 @@ for _ in $(seq "$runs"); do
     wait_port "$port"
   done
   pids+=("$rpid" "${nodes[@]}")
+  # A node refuses logins until its feed is subscribed (and its previous
+  # life's presence reset): wait for the three subscriptions, then a moment.
+  for _ in $(seq 100); do
+    subs=$(redis-cli -p "$rport" PUBSUB NUMSUB comet:all | tail -n 1)
+    [ "$subs" = 3 ] && break
+    sleep 0.1
+  done
+  [ "$subs" = 3 ] || { echo "the nodes did not subscribe to their feeds" >&2; exit 1; }
+  sleep 0.5
   addrs=(127.0.0.1:4711 127.0.0.1:4713,127.0.0.1:4715)
   commands fanout cluster3 "${addrs[@]}" fanout --members 2000 --messages 20 -- "${fanout_max[@]}"
   run cluster3 "${addrs[@]}" "${fanout_rate[@]}"
