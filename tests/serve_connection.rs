@@ -133,6 +133,6 @@ async fn a_websocket_listener_without_files_answers_plain_requests() {
     assert!(answer.starts_with("HTTP/1.1 404 Not Found\r\n"), "{answer}");
     let answer = plain_request(addr, "/sub?probe=1").await;
     assert!(answer.starts_with("HTTP/1.1 426 "), "{answer}");
-    let mut one = Client::login(Kind::WsJson, addr, 1, "k1").await;
+    let one = Client::login(Kind::WsJson, addr, 1, "k1").await;
     one.close().await;
 }
