@@ -122,6 +122,18 @@ impl Queue {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// `size` as the live bound counts it, if the queue has room for it
+    /// beside what is queued, being written and held back.
+    fn room_for(&self, inner: &Inner, size: usize) -> Result<u32, Refused> {
+        let queued =
+            u64::from(inner.bytes) + u64::from(inner.in_flight) + u64::from(inner.held_bytes);
+        if queued + size as u64 > u64::from(self.limit) {
+            return Err(Refused::Full);
+        }
+        // Within the bound, so within `u32`.
+        Ok(size as u32)
+    }
+
     /// Queues `item` of `size` bytes (a delivered message waits while the
     /// queue holds them back).
     pub(crate) fn push(&self, item: Outbound, size: usize) -> Result<(), Refused> {
@@ -129,13 +141,7 @@ impl Queue {
         if inner.closed {
             return Err(Refused::Closed);
         }
-        let queued =
-            u64::from(inner.bytes) + u64::from(inner.in_flight) + u64::from(inner.held_bytes);
-        if queued + size as u64 > u64::from(self.limit) {
-            return Err(Refused::Full);
-        }
-        // Within the bound, so within `u32`.
-        let size = size as u32;
+        let size = self.room_for(&inner, size)?;
         if inner.holding && matches!(item, Outbound::Message(_)) {
             inner.held.get_or_insert_with(Box::default).push_back(item);
             inner.held_bytes += size;
@@ -163,15 +169,13 @@ impl Queue {
         let was_empty = inner.items.is_empty();
         let mut result = Ok(());
         for msg in msgs {
-            let size = size(msg);
-            let queued =
-                u64::from(inner.bytes) + u64::from(inner.in_flight) + u64::from(inner.held_bytes);
-            if queued + size as u64 > u64::from(self.limit) {
-                result = Err(Refused::Full);
-                break;
-            }
-            // Within the bound, so within `u32`.
-            let size = size as u32;
+            let size = match self.room_for(&inner, size(msg)) {
+                Ok(size) => size,
+                Err(refused) => {
+                    result = Err(refused);
+                    break;
+                }
+            };
             let item = Outbound::Message(msg.clone());
             if inner.holding {
                 inner.held.get_or_insert_with(Box::default).push_back(item);
