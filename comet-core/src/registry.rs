@@ -698,6 +698,10 @@ impl Registry {
             self.push_live_run(mid, msgs, except, &mut delivered);
         }
         let deadline = tokio::time::Instant::now() + self.hook_timeout;
+        // Inbox copies (without the per-mode encodings), made for the first
+        // recipient without a session here and shared by the others, as in
+        // `deliver_local`.
+        let mut stored: Vec<Arc<Message>> = Vec::new();
         for &mid in recipients {
             if Some(mid) == echo {
                 continue;
@@ -707,12 +711,11 @@ impl Registry {
                     .tel
                     .deliveries
                     .increment(std::mem::take(&mut delivered));
-                // A recipient without a session here: rare in a cluster
-                // (presence routed the run here), so the inbox copies are
-                // made per message.
-                for msg in msgs {
-                    let stored = Message::new(msg.delivered().clone());
-                    self.push_offline(mid, msg, &stored, except, deadline).await;
+                if stored.is_empty() {
+                    stored.extend(msgs.iter().map(|m| Message::new(m.delivered().clone())));
+                }
+                for (msg, stored) in msgs.iter().zip(&stored) {
+                    self.push_offline(mid, msg, stored, except, deadline).await;
                 }
             }
         }
