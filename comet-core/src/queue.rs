@@ -48,7 +48,13 @@ impl Outbound {
 /// Every queue exists once per session, so its counters are `u32`: the
 /// byte bound itself is at most `u32::MAX` (see [`Queue::new`]), and a
 /// replay's pacing window is a few frames.
+///
+/// `repr(C)`, in this order: what every push reads and writes (the deque,
+/// the bound's counters and the flags) comes first, then what only a
+/// login's inbox and a sync use, so that a fan-out touches as few cache
+/// lines of each recipient's queue as it can.
 #[derive(Debug, Default)]
+#[repr(C)]
 struct Inner {
     items: VecDeque<Outbound>,
     /// Bytes of `items`.
@@ -57,11 +63,6 @@ struct Inner {
     /// the bound too, or a session whose peer stopped reading would hold
     /// twice the bound (a stuck flush plus a full queue).
     in_flight: u32,
-    /// Bytes of replayed messages (op 22) queued, and taken but not yet
-    /// written. They are paced (see [`Queue::poll_replay_room`]) rather
-    /// than bounded: a replay never closes a session as a slow consumer.
-    replay: u32,
-    replay_in_flight: u32,
     /// Bytes of `held`.
     held_bytes: u32,
     /// Whether live messages are held back: the session is still writing
@@ -69,6 +70,11 @@ struct Inner {
     /// message sent after op 8).
     holding: bool,
     closed: bool,
+    /// Bytes of replayed messages (op 22) queued, and taken but not yet
+    /// written. They are paced (see [`Queue::poll_replay_room`]) rather
+    /// than bounded: a replay never closes a session as a slow consumer.
+    replay: u32,
+    replay_in_flight: u32,
     /// Live messages that arrived while holding: they wait here, counted
     /// against the bound, and join `items` when the inbox is done. Boxed
     /// and made only when the first one arrives: most logins never need it,
@@ -91,15 +97,18 @@ pub(crate) enum Refused {
     Closed,
 }
 
+/// `repr(C)`: the lock and the bound first, then the session's waker, which
+/// a push into an empty queue wakes (see [`Inner`]).
 #[derive(Debug)]
+#[repr(C)]
 pub(crate) struct Queue {
     inner: Mutex<Inner>,
+    limit: u32,
     /// The session task, woken by the first push into an empty queue and by
     /// kicks.
     waker: AtomicWaker,
     /// The task replaying a sync, woken when the writer has written.
     room: AtomicWaker,
-    limit: u32,
 }
 
 impl Queue {
@@ -124,6 +133,7 @@ impl Queue {
 
     /// `size` as the live bound counts it, if the queue has room for it
     /// beside what is queued, being written and held back.
+    #[inline]
     fn room_for(&self, inner: &Inner, size: usize) -> Result<u32, Refused> {
         let queued =
             u64::from(inner.bytes) + u64::from(inner.in_flight) + u64::from(inner.held_bytes);
@@ -149,6 +159,27 @@ impl Queue {
         }
         inner.bytes += size;
         self.enqueue(inner, item);
+        Ok(())
+    }
+
+    /// Queues a delivered message of `size` bytes, as [`push`](Self::push)
+    /// would: the fan-out's path, run once per recipient, so the common
+    /// case (not holding, not closed, within the bound) takes one branch.
+    #[inline]
+    pub(crate) fn push_message(&self, msg: &Arc<Message>, size: usize) -> Result<(), Refused> {
+        let mut inner = self.lock();
+        if inner.holding | inner.closed {
+            drop(inner);
+            return self.push(Outbound::Message(msg.clone()), size);
+        }
+        let size = self.room_for(&inner, size)?;
+        inner.items.push_back(Outbound::Message(msg.clone()));
+        inner.bytes += size;
+        let first = inner.items.len() == 1;
+        drop(inner);
+        if first {
+            self.waker.wake();
+        }
         Ok(())
     }
 

@@ -259,18 +259,25 @@ impl<'e> Writer<'e> {
     }
 
     /// Adds one encoded inner frame to the current op 9.
+    #[inline]
     fn encoded(&mut self, wire: &Bytes) {
         self.busy = true;
         if !self.batch.push(wire) {
-            match self.mode {
-                WireMode::Json => self.take_unit(),
-                WireMode::Binary => {
-                    self.count_batch();
-                    self.batch.finish()
-                }
-            }
-            self.batch.push(wire);
+            self.next_batch(wire);
         }
+    }
+
+    /// Closes the full op 9 and opens the next one with `wire`.
+    #[inline(never)]
+    fn next_batch(&mut self, wire: &Bytes) {
+        match self.mode {
+            WireMode::Json => self.take_unit(),
+            WireMode::Binary => {
+                self.count_batch();
+                self.batch.finish()
+            }
+        }
+        self.batch.push(wire);
     }
 
     fn item(&mut self, item: &Outbound) {

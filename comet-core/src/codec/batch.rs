@@ -75,7 +75,23 @@ impl BatchWriter {
     /// the frame would take its body past `max_body`; call
     /// [`finish`](Self::finish) or [`take`](Self::take) and push again. A frame alone
     /// is always accepted, even one larger than `max_body` (it cannot be split).
+    #[inline]
     pub fn push(&mut self, inner: &[u8]) -> bool {
+        // The common case, once per delivered message: one more frame into
+        // an open binary batch.
+        if self.count > 0 && self.mode == WireMode::Binary {
+            if self.body_len() + inner.len() > self.max_body as usize {
+                return false;
+            }
+            self.buf.extend_from_slice(inner);
+            self.count += 1;
+            return true;
+        }
+        self.push_other(inner)
+    }
+
+    /// [`push`](Self::push) opening a batch, or in JSON mode.
+    fn push_other(&mut self, inner: &[u8]) -> bool {
         // The batch's own bytes: a binary header, or the JSON head
         // `{"ver":1,"op":9,"seq":0,"body":[` and the closing `]}`.
         let framing = match self.mode {
