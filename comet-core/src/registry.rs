@@ -27,7 +27,7 @@ use crate::Mid;
 pub(crate) const SHARDS: usize = 64;
 
 /// From this many recipients on, a send looks them up shard by shard (see
-/// `Registry::push_live_by_shard`).
+/// `Registry::live_by_shard`).
 const BY_SHARD: usize = 32;
 
 /// Hashes mids with one multiply (Fibonacci hashing of the mid xor a
@@ -313,33 +313,33 @@ impl<'a> IntoIterator for &'a Sessions {
 
 impl Sessions {
     fn push(&mut self, handle: SessionHandle) {
-        match self {
-            Sessions::Many(handles) if handles.is_empty() => *self = Sessions::One(handle),
-            Sessions::Many(handles) => handles.push(handle),
-            Sessions::One(_) => {
-                let Sessions::One(first) = std::mem::take(self) else {
-                    unreachable!("matched One")
-                };
-                *self = Sessions::Many(vec![first, handle]);
+        *self = match std::mem::take(self) {
+            Sessions::One(first) => Sessions::Many(vec![first, handle]),
+            Sessions::Many(handles) if handles.is_empty() => Sessions::One(handle),
+            Sessions::Many(mut handles) => {
+                handles.push(handle);
+                Sessions::Many(handles)
             }
-        }
+        };
     }
 
     /// Keeps the sessions `keep` says yes to, in order.
     fn retain(&mut self, keep: impl Fn(&SessionHandle) -> bool) {
-        let mut handles = match std::mem::take(self) {
-            Sessions::One(handle) => vec![handle],
-            Sessions::Many(handles) => handles,
-        };
-        handles.retain(keep);
-        *self = match (handles.pop(), handles.is_empty()) {
-            (Some(only), true) => Sessions::One(only),
-            (Some(last), false) => {
-                handles.push(last);
-                Sessions::Many(handles)
+        match self {
+            Sessions::One(handle) => {
+                if !keep(handle) {
+                    *self = Sessions::default();
+                }
             }
-            (None, _) => Sessions::Many(handles),
-        };
+            Sessions::Many(handles) => {
+                handles.retain(keep);
+                if handles.len() == 1 {
+                    if let Some(only) = handles.pop() {
+                        *self = Sessions::One(only);
+                    }
+                }
+            }
+        }
     }
 
     /// Removes and returns the oldest session.
