@@ -30,6 +30,16 @@ pub(crate) const SHARDS: usize = 64;
 /// `Registry::live_by_shard`).
 const BY_SHARD: usize = 32;
 
+/// `v` emptied, with its allocation, for borrows of another lifetime: an
+/// in-place collect of an empty iterator reuses the buffer (no allocation).
+// `filter_map` rather than `filter`: it is what changes the lifetime (its
+// closure never runs).
+#[allow(clippy::unnecessary_filter_map)]
+fn recycle<'b>(mut v: Vec<&Entry>) -> Vec<&'b Entry> {
+    v.clear();
+    v.into_iter().filter_map(|_| None).collect()
+}
+
 /// Hashes mids with one multiply (Fibonacci hashing of the mid xor a
 /// per-process random seed): a fan-out to thousands of members hashes every
 /// one of them, and SipHash showed in profiles. Mids are authenticated ids,
@@ -911,13 +921,17 @@ impl Registry {
             sorted[*slot as usize] = mid;
             *slot += 1;
         }
+        // One buffer for every shard's lookups: each shard's borrows end
+        // with its lock, and `recycle` hands the allocation on empty.
+        let mut spare: Vec<&Entry> = Vec::new();
         for (i, shard) in self.shards.iter().enumerate() {
             let mids = &sorted[start[i] as usize..start[i + 1] as usize];
             if mids.is_empty() {
                 continue;
             }
             let map = shard.read();
-            let mut found: Vec<&Entry> = Vec::with_capacity(mids.len());
+            let mut found = recycle(spare);
+            found.reserve(mids.len());
             for &mid in mids {
                 if Some(mid) == skip {
                     continue;
@@ -927,9 +941,10 @@ impl Registry {
                     _ => offline.push(mid),
                 }
             }
-            for entry in found {
+            for entry in &found {
                 push(entry);
             }
+            spare = recycle(found);
         }
         offline
     }
@@ -1040,6 +1055,17 @@ mod tests {
                 .collect();
             assert_eq!(inboxes, want, "{members} members");
         }
+    }
+
+    #[test]
+    fn a_recycled_lookup_buffer_keeps_its_allocation() {
+        let entry = Entry::default();
+        let mut found: Vec<&Entry> = Vec::with_capacity(64);
+        found.push(&entry);
+        let (at, capacity) = (found.as_ptr() as usize, found.capacity());
+        let again: Vec<&Entry> = recycle(found);
+        assert!(again.is_empty());
+        assert_eq!((again.as_ptr() as usize, again.capacity()), (at, capacity));
     }
 
     #[test]
