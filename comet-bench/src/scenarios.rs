@@ -221,6 +221,7 @@ pub(crate) async fn fanout(
     count: u64,
     rate: Option<u64>,
     size: usize,
+    settle: Duration,
 ) -> std::io::Result<Value> {
     let (conns, _) = connect_all(ctx, (1..=members).collect(), "members connected").await?;
     let mut conns = conns.into_iter();
@@ -286,6 +287,7 @@ pub(crate) async fn fanout(
             (ok, failed)
         })
     };
+    tokio::time::sleep(settle).await;
     let meter = Meter::start(ctx.server_pid);
     let mut ticker =
         rate.map(|r| tokio::time::interval(Duration::from_secs_f64(1.0 / r.max(1) as f64)));
@@ -340,6 +342,7 @@ pub(crate) async fn fanout(
         "messages": count,
         "rate": rate,
         "msg_bytes": size,
+        "settle_ms": settle.as_millis() as u64,
         "acked": ok,
         "refused": failed,
         "deliveries": got,
