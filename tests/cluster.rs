@@ -253,6 +253,62 @@ async fn cross_node_one_to_one_and_group_in_every_wire_mode() {
     nine.no_msg().await;
 }
 
+/// `PUBLISH` calls since the last `CONFIG RESETSTAT`.
+fn publishes(redis: &Redis) -> u64 {
+    let info: String = redis.cmd(redis::cmd("INFO").arg("commandstats"));
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_publish:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_senders_copy_goes_to_its_other_sessions_and_only_to_nodes_that_hold_one() {
+    let redis = Redis::start();
+    let n = nodes(&redis).await;
+    // User 4: two sessions on node a, one on node b. User 6: one session,
+    // on node a. User 5, the recipient: node c.
+    let mut four_a = login(&n[0], Kind::Tcp, 4).await;
+    let mut four_a2 = login(&n[0], Kind::WsJson, 4).await;
+    let mut four_b = login(&n[1], Kind::WsBinary, 4).await;
+    let mut six = login(&n[0], Kind::WsBinary, 6).await;
+    let mut five = login(&n[2], Kind::Tcp, 5).await;
+
+    let _: () = redis.cmd(redis::cmd("CONFIG").arg("RESETSTAT"));
+    let ack = four_a.send_msg(18, 4, 5, b"from four").await;
+    assert_eq!(ack.ret, 0);
+    let want = Msg {
+        op: 18,
+        chat_id: ack.chat_id,
+        from: 4,
+        to: 5,
+        msg: b"from four".to_vec(),
+    };
+    assert_eq!(take(&mut five, 1).await, vec![want.clone()]);
+    // The sender's other session on the sending node has its copy, and so
+    // has the one on node b; the sending connection has none.
+    assert_eq!(take(&mut four_a2, 1).await, vec![want.clone()]);
+    assert_eq!(take(&mut four_b, 1).await, vec![want]);
+    four_a.no_msg().await;
+    // One PUBLISH per node holding a session to deliver to: c, a and b.
+    assert_eq!(publishes(&redis), 3);
+
+    // A sender whose only session is the sending one: no copy goes back to
+    // its node, only the recipient's node hears of the message.
+    let _: () = redis.cmd(redis::cmd("CONFIG").arg("RESETSTAT"));
+    let ack = six.send_msg(18, 6, 5, b"from six").await;
+    assert_eq!(ack.ret, 0);
+    let got = take(&mut five, 1).await;
+    assert_eq!(
+        got.iter().map(|m| (m.from, m.chat_id)).collect::<Vec<_>>(),
+        vec![(6, ack.chat_id)]
+    );
+    six.no_msg().await;
+    assert_eq!(publishes(&redis), 1);
+    // The rest of node a still hears nothing of it.
+    four_a2.no_msg().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chat_ids_are_gapless_and_delivered_in_order_across_nodes() {
     const EACH: usize = 60;

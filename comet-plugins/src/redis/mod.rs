@@ -169,12 +169,15 @@ impl Inner {
     /// One call of the send script: the chatId (negative: refused, not a
     /// member). `route` publishes to the nodes holding recipients (and
     /// fills inboxes); without it the message is only stored. `except` is
-    /// the sending connection (0: none).
+    /// the sending connection (0: none); `echo_here`: this node holds a
+    /// session of the sender other than `except`, so the sender's copy is
+    /// published here too.
     async fn send_script(
         &self,
         draft: &Draft,
         route: bool,
         except: ConnId,
+        echo_here: bool,
     ) -> redis::RedisResult<i64> {
         let o = &self.opts;
         self.scripts
@@ -190,6 +193,7 @@ impl Inner {
             .arg(i32::from(route))
             .arg(&o.node_id)
             .arg(except)
+            .arg(i32::from(echo_here))
             .invoke_async(&mut self.con())
             .await
     }
@@ -987,9 +991,19 @@ impl RedisBroker {
 #[async_trait]
 impl Broker for RedisBroker {
     async fn send(&self, draft: Draft, except: Option<ConnId>) -> Result<i64, BrokerError> {
+        // The sender's other sessions on this node get its copy from the
+        // feed, like every session; with none (the sending connection is
+        // its only one here) the script publishes no copy for this node. A
+        // session of the sender that registers after this check misses the
+        // copy, as one registering after a single node's delivery does: the
+        // sender's copy goes to the sessions live when the send is made.
+        let echo_here = match except {
+            Some(_) => self.registry.sessions_of(draft.from) > 1,
+            None => self.registry.sessions_of(draft.from) > 0,
+        };
         let chat = self
             .inner
-            .send_script(&draft, true, except.unwrap_or(0))
+            .send_script(&draft, true, except.unwrap_or(0), echo_here)
             .await
             .map_err(unavailable)?;
         if chat < 0 {
@@ -1093,7 +1107,7 @@ fn bad_reply(what: &str) -> BoxError {
 #[async_trait]
 impl MessageStore for RedisStore {
     async fn append(&self, draft: Draft) -> Result<Arc<Message>, BoxError> {
-        let chat = self.inner.send_script(&draft, false, 0).await?;
+        let chat = self.inner.send_script(&draft, false, 0, false).await?;
         Ok(draft.into_message(chat))
     }
 
