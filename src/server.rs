@@ -207,6 +207,9 @@ pub struct ClusterSection {
     pub node_id: Option<String>,
     /// Prefix of the cluster's Redis keys and channels (default `comet:`).
     pub prefix: Option<String>,
+    /// Most bytes of its feed the node reads ahead of delivering them
+    /// (default 16 MiB, [`RedisOptions::feed_budget`]).
+    pub feed_budget: Option<u64>,
 }
 
 /// When the embedded store fsyncs (see [`Fsync`]).
@@ -800,6 +803,9 @@ pub async fn assemble_cluster(
         RedisOptions::new(st.url.clone(), node_id).limits(st.history_limit, st.inbox_limit);
     if let Some(prefix) = &config.cluster.prefix {
         opts = opts.prefix(prefix.clone());
+    }
+    if let Some(bytes) = config.cluster.feed_budget {
+        opts = opts.feed_budget(bytes);
     }
     let cluster = RedisCluster::connect(opts)
         .await

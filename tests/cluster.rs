@@ -665,6 +665,55 @@ async fn a_killed_pubsub_connection_closes_sessions_and_sync_recovers_everything
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_falls_behind_its_feed_stops_reading_and_resyncs_its_sessions() {
+    let redis = Redis::start();
+    // Redis drops a subscriber holding 256 KiB it has not read (by default
+    // 32 MiB); the node reads at most 16 KiB ahead of its feed task.
+    let _: () = redis.cmd(
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("client-output-buffer-limit")
+            .arg("pubsub 262144 131072 1"),
+    );
+    let a = node_with(&redis, "a", |c| c.cluster.feed_budget = Some(16 * 1024)).await;
+    let mut one = login(&a, Kind::Tcp, 1).await;
+    // A steady flood on the node's feed, 10 messages a millisecond (40 MB
+    // a second, which the node's reader takes in without falling behind),
+    // of 1:1 messages for users online nowhere: the node puts each into
+    // five inboxes, one Redis call at a time, far slower than that.
+    let client = redis.client();
+    let flood = tokio::task::spawn_blocking(move || {
+        let mut c = client.get_connection().unwrap();
+        let body = vec![b'x'; 4096];
+        for round in 0..500 {
+            let mut pipe = redis::pipe();
+            for k in 0..10 {
+                let chat = round * 10 + k + 1;
+                let mut m = format!("D\n{chat}\n18\n8\n9\n0\n9,7,6,5,4\n").into_bytes();
+                m.extend_from_slice(&body);
+                pipe.cmd("PUBLISH").arg("comet:ch:a").arg(m).ignore();
+            }
+            let _: () = pipe.query(&mut c).unwrap();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    // The node stops reading 16 KiB ahead, Redis drops its subscription
+    // (an unbounded reader would have kept taking it all into the node's
+    // memory instead), and the node closes its sessions so that they
+    // resync.
+    let (_, closed) = common::within("session closed", one.msgs_until_closed()).await;
+    assert!(matches!(closed, Closed::Eof), "{closed:?}");
+    flood.await.unwrap();
+    // The node subscribes again and serves as before.
+    let mut one = login_eventually(&a, Kind::Tcp, 1).await;
+    let mut two = login(&a, Kind::WsBinary, 2).await;
+    let ack = one.send_msg(18, 1, 2, b"after the flood").await;
+    assert_eq!(ack.ret, 0);
+    let got = take(&mut two, 1).await;
+    assert_eq!(got[0].msg, b"after the flood".to_vec());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_down_refuses_sends_and_logins_then_recovers() {
     let mut redis = Redis::start();
     let a = node(&redis, "a").await;

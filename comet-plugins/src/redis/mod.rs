@@ -44,7 +44,10 @@
 //!
 //! Faults: a node whose feed (pub/sub connection) drops closes all its
 //! sessions (their clients reconnect and sync with op 22) and refuses logins
-//! until it has subscribed again. While Redis is unreachable, sends fail
+//! until it has subscribed again. A node that falls behind its feed reads
+//! no more than [`RedisOptions::feed_budget`] ahead of delivering; Redis's
+//! limit for slow subscribers then drops the connection, and the node
+//! resyncs its sessions the same way. While Redis is unreachable, sends fail
 //! (ret -1) and logins are refused with a reason; both recover by themselves.
 //! Scripts a restarted Redis has forgotten are loaded again (`NOSCRIPT`).
 //!
@@ -106,6 +109,12 @@ pub struct RedisOptions {
     pub node_ttl: Duration,
     /// Bound on connecting to Redis and on each answer (default 2 s).
     pub timeout: Duration,
+    /// Most bytes the node reads from its feed (its pub/sub connection)
+    /// ahead of delivering them (default 16 MiB). A node that falls
+    /// further behind stops reading; Redis holds the rest up to its
+    /// `client-output-buffer-limit pubsub`, then drops the connection, and
+    /// the node closes its sessions so that they resync.
+    pub feed_budget: u64,
 }
 
 impl RedisOptions {
@@ -119,6 +128,7 @@ impl RedisOptions {
             inbox: 1_000,
             node_ttl: Duration::from_secs(10),
             timeout: Duration::from_secs(2),
+            feed_budget: FEED_BUDGET,
         }
     }
 
@@ -138,6 +148,13 @@ impl RedisOptions {
     /// With `ttl` as the presence lifetime after a node's last heartbeat.
     pub fn node_ttl(mut self, ttl: Duration) -> Self {
         self.node_ttl = ttl;
+        self
+    }
+
+    /// With `bytes` as the most the node reads from its feed ahead of
+    /// delivering it (see [`feed_budget`](Self::feed_budget)).
+    pub fn feed_budget(mut self, bytes: u64) -> Self {
+        self.feed_budget = bytes;
         self
     }
 }
@@ -817,6 +834,118 @@ async fn load_group(inner: Arc<Inner>, link: Arc<Link>, epoch: u64, group: Group
     }
 }
 
+/// Default of [`RedisOptions::feed_budget`]: the most bytes a node reads
+/// from its feed connection ahead of the feed task. redis-rs hands what its pub/sub connection reads to the feed task
+/// through an unbounded channel; [`Bounded`] stops reading from the socket
+/// once this much is waiting there, so a node that cannot keep up with
+/// its feed holds at most this much (plus one read). Redis then keeps the
+/// rest in the subscriber's output buffer, and past its
+/// `client-output-buffer-limit pubsub` (32 MB, or 8 MB for 60 s, by
+/// default) closes the connection: the feed is lost, the node closes its
+/// sessions and they resync, as for any lost feed. Nothing is delivered
+/// after a gap: what the node did read came in order before the close.
+const FEED_BUDGET: u64 = 16 << 20;
+
+/// How far the reader of a feed connection is ahead of the feed task.
+#[derive(Debug)]
+struct Budget {
+    /// The most it may be ahead.
+    limit: u64,
+    /// Bytes read from the socket.
+    read: AtomicU64,
+    /// `read` as of the last time the feed task found redis-rs' channel
+    /// empty: everything read until then has been handled.
+    handled: AtomicU64,
+    /// The reader, waiting for the feed task to catch up.
+    waker: futures_util::task::AtomicWaker,
+}
+
+impl Budget {
+    fn new(limit: u64) -> Self {
+        Budget {
+            limit: limit.max(1),
+            read: AtomicU64::new(0),
+            handled: AtomicU64::new(0),
+            waker: futures_util::task::AtomicWaker::new(),
+        }
+    }
+
+    /// The feed task found the channel empty: what has been read is
+    /// handled. (Bytes read and queued between the check and this call
+    /// count as handled too, until the next call; the error never grows
+    /// past one such window.)
+    fn caught_up(&self) {
+        let read = self.read.load(Ordering::Acquire);
+        if self.handled.swap(read, Ordering::AcqRel) != read {
+            self.waker.wake();
+        }
+    }
+
+    fn ahead(&self) -> u64 {
+        self.read
+            .load(Ordering::Acquire)
+            .saturating_sub(self.handled.load(Ordering::Acquire))
+    }
+}
+
+/// A feed connection's socket that reads only while its [`Budget`] allows.
+struct Bounded<S> {
+    io: S,
+    budget: Arc<Budget>,
+}
+
+impl<S> Bounded<S> {
+    fn new(io: S, budget: Arc<Budget>) -> Self {
+        // A new connection starts with nothing waiting.
+        budget.caught_up();
+        Bounded { io, budget }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Bounded<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.budget.ahead() >= self.budget.limit {
+            self.budget.waker.register(cx.waker());
+            if self.budget.ahead() >= self.budget.limit {
+                return std::task::Poll::Pending;
+            }
+        }
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        self.budget.read.fetch_add(n, Ordering::AcqRel);
+        polled
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Bounded<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 /// Subscribes to this node's channel and the group channel and delivers
 /// what they carry, in the order Redis published it; when the subscription
 /// is lost, closes every session of the node (they reconnect and sync),
@@ -835,8 +964,9 @@ async fn feed(inner: Arc<Inner>, registry: Arc<Registry>, link: Arc<Link>) {
         pushes: 0,
     };
     let mut first = true;
+    let budget = Arc::new(Budget::new(inner.opts.feed_budget));
     loop {
-        match subscribe(&inner, [own.as_str(), all.as_str()]).await {
+        match subscribe(&inner, [own.as_str(), all.as_str()], &budget).await {
             Ok(stream) => {
                 if first {
                     // Presence left by this node's previous life.
@@ -866,7 +996,22 @@ async fn feed(inner: Arc<Inner>, registry: Arc<Registry>, link: Arc<Link>) {
                 // before anything is delivered, so runs of messages for the
                 // same sessions reach each session in one push. A flooded
                 // feed holds the burst open for up to FLOOD_HOLD.
-                'feed: while let Some(msg) = stream.next().await {
+                //
+                // Each time the feed finds nothing waiting, it tells the
+                // budget (Budget::caught_up), so the reader, which may be
+                // stopped at FEED_BUDGET, reads on before the feed waits.
+                'feed: loop {
+                    let msg = match stream.next().now_or_never() {
+                        Some(Some(msg)) => msg,
+                        Some(None) => break 'feed,
+                        None => {
+                            budget.caught_up();
+                            match stream.next().await {
+                                Some(msg) => msg,
+                                None => break 'feed,
+                            }
+                        }
+                    };
                     let until = tokio::time::Instant::now() + FLOOD_HOLD;
                     let holding = flood.on();
                     let mut bytes = msg.get_payload_bytes().len();
@@ -879,9 +1024,13 @@ async fn feed(inner: Arc<Inner>, registry: Arc<Registry>, link: Arc<Link>) {
                         let next = match stream.next().now_or_never() {
                             Some(next) => Some(next),
                             None if holding => {
+                                budget.caught_up();
                                 tokio::time::timeout_at(until, stream.next()).await.ok()
                             }
-                            None => None,
+                            None => {
+                                budget.caught_up();
+                                None
+                            }
                         };
                         match next {
                             Some(Some(msg)) => {
@@ -913,12 +1062,35 @@ async fn feed(inner: Arc<Inner>, registry: Arc<Registry>, link: Arc<Link>) {
     }
 }
 
+/// Subscribes to `channels` on a connection of its own, read through a
+/// [`Bounded`] stream: what the feed task has not handled yet is capped by
+/// `budget`.
 async fn subscribe(
     inner: &Inner,
     channels: [&str; 2],
+    budget: &Arc<Budget>,
 ) -> redis::RedisResult<redis::aio::PubSubStream> {
     let connect = async {
-        let mut pubsub = inner.client.get_async_pubsub().await?;
+        let info = inner.client.get_connection_info();
+        let mut pubsub = match &info.addr {
+            redis::ConnectionAddr::Tcp(host, port) => {
+                let tcp = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+                tcp.set_nodelay(true)?;
+                redis::aio::PubSub::new(&info.redis, Bounded::new(tcp, budget.clone())).await?
+            }
+            #[cfg(unix)]
+            redis::ConnectionAddr::Unix(path) => {
+                let unix = tokio::net::UnixStream::connect(path).await?;
+                redis::aio::PubSub::new(&info.redis, Bounded::new(unix, budget.clone())).await?
+            }
+            other => {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "the cluster feed needs a redis:// or redis+unix:// address",
+                    format!("{other}"),
+                )))
+            }
+        };
         pubsub.subscribe(&channels[..]).await?;
         Ok(pubsub.into_on_message())
     };
@@ -1353,6 +1525,60 @@ mod tests {
         assert_eq!(members, [1, 2].into());
         rewind(&mut members, &pending[..1]);
         assert_eq!(members, [1, 2].into(), "messages change nothing");
+    }
+
+    /// Reads from `r` until a read would wait; returns the bytes read.
+    async fn read_ready(r: &mut (impl tokio::io::AsyncRead + Unpin)) -> usize {
+        use tokio::io::AsyncReadExt as _;
+        let mut buf = [0u8; 512];
+        let mut n = 0;
+        while let Some(got) = r.read(&mut buf).now_or_never() {
+            let got = got.unwrap();
+            assert!(got > 0, "the writer stays open");
+            n += got;
+        }
+        n
+    }
+
+    #[tokio::test]
+    async fn a_feed_connection_reads_no_further_than_its_budget_ahead_of_the_feed() {
+        use tokio::io::AsyncWriteExt as _;
+        let (mut redis, node) = tokio::io::duplex(64 * 1024);
+        let budget = Arc::new(Budget::new(3000));
+        let mut feed = Bounded::new(node, budget.clone());
+        redis.write_all(&[7; 10_000]).await.unwrap();
+        // The reader stops once 3,000 bytes are waiting for the feed task
+        // (plus at most the one read that crossed the limit)...
+        let first = read_ready(&mut feed).await;
+        assert!((3000..3000 + 512).contains(&first), "{first}");
+        assert_eq!(read_ready(&mut feed).await, 0, "stopped");
+        // ...and goes on when the feed task has caught up, one budget at
+        // a time, until it has read everything.
+        let mut total = first;
+        while total < 10_000 {
+            budget.caught_up();
+            let more = read_ready(&mut feed).await;
+            assert!(more > 0 && more < 3000 + 512, "{more}");
+            total += more;
+        }
+        assert_eq!(total, 10_000);
+        // A reader stopped at its budget is woken by the catch-up.
+        budget.caught_up();
+        redis.write_all(&[7; 5000]).await.unwrap();
+        assert!(read_ready(&mut feed).await >= 3000);
+        let wait = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt as _;
+            let mut buf = [0u8; 512];
+            feed.read(&mut buf).await.unwrap()
+        });
+        tokio::task::yield_now().await;
+        assert!(!wait.is_finished());
+        budget.caught_up();
+        let n = tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .expect("woken")
+            .unwrap();
+        assert!(n > 0);
     }
 
     #[tokio::test(start_paused = true)]
