@@ -7,11 +7,17 @@
 #
 #   examples/scripts/bench_cluster.sh [RUNS]     (default 1)
 #
+# Each run also measures the fixed-rate fan-out on ONE node on Redis
+# (setup=cluster1): the cluster path's own latency (script, pub/sub, the
+# node's feed), apart from three node processes sharing this machine's
+# cores.
+#
 # Environment: PAIRS (default 500 pairs; each pair has one message in
 # flight, so enough pairs make the pairs scenario throughput-bound rather
 # than latency-bound), FANOUT_MESSAGES (default 1000), RATE_MESSAGES
-# (default 300, at 50 msg/s), PAIRS_SECONDS (default 5), REDIS_PORT,
-# SKIP_BUILD=1. One run takes about 2-5 minutes.
+# (default 300, at 50 msg/s), PAIRS_SECONDS (default 5), NODE_WORKERS
+# (tokio worker threads per cluster node; default: one per core, as the
+# single node), REDIS_PORT, SKIP_BUILD=1. One run takes about 2-5 minutes.
 #
 # Output: target/bench/cluster.jsonl (one JSON line per scenario run,
 # labelled setup=single|cluster3, and one "redis-commands" line for the
@@ -59,7 +65,8 @@ run() { # label addr more-addrs scenario args...
   local label=$1 addr=$2 more=$3; shift 3
   local extra=()
   [ -n "$more" ] && extra=(--more-addrs "$more")
-  "$bin" run "$@" --addr "$addr" "${extra[@]}" --label "setup=$label" --quiet >> "$results" \
+  "$bin" run "$@" --addr "$addr" "${extra[@]}" --label "setup=$label" \
+    --label "node_workers=${NODE_WORKERS:-cores}" --quiet >> "$results" \
     || { failed=1; echo "run failed: $label $*" >&2; }
 }
 fanout_max=(fanout --members 2000 --messages "$fanout_messages")
@@ -133,6 +140,39 @@ print(json.dumps({
 EOF
 }
 
+cluster_up() { # nodes: a fresh redis-server and that many nodes, subscribed
+  local count=$1 i port subs=0
+  rm -rf "$dir/redis"; mkdir -p "$dir/redis"
+  redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly yes --dir "$dir/redis" \
+    --daemonize no > "$dir/redis.log" 2>&1 &
+  rpid=$!
+  wait_port "$rport"
+  nodes=()
+  for i in $(seq 0 $((count - 1))); do
+    port=$((4711 + 2 * i))
+    env ${NODE_WORKERS:+TOKIO_WORKER_THREADS=$NODE_WORKERS} "$bin" serve --server comet \
+      --tcp "127.0.0.1:$port" --store redis --redis-url "redis://127.0.0.1:$rport/" \
+      --node-id "bench$i" "${layout[@]}" > "$dir/node$i.log" 2>&1 &
+    nodes+=($!)
+    wait_port "$port"
+  done
+  pids+=("$rpid" "${nodes[@]}")
+  # A node refuses logins until its feed is subscribed (and its previous
+  # life's presence reset): wait for the subscriptions, then a moment.
+  for _ in $(seq 100); do
+    subs=$(redis-cli -p "$rport" PUBSUB NUMSUB comet:all | tail -n 1)
+    [ "$subs" = "$count" ] && break
+    sleep 0.1
+  done
+  [ "$subs" = "$count" ] || { echo "the nodes did not subscribe to their feeds" >&2; exit 1; }
+  sleep 0.5
+}
+cluster_down() {
+  for p in "${nodes[@]}" "$rpid"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  pids=()
+  sleep 1
+}
+
 for _ in $(seq "$runs"); do
   # One node, memory store.
   "$bin" serve --server comet --tcp 127.0.0.1:4701 "${layout[@]}" > "$dir/single.log" 2>&1 &
@@ -146,36 +186,17 @@ for _ in $(seq "$runs"); do
   sleep 1
 
   # Three nodes, one Redis (AOF on, appendfsync everysec), a fresh one per run.
-  rm -rf "$dir/redis"; mkdir -p "$dir/redis"
-  redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly yes --dir "$dir/redis" \
-    --daemonize no > "$dir/redis.log" 2>&1 &
-  rpid=$!
-  wait_port "$rport"
-  nodes=()
-  for i in 0 1 2; do
-    port=$((4711 + 2 * i))
-    "$bin" serve --server comet --tcp "127.0.0.1:$port" --store redis \
-      --redis-url "redis://127.0.0.1:$rport/" --node-id "bench$i" "${layout[@]}" > "$dir/node$i.log" 2>&1 &
-    nodes+=($!)
-    wait_port "$port"
-  done
-  pids+=("$rpid" "${nodes[@]}")
-  # A node refuses logins until its feed is subscribed (and its previous
-  # life's presence reset): wait for the three subscriptions, then a moment.
-  for _ in $(seq 100); do
-    subs=$(redis-cli -p "$rport" PUBSUB NUMSUB comet:all | tail -n 1)
-    [ "$subs" = 3 ] && break
-    sleep 0.1
-  done
-  [ "$subs" = 3 ] || { echo "the nodes did not subscribe to their feeds" >&2; exit 1; }
-  sleep 0.5
+  cluster_up 3
   addrs=(127.0.0.1:4711 127.0.0.1:4713,127.0.0.1:4715)
   commands fanout cluster3 "${addrs[@]}" fanout --members 2000 --messages 20 -- "${fanout_max[@]}"
   run cluster3 "${addrs[@]}" "${fanout_rate[@]}"
   commands pairs cluster3 "${addrs[@]}" pairs --pairs "$pairs" --seconds 1 -- "${pairs_run[@]}"
-  for p in "${nodes[@]}" "$rpid"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-  pids=()
-  sleep 1
+  cluster_down
+
+  # One node on Redis: the cluster path's latency without co-located nodes.
+  cluster_up 1
+  run cluster1 127.0.0.1:4711 "" "${fanout_rate[@]}"
+  cluster_down
 done
 
 # The summary: medians over the runs, single node vs 3 nodes, against the
@@ -208,8 +229,13 @@ rows.append(("fan-out 2,000 members, max rate (deliveries/s)", fmt(a), fmt(b),
 s, c = pick("single", "fanout", 50), pick("cluster3", "fanout", 50)
 a, b = med(s, lambda v: v["latency"]["p99_us"]), med(c, lambda v: v["latency"]["p99_us"])
 rows.append(("fan-out 2,000 members at 50 msg/s (p99 µs)", fmt(a), fmt(b),
-             "—" if a is None or b is None else f"+{(b - a) / 1000:.1f} ms", "≤ single + 3 ms",
+             "—" if a is None or b is None else f"{(b - a) / 1000:+.1f} ms", "≤ single + 3 ms",
              a is not None and b is not None and b <= a + 3000))
+c1 = pick("cluster1", "fanout", 50)
+b1 = med(c1, lambda v: v["latency"]["p99_us"])
+rows.append(("the same on ONE node on Redis (p99 µs): the cluster path alone", fmt(a), fmt(b1),
+             "—" if a is None or b1 is None else f"{(b1 - a) / 1000:+.1f} ms", "≤ single + 3 ms",
+             a is not None and b1 is not None and b1 <= a + 3000))
 s, c = pick("single", "pairs"), pick("cluster3", "pairs")
 a, b = med(s, lambda v: 2 * v["round_trips_per_s"]), med(c, lambda v: 2 * v["round_trips_per_s"])
 rows.append(("1:1 pairs across nodes (sends/s)", fmt(a), fmt(b),

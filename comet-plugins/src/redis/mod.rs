@@ -13,9 +13,10 @@
 //!   membership (a refused op 20 consumes no chatId), assigns the chatId
 //!   (`INCR`), appends to the capped history (`XADD … MAXLEN`), and routes.
 //!   A 1:1 message: `PUBLISH` to each node that holds its recipient or
-//!   another session of its sender (the sending node included: it delivers
-//!   its own message from its feed, so every node delivers a conversation in
-//!   the script's order), or into the inbox of a recipient online nowhere. A
+//!   another session of its sender (the sending node included, if it holds
+//!   one besides the sending connection: it delivers its own message from
+//!   its feed, so every node delivers a conversation in the script's
+//!   order), or into the inbox of a recipient online nowhere. A
 //!   group message: one `PUBLISH` on the channel every node reads, whatever
 //!   the group's size; each node delivers it to its own sessions of the
 //!   members, from a membership cache that joins and leaves keep in step
