@@ -65,8 +65,10 @@ run() { # label addr more-addrs scenario args...
   local label=$1 addr=$2 more=$3; shift 3
   local extra=()
   [ -n "$more" ] && extra=(--more-addrs "$more")
+  local workers=cores
+  [ "$label" = single ] || workers=${NODE_WORKERS:-cores}
   "$bin" run "$@" --addr "$addr" "${extra[@]}" --label "setup=$label" \
-    --label "node_workers=${NODE_WORKERS:-cores}" --quiet >> "$results" \
+    --label "node_workers=$workers" --quiet >> "$results" \
     || { failed=1; echo "run failed: $label $*" >&2; }
 }
 fanout_max=(fanout --members 2000 --messages "$fanout_messages")
