@@ -111,8 +111,8 @@ pub struct RedisOptions {
     /// Bound on connecting to Redis and on each answer (default 2 s).
     pub timeout: Duration,
     /// Most bytes the node reads from its feed (its pub/sub connection)
-    /// ahead of delivering them (default 16 MiB). A node that falls
-    /// further behind stops reading; Redis holds the rest up to its
+    /// ahead of delivering them (default 16 MiB, at least 16 KiB). A node
+    /// that falls further behind stops reading; Redis holds the rest up to its
     /// `client-output-buffer-limit pubsub`, then drops the connection, and
     /// the node closes its sessions so that they resync.
     pub feed_budget: u64,
@@ -836,8 +836,9 @@ async fn load_group(inner: Arc<Inner>, link: Arc<Link>, epoch: u64, group: Group
 }
 
 /// Default of [`RedisOptions::feed_budget`]: the most bytes a node reads
-/// from its feed connection ahead of the feed task. redis-rs hands what its pub/sub connection reads to the feed task
-/// through an unbounded channel; [`Bounded`] stops reading from the socket
+/// from its feed connection ahead of the feed task. redis-rs hands what
+/// its pub/sub connection reads to the feed task through an unbounded
+/// channel; [`Bounded`] stops reading from the socket
 /// once this much is waiting there, so a node that cannot keep up with
 /// its feed holds at most this much (plus one read). Redis then keeps the
 /// rest in the subscriber's output buffer, and past its
@@ -846,6 +847,10 @@ async fn load_group(inner: Arc<Inner>, link: Arc<Link>, epoch: u64, group: Group
 /// sessions and they resync, as for any lost feed. Nothing is delivered
 /// after a gap: what the node did read came in order before the close.
 const FEED_BUDGET: u64 = 16 << 20;
+/// The smallest feed budget a node uses, whatever it is given: the replies
+/// to its `SUBSCRIBE`, and what is published between them, are read before
+/// the feed task starts handling anything.
+const MIN_FEED_BUDGET: u64 = 16 << 10;
 
 /// How far the reader of a feed connection is ahead of the feed task.
 #[derive(Debug)]
@@ -965,7 +970,7 @@ async fn feed(inner: Arc<Inner>, registry: Arc<Registry>, link: Arc<Link>) {
         pushes: 0,
     };
     let mut first = true;
-    let budget = Arc::new(Budget::new(inner.opts.feed_budget));
+    let budget = Arc::new(Budget::new(inner.opts.feed_budget.max(MIN_FEED_BUDGET)));
     loop {
         match subscribe(&inner, [own.as_str(), all.as_str()], &budget).await {
             Ok(stream) => {
