@@ -71,7 +71,8 @@ end
 /// from a one-device user a `PUBLISH` and its node a feed message.
 ///
 /// The chatId is formatted once (`%d`): Lua 5.1 turns a number into a
-/// string with `%.14g`, the costliest step of the script in a profile.
+/// string with `%.14g`, whose float formatting showed in Redis's profile
+/// of the 1:1 pairs (about 2% of Redis's samples, three times per send).
 const SEND_BODY: &str = r"
 local p, op, from, to, msg, conv = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local hmax, imax = tonumber(ARGV[7]), tonumber(ARGV[8])
