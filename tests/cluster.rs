@@ -814,6 +814,50 @@ impl Drop for Proc {
     }
 }
 
+/// A node names, in its log, each Redis setting under which the cluster
+/// would lose or reuse acknowledged sends, or hold a slow node's backlog in
+/// Redis without bound; on the tests' settings (AOF on, no memory limit,
+/// Redis's default pubsub limit) it names none.
+#[tokio::test]
+async fn a_node_warns_of_redis_settings_that_lose_acknowledged_sends() {
+    const RISKY: [&str; 3] = [
+        "maxmemory-policy",
+        "appendonly",
+        "client-output-buffer-limit",
+    ];
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = |name: &str| std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap();
+    drop(Proc::start(&redis, dir.path(), "safe"));
+    let safe = log("safe");
+    assert!(safe.contains("cluster node"), "{safe}");
+    for setting in RISKY {
+        assert!(
+            !safe.contains(setting),
+            "{setting} named on safe settings: {safe}"
+        );
+    }
+
+    for (name, value) in [
+        ("maxmemory", "1gb"),
+        ("maxmemory-policy", "allkeys-lru"),
+        ("appendonly", "no"),
+        ("client-output-buffer-limit", "pubsub 0 0 0"),
+    ] {
+        let ok: String = redis.cmd(redis::cmd("CONFIG").arg("SET").arg(name).arg(value));
+        assert_eq!(ok, "OK");
+    }
+    drop(Proc::start(&redis, dir.path(), "risky"));
+    let risky = log("risky");
+    for setting in RISKY {
+        let line = risky
+            .lines()
+            .find(|l| l.contains("WARN") && l.contains(&format!("setting=\"{setting}\"")))
+            .unwrap_or_else(|| panic!("no warning for {setting}: {risky}"));
+        assert!(line.contains("node=\"risky\""), "{line}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sigkilled_node_loses_nothing_acknowledged() {
     let redis = Redis::start();

@@ -235,7 +235,10 @@ impl std::fmt::Debug for RedisCluster {
 
 impl RedisCluster {
     /// Connects to Redis (failing if it cannot be reached now; later
-    /// outages are recovered from by themselves).
+    /// outages are recovered from by themselves), and logs a warning for
+    /// each Redis setting that could lose acknowledged sends or let a slow
+    /// node's backlog grow without bound (`maxmemory-policy`, `appendonly`,
+    /// the pubsub `client-output-buffer-limit`: docs/CLUSTER.md).
     pub async fn connect(opts: RedisOptions) -> Result<Self, BoxError> {
         if opts.node_id.is_empty() || opts.node_id.contains(['\n', ',']) {
             return Err(format!("bad cluster node id {:?}", opts.node_id).into());
@@ -246,7 +249,8 @@ impl RedisCluster {
             .set_response_timeout(opts.timeout)
             .set_number_of_retries(1)
             .set_max_delay(1_000);
-        let con = ConnectionManager::new_with_config(client.clone(), config).await?;
+        let mut con = ConnectionManager::new_with_config(client.clone(), config).await?;
+        check_settings(&mut con, &opts.node_id).await;
         let scripts = Scripts {
             send: Script::new(&scripts::send()),
             login: Script::new(&scripts::login()),
@@ -306,6 +310,105 @@ impl RedisCluster {
 }
 
 /// The conversation's key suffix.
+/// Logs a warning for each Redis setting under which the cluster would
+/// lose or reuse what it acknowledged, or let a node that falls behind grow
+/// Redis's memory without bound (docs/CLUSTER.md, "Redis settings a node
+/// checks"). A Redis that refuses `CONFIG GET` (renamed or denied, as
+/// managed services do) is not checked, and the log says so.
+async fn check_settings(con: &mut ConnectionManager, node: &str) {
+    let mut pipe = redis::pipe();
+    for name in CHECKED_SETTINGS {
+        pipe.cmd("CONFIG").arg("GET").arg(name);
+    }
+    match pipe.query_async::<Vec<Vec<String>>>(con).await {
+        Ok(replies) => {
+            // Each reply is [name, value], or empty for a setting this
+            // Redis does not have.
+            let settings: HashMap<&str, &str> = replies
+                .iter()
+                .filter_map(|r| match r.as_slice() {
+                    [name, value] => Some((name.as_str(), value.as_str())),
+                    _ => None,
+                })
+                .collect();
+            for (setting, why) in risky_settings(&settings) {
+                tracing::warn!(node, setting, "redis setting: {why}");
+            }
+        }
+        Err(e) => tracing::info!(
+            node,
+            error = %e,
+            "redis settings not checked: CONFIG GET failed (maxmemory-policy, appendonly \
+             and the pubsub output buffer limit: see docs/CLUSTER.md)"
+        ),
+    }
+}
+
+/// The settings [`check_settings`] reads.
+const CHECKED_SETTINGS: [&str; 4] = [
+    "maxmemory",
+    "maxmemory-policy",
+    "appendonly",
+    "client-output-buffer-limit",
+];
+
+/// The risky ones among `settings` (name to value, as `CONFIG GET` gives
+/// them), each with why. A setting missing from the map is not judged.
+fn risky_settings(settings: &HashMap<&str, &str>) -> Vec<(&'static str, &'static str)> {
+    let mut risky = Vec::new();
+    let limited = settings
+        .get("maxmemory")
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|bytes| bytes > 0);
+    if limited
+        && settings
+            .get("maxmemory-policy")
+            .is_some_and(|p| *p != "noeviction")
+    {
+        risky.push((
+            "maxmemory-policy",
+            "a policy other than noeviction under a maxmemory limit lets Redis evict \
+             history, offline inboxes, presence and chatId counters (a conversation's \
+             chatIds would start again at 1); with noeviction a full Redis refuses sends \
+             (ret -1) instead",
+        ));
+    }
+    if settings.get("appendonly").is_some_and(|v| *v != "yes") {
+        risky.push((
+            "appendonly",
+            "without the AOF a Redis restart loses every acknowledged send since its last \
+             RDB snapshot (all of them without one), and gives their chatIds out again; \
+             set appendonly yes",
+        ));
+    }
+    if settings
+        .get("client-output-buffer-limit")
+        .is_some_and(|v| pubsub_buffer_unlimited(v))
+    {
+        risky.push((
+            "client-output-buffer-limit",
+            "no pubsub limit: Redis holds the backlog of a node that falls behind its feed \
+             without bound instead of dropping its subscription (which makes the node \
+             resync its sessions); keep one, e.g. Redis's default pubsub 32mb 8mb 60",
+        ));
+    }
+    risky
+}
+
+/// Whether the `pubsub` class of a `client-output-buffer-limit` value
+/// ("normal 0 0 0 slave 268435456 67108864 60 pubsub 33554432 8388608 60")
+/// has neither a hard nor a soft limit.
+fn pubsub_buffer_unlimited(value: &str) -> bool {
+    let mut words = value.split_whitespace();
+    while let Some(class) = words.next() {
+        let limits: Vec<&str> = words.by_ref().take(3).collect();
+        if class == "pubsub" {
+            return matches!(limits.as_slice(), [hard, soft, _] if *hard == "0" && *soft == "0");
+        }
+    }
+    false
+}
+
 fn conv_key(c: Conversation) -> String {
     match c {
         Conversation::Direct(a, b) => format!("d:{a}:{b}"),
@@ -1615,6 +1718,46 @@ mod tests {
         assert!(!flood.on());
         flood.count(1, 667);
         assert!(!flood.on());
+    }
+
+    #[test]
+    fn risky_redis_settings_are_named_and_safe_ones_are_not() {
+        let safe = HashMap::from([
+            ("maxmemory", "0"),
+            ("maxmemory-policy", "allkeys-lru"),
+            ("appendonly", "yes"),
+            (
+                "client-output-buffer-limit",
+                "normal 0 0 0 slave 268435456 67108864 60 pubsub 33554432 8388608 60",
+            ),
+        ]);
+        // An eviction policy matters only under a memory limit.
+        assert!(risky_settings(&safe).is_empty());
+        let mut limited = safe.clone();
+        limited.insert("maxmemory", "1073741824");
+        assert_eq!(names(&limited), ["maxmemory-policy"]);
+        limited.insert("maxmemory-policy", "noeviction");
+        assert!(risky_settings(&limited).is_empty());
+
+        let mut risky = safe.clone();
+        risky.insert("appendonly", "no");
+        risky.insert(
+            "client-output-buffer-limit",
+            "normal 0 0 0 slave 268435456 67108864 60 pubsub 0 0 0",
+        );
+        assert_eq!(names(&risky), ["appendonly", "client-output-buffer-limit"]);
+        // A soft limit alone still drops a subscriber that stays over it.
+        risky.insert("client-output-buffer-limit", "pubsub 0 8388608 60");
+        assert_eq!(names(&risky), ["appendonly"]);
+        // Settings a Redis did not report are not judged.
+        assert!(risky_settings(&HashMap::new()).is_empty());
+    }
+
+    fn names(settings: &HashMap<&str, &str>) -> Vec<&'static str> {
+        risky_settings(settings)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect()
     }
 
     #[test]
