@@ -807,9 +807,10 @@ pub async fn assemble_cluster(
     if let Some(bytes) = config.cluster.feed_budget {
         opts = opts.feed_budget(bytes);
     }
+    let url = opts.redacted_url();
     let cluster = RedisCluster::connect(opts)
         .await
-        .map_err(|e| io::Error::other(format!("redis at {}: {e}", st.url)))?;
+        .map_err(|e| io::Error::other(format!("redis at {url}: {e}")))?;
     for g in &config.groups {
         cluster
             .groups()
@@ -817,7 +818,7 @@ pub async fn assemble_cluster(
             .await
             .map_err(|e| io::Error::other(format!("writing group {} to redis: {e}", g.id)))?;
     }
-    tracing::info!(node_id = %cluster.node_id(), url = %st.url, groups = config.groups.len(), "cluster node");
+    tracing::info!(node_id = %cluster.node_id(), url = %url, groups = config.groups.len(), "cluster node");
     let auth = Arc::new(MemoryAuth::from_iter(
         config.users.iter().map(|u| (u.mid, u.mkey.as_bytes())),
     ));

@@ -814,6 +814,80 @@ impl Drop for Proc {
     }
 }
 
+/// A Redis that asks for a password: each of a node's connections (its
+/// commands and its feed) authenticates as the URL's ACL user, so
+/// cross-node delivery works; a wrong password stops a node at start with
+/// a reason that shows the URL without the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_authenticate_to_a_redis_that_asks_for_a_password() {
+    let redis = Redis::start();
+    let ok: String = redis.cmd(
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("comet")
+            .arg("on")
+            .arg(">s3cret")
+            // What docs/CLUSTER.md asks for: the prefix's keys and
+            // channels, and no dangerous command but CONFIG GET.
+            .arg("~comet:*")
+            .arg("&comet:*")
+            .arg("+@all")
+            .arg("-@dangerous")
+            .arg("+config|get"),
+    );
+    assert_eq!(ok, "OK");
+    // From here on the default user needs a password too.
+    let ok: String = redis.cmd(
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("requirepass")
+            .arg("admin-pw"),
+    );
+    assert_eq!(ok, "OK");
+    let url = format!("redis://comet:s3cret@127.0.0.1:{}/", redis.port);
+    let a = node_with(&redis, "a", |c| c.store.url = url.clone()).await;
+    let b = node_with(&redis, "b", |c| c.store.url = url.clone()).await;
+    let mut one = login(&a, Kind::Tcp, 1).await;
+    let mut two = login(&b, Kind::WsJson, 2).await;
+    let ack = one.send_msg(18, 1, 2, b"through an ACL user").await;
+    assert_eq!((ack.ret, ack.chat_id), (0, 1));
+    let got = take(&mut two, 1).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].msg, b"through an ACL user");
+    // A group send, and an offline inbox read at a login on the other node.
+    let ack = two.send_msg(20, 2, 100, b"group").await;
+    assert_eq!((ack.ret, ack.chat_id), (0, 1));
+    assert_eq!(take(&mut one, 1).await[0].msg, b"group");
+    assert_eq!(one.send_msg(18, 1, 3, b"offline").await.ret, 0);
+    let mut three = login(&b, Kind::WsBinary, 3).await;
+    let got = take(&mut three, 2).await;
+    let mut texts: Vec<&[u8]> = got.iter().map(|m| m.msg.as_slice()).collect();
+    texts.sort();
+    assert_eq!(texts, [b"group".as_slice(), b"offline".as_slice()]);
+    // And sync (op 22) from the shared history.
+    let (ack, msgs) = three.sync(20, 100, 0, None).await;
+    assert_eq!(ack.ret, 0);
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0].msg, b"group");
+
+    let text = format!(
+        "[server]\ntcp = \"127.0.0.1:0\"\n[store]\nbackend = \"redis\"\n\
+         url = \"redis://comet:wrong-pw@127.0.0.1:{}/\"\n[cluster]\nnode_id = \"c\"\n",
+        redis.port
+    );
+    let config = comet::server::ServerConfig::parse(&text, "test.toml").unwrap();
+    let err = match comet::server::start(config).await {
+        Ok(_) => panic!("a node with a wrong password started"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("redis://comet:***@127.0.0.1"), "{err}");
+    assert!(!err.contains("wrong-pw"), "{err}");
+    assert!(
+        err.to_lowercase().contains("auth") || err.contains("WRONGPASS"),
+        "{err}"
+    );
+}
+
 /// A node names, in its log, each Redis setting under which the cluster
 /// would lose or reuse acknowledged sends, or hold a slow node's backlog in
 /// Redis without bound; on the tests' settings (AOF on, no memory limit,

@@ -90,10 +90,14 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
 /// How to reach Redis and who this node is.
-#[derive(Clone, Debug)]
+///
+/// Its `Debug` form shows the URL [redacted](Self::redacted_url).
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct RedisOptions {
-    /// `redis://host:port/db`.
+    /// `redis://host:port/db`, or `redis://user:password@host:port/db` for
+    /// a Redis that asks for a password (`requirepass`, or an ACL user):
+    /// every connection of the node authenticates with it.
     pub url: String,
     /// This node's id, unique in the cluster (it names its feed channel).
     pub node_id: String,
@@ -157,6 +161,53 @@ impl RedisOptions {
     pub fn feed_budget(mut self, bytes: u64) -> Self {
         self.feed_budget = bytes;
         self
+    }
+
+    /// [`url`](Self::url) with its password, if any, replaced by `***`: the
+    /// form to log or show.
+    ///
+    /// ```
+    /// use comet_plugins::redis::RedisOptions;
+    ///
+    /// let opts = RedisOptions::new("redis://comet:s3cret@10.0.0.5:6379/0", "node-1");
+    /// assert_eq!(opts.redacted_url(), "redis://comet:***@10.0.0.5:6379/0");
+    /// ```
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+impl std::fmt::Debug for RedisOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisOptions")
+            .field("url", &self.redacted_url())
+            .field("node_id", &self.node_id)
+            .field("prefix", &self.prefix)
+            .field("history", &self.history)
+            .field("inbox", &self.inbox)
+            .field("node_ttl", &self.node_ttl)
+            .field("timeout", &self.timeout)
+            .field("feed_budget", &self.feed_budget)
+            .finish()
+    }
+}
+
+/// `url` with the password of its user info replaced by `***`
+/// (`scheme://user:password@host` or `scheme://:password@host`).
+fn redact_url(url: &str) -> String {
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[start..];
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    match authority.rfind('@') {
+        Some(at) => match authority[..at].split_once(':') {
+            Some((user, _password)) => {
+                format!("{}{user}:***{}", &url[..start], &rest[at..])
+            }
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
     }
 }
 
@@ -1751,6 +1802,25 @@ mod tests {
         assert_eq!(names(&risky), ["appendonly"]);
         // Settings a Redis did not report are not judged.
         assert!(risky_settings(&HashMap::new()).is_empty());
+    }
+
+    #[test]
+    fn urls_are_logged_without_their_password() {
+        for (url, shown) in [
+            ("redis://127.0.0.1:6379/", "redis://127.0.0.1:6379/"),
+            ("redis://:pw@h:1/0", "redis://:***@h:1/0"),
+            ("redis://u:p@ss:w@rd@h:1", "redis://u:***@h:1"),
+            ("redis://user@h:1/", "redis://user@h:1/"),
+            (
+                "redis+unix:///run/redis.sock",
+                "redis+unix:///run/redis.sock",
+            ),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact_url(url), shown);
+        }
+        let opts = RedisOptions::new("redis://u:secret@h:1/", "n");
+        assert!(!format!("{opts:?}").contains("secret"));
     }
 
     fn names(settings: &HashMap<&str, &str>) -> Vec<&'static str> {
