@@ -253,9 +253,22 @@ pub struct StoreSection {
     #[serde(default = "defaults::store_bytes")]
     pub inbox_bytes: usize,
     /// The Redis of `backend = "redis"` (default
-    /// `redis://127.0.0.1:6379/`).
+    /// `redis://127.0.0.1:6379/`; `rediss://` for TLS,
+    /// `redis://user:password@…` for a Redis that asks for a password).
     #[serde(default = "defaults::redis_url")]
     pub url: String,
+    /// For a `rediss://` URL: the PEM file of the CA that signed Redis's
+    /// certificate (default: none, the system's root certificates).
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// For a `rediss://` Redis that asks clients for a certificate: this
+    /// node's certificate chain (PEM file; default: none). Needs
+    /// `tls_key_file`.
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM file) of `tls_cert_file`.
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for StoreSection {
@@ -271,6 +284,9 @@ impl Default for StoreSection {
             inbox_limit: defaults::inbox_limit(),
             inbox_bytes: defaults::store_bytes(),
             url: defaults::redis_url(),
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -499,8 +515,25 @@ impl ServerConfig {
         if st.backend == StoreBackend::Embedded && st.path.as_os_str().is_empty() {
             return bad("store.path", "must not be empty");
         }
-        if st.backend == StoreBackend::Redis && !st.url.starts_with("redis://") {
-            return bad("store.url", "must be a redis:// URL");
+        if st.backend == StoreBackend::Redis
+            && !(st.url.starts_with("redis://") || st.url.starts_with("rediss://"))
+        {
+            return bad("store.url", "must be a redis:// or rediss:// URL");
+        }
+        for (key, set) in [
+            ("store.tls_ca_file", st.tls_ca_file.is_some()),
+            ("store.tls_cert_file", st.tls_cert_file.is_some()),
+            ("store.tls_key_file", st.tls_key_file.is_some()),
+        ] {
+            if set && !st.url.starts_with("rediss://") {
+                return bad(key, "needs a rediss:// store.url");
+            }
+        }
+        if st.tls_cert_file.is_some() != st.tls_key_file.is_some() {
+            return bad(
+                "store.tls_cert_file",
+                "and store.tls_key_file go together: give both or neither",
+            );
         }
         if let Some(id) = &self.cluster.node_id {
             if id.is_empty() || id.contains(|c: char| c.is_whitespace() || c == ',' || c == '|') {
@@ -806,6 +839,19 @@ pub async fn assemble_cluster(
     }
     if let Some(bytes) = config.cluster.feed_budget {
         opts = opts.feed_budget(bytes);
+    }
+    let read = |key: &str, path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{key} {}: {e}", path.display())))
+    };
+    if let Some(path) = &st.tls_ca_file {
+        opts = opts.tls_ca(read("store.tls_ca_file", path)?);
+    }
+    if let (Some(cert), Some(key)) = (&st.tls_cert_file, &st.tls_key_file) {
+        opts = opts.tls_client(
+            read("store.tls_cert_file", cert)?,
+            read("store.tls_key_file", key)?,
+        );
     }
     let url = opts.redacted_url();
     let cluster = RedisCluster::connect(opts)

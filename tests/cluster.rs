@@ -31,15 +31,23 @@ struct Redis {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    /// More arguments for redis-server.
+    args: Vec<String>,
 }
 
 impl Redis {
     fn start() -> Redis {
+        Redis::start_with(&[])
+    }
+
+    /// [`Redis::start`], with more arguments for redis-server.
+    fn start_with(args: &[&str]) -> Redis {
         let dir = tempfile::tempdir().unwrap();
         let mut r = Redis {
             child: None,
             port: free_port(),
             dir,
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         r.spawn();
         r
@@ -51,6 +59,7 @@ impl Redis {
             .args(["--save", "", "--appendonly", "yes", "--daemonize", "no"])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -886,6 +895,109 @@ async fn nodes_authenticate_to_a_redis_that_asks_for_a_password() {
         err.to_lowercase().contains("auth") || err.contains("WRONGPASS"),
         "{err}"
     );
+}
+
+/// rediss://: nodes reach Redis over TLS (on its TLS port) for their
+/// commands and their feed, checking its certificate against
+/// `store.tls_ca_file` and showing their own, which this Redis asks for
+/// (`tls-auth-clients yes`, its default). A node without the CA (the
+/// system's roots), or without a certificate of its own, does not start,
+/// and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_reach_a_redis_over_tls_and_check_its_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, pem: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // Distinct names: OpenSSL (Redis) takes a certificate whose issuer is
+    // its own subject for a self-signed one.
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "comet test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().unwrap()).unwrap();
+    let signed = |name: &str, sans: Vec<String>| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(sans).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params.signed_by(&key, &ca).unwrap();
+        (
+            file(&format!("{name}.pem"), cert.pem()),
+            file(&format!("{name}-key.pem"), key.serialize_pem()),
+        )
+    };
+    let (server_cert, server_key) = signed("redis", vec!["127.0.0.1".into()]);
+    let (node_cert, node_key) = signed("node", vec!["node".into()]);
+    let ca_file = file("ca.pem", ca.pem());
+    let tls_port = free_port().to_string();
+    let arg = |p: &std::path::PathBuf| p.to_str().unwrap().to_string();
+    // Redis's default: tls-auth-clients yes.
+    let redis = Redis::start_with(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        &arg(&server_cert),
+        "--tls-key-file",
+        &arg(&server_key),
+        "--tls-ca-cert-file",
+        &arg(&ca_file),
+    ]);
+    let url = format!("rediss://127.0.0.1:{tls_port}/");
+    let tls = |c: &mut comet::server::ServerConfig| {
+        c.store.url = url.clone();
+        c.store.tls_ca_file = Some(ca_file.clone());
+        c.store.tls_cert_file = Some(node_cert.clone());
+        c.store.tls_key_file = Some(node_key.clone());
+    };
+    let a = node_with(&redis, "a", tls).await;
+    let b = node_with(&redis, "b", tls).await;
+    let mut one = login(&a, Kind::Tcp, 1).await;
+    let mut two = login(&b, Kind::WsBinary, 2).await;
+    let ack = one.send_msg(18, 1, 2, b"over TLS").await;
+    assert_eq!((ack.ret, ack.chat_id), (0, 1));
+    assert_eq!(take(&mut two, 1).await[0].msg, b"over TLS");
+    // Every connection of the nodes, the two feeds (sub=2) included, came
+    // in on the TLS port.
+    let clients: String = redis.cmd(redis::cmd("CLIENT").arg("LIST"));
+    let on_tls = |l: &&str| l.contains(&format!("laddr=127.0.0.1:{tls_port} "));
+    let nodes: Vec<&str> = clients.lines().filter(on_tls).collect();
+    assert!(nodes.len() >= 4, "{clients}");
+    assert_eq!(
+        nodes.iter().filter(|l| l.contains(" sub=2 ")).count(),
+        2,
+        "{clients}"
+    );
+    assert!(
+        clients
+            .lines()
+            .filter(|l| !on_tls(l))
+            .all(|l| !l.contains(" sub=2 ")),
+        "{clients}"
+    );
+
+    // Without the CA, or without a certificate of its own.
+    let no_ca: fn(&mut comet::server::ServerConfig) = |c| c.store.tls_ca_file = None;
+    let no_cert: fn(&mut comet::server::ServerConfig) = |c| {
+        c.store.tls_cert_file = None;
+        c.store.tls_key_file = None;
+    };
+    for (edit, what) in [(no_ca, "UnknownIssuer"), (no_cert, "CertificateRequired")] {
+        let text = "[server]\ntcp = \"127.0.0.1:0\"\n[store]\nbackend = \"redis\"\n\
+                    [cluster]\nnode_id = \"c\"\n";
+        let mut config = comet::server::ServerConfig::parse(text, "test.toml").unwrap();
+        tls(&mut config);
+        edit(&mut config);
+        let err = match comet::server::start(config).await {
+            Ok(_) => panic!("a node started: {what}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(&format!("redis at {url}")), "{err}");
+        assert!(err.contains(what), "{err}");
+    }
 }
 
 /// A node names, in its log, each Redis setting under which the cluster

@@ -214,7 +214,11 @@ fn bad_configs_are_refused_with_file_key_and_problem() {
         ),
         (
             format!("{ok_server}[store]\nbackend = \"redis\"\nurl = \"http://127.0.0.1:6379/\"\n"),
-            &["bad.toml", "store.url", "redis:// URL"],
+            &["bad.toml", "store.url", "redis:// or rediss:// URL"],
+        ),
+        (
+            format!("{ok_server}[store]\nbackend = \"redis\"\ntls_ca_file = \"ca.pem\"\n"),
+            &["bad.toml", "store.tls_ca_file", "needs a rediss://"],
         ),
         (
             format!("{ok_server}[store]\nbackend = \"redis\"\n[cluster]\nnode_id = \"a b\"\n"),

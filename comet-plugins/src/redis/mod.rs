@@ -97,7 +97,9 @@ use redis::Script;
 pub struct RedisOptions {
     /// `redis://host:port/db`, or `redis://user:password@host:port/db` for
     /// a Redis that asks for a password (`requirepass`, or an ACL user):
-    /// every connection of the node authenticates with it.
+    /// every connection of the node authenticates with it. `rediss://…`:
+    /// over TLS, checking Redis's certificate against [`tls_ca`](Self::tls_ca)
+    /// or the system's root certificates.
     pub url: String,
     /// This node's id, unique in the cluster (it names its feed channel).
     pub node_id: String,
@@ -120,6 +122,13 @@ pub struct RedisOptions {
     /// `client-output-buffer-limit pubsub`, then drops the connection, and
     /// the node closes its sessions so that they resync.
     pub feed_budget: u64,
+    /// Root certificates (PEM) that a `rediss://` Redis's certificate must
+    /// chain to, for a private CA; `None` (the default): the system's.
+    pub tls_ca: Option<Vec<u8>>,
+    /// This node's certificate chain and private key (PEM), for a
+    /// `rediss://` Redis that asks clients for a certificate
+    /// (`tls-auth-clients yes`, Redis's default with TLS on).
+    pub tls_client: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl RedisOptions {
@@ -134,6 +143,8 @@ impl RedisOptions {
             node_ttl: Duration::from_secs(10),
             timeout: Duration::from_secs(2),
             feed_budget: FEED_BUDGET,
+            tls_ca: None,
+            tls_client: None,
         }
     }
 
@@ -163,6 +174,21 @@ impl RedisOptions {
         self
     }
 
+    /// With `pem` as the root certificates a `rediss://` Redis's
+    /// certificate must chain to (see [`tls_ca`](Self::tls_ca)).
+    pub fn tls_ca(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_ca = Some(pem.into());
+        self
+    }
+
+    /// With `cert_chain` and `key` (PEM) as this node's certificate for a
+    /// `rediss://` Redis that asks for one (see
+    /// [`tls_client`](Self::tls_client)).
+    pub fn tls_client(mut self, cert_chain: impl Into<Vec<u8>>, key: impl Into<Vec<u8>>) -> Self {
+        self.tls_client = Some((cert_chain.into(), key.into()));
+        self
+    }
+
     /// [`url`](Self::url) with its password, if any, replaced by `***`: the
     /// form to log or show.
     ///
@@ -188,8 +214,58 @@ impl std::fmt::Debug for RedisOptions {
             .field("node_ttl", &self.node_ttl)
             .field("timeout", &self.timeout)
             .field("feed_budget", &self.feed_budget)
+            .field("tls_ca", &self.tls_ca.as_ref().map(|pem| pem.len()))
+            .field("tls_client", &self.tls_client.as_ref().map(|_| "…"))
             .finish()
     }
+}
+
+/// The feed connection's TLS, as for the connections redis-rs opens
+/// itself: Redis's certificate must chain to `ca` (PEM) or, without it, to
+/// the system's root certificates; `client` (certificate chain and key,
+/// PEM) is presented when Redis asks for one.
+fn tls_connector(
+    ca: Option<&[u8]>,
+    client: Option<(&[u8], &[u8])>,
+) -> Result<tokio_rustls::TlsConnector, BoxError> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(pem) => {
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                roots.add(cert.map_err(|e| format!("tls_ca: {e}"))?)?;
+            }
+        }
+        None => {
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        }
+    }
+    if roots.is_empty() {
+        return Err(match ca {
+            Some(_) => "tls_ca holds no certificate".into(),
+            None => {
+                "rediss://: no root certificates found on this system; give the CA (tls_ca)".into()
+            }
+        });
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let config = match client {
+        Some((chain, key)) => {
+            let chain = CertificateDer::pem_slice_iter(chain)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("tls client certificate: {e}"))?;
+            let key =
+                PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("tls client key: {e}"))?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 /// `url` with the password of its user info replaced by `***`
@@ -226,6 +302,8 @@ struct Scripts {
 struct Inner {
     opts: RedisOptions,
     client: redis::Client,
+    /// The feed connection's TLS, for a `rediss://` URL.
+    feed_tls: Option<tokio_rustls::TlsConnector>,
     con: ConnectionManager,
     scripts: Scripts,
 }
@@ -294,7 +372,36 @@ impl RedisCluster {
         if opts.node_id.is_empty() || opts.node_id.contains(['\n', ',']) {
             return Err(format!("bad cluster node id {:?}", opts.node_id).into());
         }
-        let client = redis::Client::open(opts.url.as_str())?;
+        let client = if opts.tls_ca.is_some() || opts.tls_client.is_some() {
+            redis::Client::build_with_tls(
+                opts.url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: opts.tls_client.clone().map(|(client_cert, client_key)| {
+                        redis::ClientTlsConfig {
+                            client_cert,
+                            client_key,
+                        }
+                    }),
+                    root_cert: opts.tls_ca.clone(),
+                },
+            )?
+        } else {
+            redis::Client::open(opts.url.as_str())?
+        };
+        let feed_tls = match client.get_connection_info().addr {
+            redis::ConnectionAddr::TcpTls { insecure: true, .. } => {
+                return Err(
+                    "a rediss:// URL with #insecure: comet checks Redis's certificate; \
+                            give the CA that signed it instead (tls_ca)"
+                        .into(),
+                )
+            }
+            redis::ConnectionAddr::TcpTls { .. } => Some(tls_connector(
+                opts.tls_ca.as_deref(),
+                opts.tls_client.as_ref().map(|(c, k)| (&c[..], &k[..])),
+            )?),
+            _ => None,
+        };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(opts.timeout)
             .set_response_timeout(opts.timeout)
@@ -317,6 +424,7 @@ impl RedisCluster {
             inner: Arc::new(Inner {
                 opts,
                 client,
+                feed_tls,
                 con,
                 scripts,
             }),
@@ -1238,15 +1346,31 @@ async fn subscribe(
                 tcp.set_nodelay(true)?;
                 redis::aio::PubSub::new(&info.redis, Bounded::new(tcp, budget.clone())).await?
             }
+            redis::ConnectionAddr::TcpTls { host, port, .. } => {
+                let tls = inner.feed_tls.as_ref().ok_or_else(|| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::InvalidClientConfig,
+                        "rediss:// without the feed's TLS set up",
+                    ))
+                })?;
+                let name = rustls_pki_types::ServerName::try_from(host.clone())
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+                let tcp = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+                tcp.set_nodelay(true)?;
+                // The budget counts what comes off the socket, below TLS.
+                let tls = tls.connect(name, Bounded::new(tcp, budget.clone())).await?;
+                redis::aio::PubSub::new(&info.redis, tls).await?
+            }
             #[cfg(unix)]
             redis::ConnectionAddr::Unix(path) => {
                 let unix = tokio::net::UnixStream::connect(path).await?;
                 redis::aio::PubSub::new(&info.redis, Bounded::new(unix, budget.clone())).await?
             }
+            #[cfg(not(unix))]
             other => {
                 return Err(redis::RedisError::from((
                     redis::ErrorKind::InvalidClientConfig,
-                    "the cluster feed needs a redis:// or redis+unix:// address",
+                    "the cluster feed needs a redis:// or rediss:// address",
                     format!("{other}"),
                 )))
             }
@@ -1802,6 +1926,17 @@ mod tests {
         assert_eq!(names(&risky), ["appendonly"]);
         // Settings a Redis did not report are not judged.
         assert!(risky_settings(&HashMap::new()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn tls_without_a_certificate_check_or_with_an_empty_ca_is_refused_before_connecting() {
+        // Nothing listens on port 1: these fail on their options alone.
+        let insecure = RedisOptions::new("rediss://127.0.0.1:1/#insecure", "n");
+        let err = RedisCluster::connect(insecure).await.unwrap_err();
+        assert!(err.to_string().contains("#insecure"), "{err}");
+        let empty = RedisOptions::new("rediss://127.0.0.1:1/", "n").tls_ca("not a PEM");
+        let err = RedisCluster::connect(empty).await.unwrap_err();
+        assert!(err.to_string().contains("tls_ca"), "{err}");
     }
 
     #[test]
