@@ -1000,6 +1000,79 @@ async fn nodes_reach_a_redis_over_tls_and_check_its_certificate() {
     }
 }
 
+/// `GET path` on `addr`: the status code and the body.
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    tcp.read_to_string(&mut raw).await.unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
+}
+
+/// `/readyz` of `n` until its status is `want`; returns the body.
+async fn ready_until(n: &Running, want: u16) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = get(n.admin_addr.unwrap(), "/readyz").await;
+        if status == want {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "/readyz stayed {status}: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A node whose feed is not subscribed takes no logins, and its `/readyz`
+/// says so (503, with the reason), so that a load balancer sends clients
+/// elsewhere; once the feed is back, so is the node. (Redis 7 drops the
+/// subscriptions of a user whose channel permissions are taken away, and
+/// refuses new ones: the feed stays down while commands still work.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_without_its_feed_is_not_ready() {
+    let redis = Redis::start();
+    let acl = |channels: &str| {
+        let ok: String = redis.cmd(
+            redis::cmd("ACL")
+                .arg("SETUSER")
+                .arg("comet")
+                .arg("on")
+                .arg(">pw")
+                .arg("~*")
+                .arg("+@all")
+                .arg("resetchannels")
+                .arg(channels),
+        );
+        assert_eq!(ok, "OK");
+    };
+    acl("&*");
+    let url = format!("redis://comet:pw@127.0.0.1:{}/", redis.port);
+    let n = node_with(&redis, "a", |c| {
+        c.store.url = url;
+        c.admin = Some(comet::server::AdminSection {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            token: None,
+        });
+    })
+    .await;
+    assert_eq!(ready_until(&n, 200).await, "ready\n");
+    login(&n, Kind::Tcp, 1).await;
+
+    acl("resetchannels");
+    let why = ready_until(&n, 503).await;
+    assert!(why.contains("feed is not subscribed"), "{why}");
+    let mut c = Client::connect(Kind::Tcp, addr(&n, Kind::Tcp)).await;
+    let (ret, body) = c.auth(json!({"mid": 2, "mkey": "k2"})).await;
+    assert_ne!(ret, 0, "a login while the feed is down: {body}");
+
+    acl("&*");
+    assert_eq!(ready_until(&n, 200).await, "ready\n");
+    login(&n, Kind::Tcp, 2).await;
+}
+
 /// A node names, in its log, each Redis setting under which the cluster
 /// would lose or reuse acknowledged sends, or hold a slow node's backlog in
 /// Redis without bound; on the tests' settings (AOF on, no memory limit,

@@ -57,4 +57,12 @@ pub trait Broker: Send + Sync + 'static {
     /// A session of `mid` that [`login`](Self::login) accepted has ended on
     /// this node. Must not block.
     fn logout(&self, mid: Mid);
+
+    /// Whether this node can take logins and deliver now (a cluster node:
+    /// its feed is subscribed). The admin API's `GET /readyz` answers 503
+    /// while not, so that a load balancer sends new clients elsewhere.
+    /// Must not block. The default: always.
+    fn is_ready(&self) -> bool {
+        true
+    }
 }

@@ -556,6 +556,12 @@ impl Comet {
         self.engine.registry.kick_all(Kick::Shutdown);
     }
 
+    /// Whether this node's [`Broker`] (cluster mode) can take logins and
+    /// deliver now ([`Broker::is_ready`]); always `true` on a single node.
+    pub fn broker_ready(&self) -> bool {
+        self.engine.broker.as_ref().is_none_or(|b| b.is_ready())
+    }
+
     /// Whether [`shutdown`](Self::shutdown) was called.
     pub fn is_shutting_down(&self) -> bool {
         self.engine.shutdown.is_cancelled()

@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `GET /metrics` | Prometheus text, rendered by [`AdminOptions::metrics`] (404 without one) |
 //! | `GET /healthz` | 200 while the process answers |
-//! | `GET /readyz` | 200 when the listeners are up ([`AdminOptions::ready`]) and the store answers; 503 otherwise |
+//! | `GET /readyz` | 200 when the listeners are up ([`AdminOptions::ready`]), the cluster broker is ready ([`Comet::broker_ready`](comet_core::Comet::broker_ready)) and the store answers; 503 otherwise, with the reason |
 //! | `POST /api/send/user` | send to a user on behalf of `from`, as op 18 |
 //! | `POST /api/send/users` | the same message to several users, one 1:1 send each |
 //! | `POST /api/send/group` | send to a group on behalf of `from`, as op 20; `"system": true` skips the membership check |
@@ -355,6 +355,13 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
     if state.options.ready.as_ref().is_some_and(|ready| !ready()) {
         return (StatusCode::SERVICE_UNAVAILABLE, "listeners not up\n").into_response();
+    }
+    if !state.comet.broker_ready() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cluster unavailable: this node's feed is not subscribed\n",
+        )
+            .into_response();
     }
     // A read of no messages: the store answers within the hook timeout.
     match state.comet.history(Conversation::direct(0, 0), 0, 0).await {

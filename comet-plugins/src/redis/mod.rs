@@ -1496,6 +1496,10 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
+    fn is_ready(&self) -> bool {
+        self.is_subscribed()
+    }
+
     fn logout(&self, mid: Mid) {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
