@@ -1028,7 +1028,9 @@ async fn ready_until(n: &Running, want: u16) -> String {
 
 /// A node whose feed is not subscribed takes no logins, and its `/readyz`
 /// says so (503, with the reason), so that a load balancer sends clients
-/// elsewhere; once the feed is back, so is the node. (Redis 7 drops the
+/// elsewhere, as does `comet_cluster_ready`; once the feed is back, so is
+/// the node, and `comet_cluster_feed_subscriptions_total` counts the new
+/// subscription. (Redis 7 drops the
 /// subscriptions of a user whose channel permissions are taken away, and
 /// refuses new ones: the feed stays down while commands still work.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1064,6 +1066,9 @@ async fn a_node_without_its_feed_is_not_ready() {
     acl("resetchannels");
     let why = ready_until(&n, 503).await;
     assert!(why.contains("feed is not subscribed"), "{why}");
+    // The counter is the process's: other tests' nodes add to it too.
+    let subscriptions = metric(&n, "comet_cluster_feed_subscriptions_total").await;
+    assert_eq!(metric(&n, "comet_cluster_ready").await, 0.0);
     let mut c = Client::connect(Kind::Tcp, addr(&n, Kind::Tcp)).await;
     let (ret, body) = c.auth(json!({"mid": 2, "mkey": "k2"})).await;
     assert_ne!(ret, 0, "a login while the feed is down: {body}");
@@ -1071,6 +1076,17 @@ async fn a_node_without_its_feed_is_not_ready() {
     acl("&*");
     assert_eq!(ready_until(&n, 200).await, "ready\n");
     login(&n, Kind::Tcp, 2).await;
+    assert_eq!(metric(&n, "comet_cluster_ready").await, 1.0);
+    assert!(metric(&n, "comet_cluster_feed_subscriptions_total").await > subscriptions);
+}
+
+/// The value of `series` on `n`'s `/metrics` (0 while it has none).
+async fn metric(n: &Running, series: &str) -> f64 {
+    let (status, text) = get(n.admin_addr.unwrap(), "/metrics").await;
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
 /// A node names, in its log, each Redis setting under which the cluster

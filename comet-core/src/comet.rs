@@ -431,11 +431,15 @@ impl Comet {
     /// Brings the sampled gauges up to date: bytes queued for writing
     /// (`comet_outbound_queued_bytes`, summed over every session) and the
     /// process's resident memory and open file descriptors (see
-    /// [`crate::telemetry::sample_process`]). Call it when the metrics are
-    /// scraped: it walks every session once.
+    /// [`crate::telemetry::sample_process`]), and in cluster mode whether
+    /// the broker is ready (`comet_cluster_ready`, 1 or 0). Call it when
+    /// the metrics are scraped: it walks every session once.
     pub fn sample_metrics(&self) {
         let (queued, _) = self.engine.registry.pending_bytes();
         self.engine.stats.tel.queued_bytes(queued);
+        if let Some(broker) = &self.engine.broker {
+            metrics::gauge!("comet_cluster_ready").set(f64::from(u8::from(broker.is_ready())));
+        }
         crate::telemetry::sample_process();
     }
 

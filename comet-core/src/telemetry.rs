@@ -28,6 +28,8 @@
 //! | `comet_panics_total` | counter | | panics caught in plug-ins, layers or handlers |
 //! | `comet_syncs_total` | counter | `result` (`ok`, `failed`) | op 22 outcomes |
 //! | `comet_replayed_messages_total` | counter | | messages replayed by syncs |
+//! | `comet_cluster_ready` | gauge | | cluster mode: 1 while the node's broker takes logins and delivers ([`Broker::is_ready`](crate::broker::Broker::is_ready); sampled), 0 while not |
+//! | `comet_cluster_feed_subscriptions_total` | counter | | cluster mode (comet-plugins' Redis broker): times the node's feed subscribed, the first time and once after each lost feed (each closed the node's sessions) |
 //!
 //! The transports add `comet_connections_refused_total{reason}`, and the
 //! process gauges (`comet_process_resident_memory_bytes`,

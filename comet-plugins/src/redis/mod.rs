@@ -1256,6 +1256,7 @@ async fn feed(inner: Arc<Inner>, registry: Arc<Registry>, link: Arc<Link>) {
                 state.reset();
                 link.epoch.fetch_add(1, Ordering::SeqCst);
                 link.subscribed.store(true, Ordering::SeqCst);
+                metrics::counter!("comet_cluster_feed_subscriptions_total").increment(1);
                 tracing::info!(node = %inner.opts.node_id, "cluster feed subscribed");
                 let mut stream = stream;
                 let mut flood = Flood::new();
