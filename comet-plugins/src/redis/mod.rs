@@ -269,15 +269,16 @@ fn tls_connector(
 }
 
 /// `url` with the password of its user info replaced by `***`
-/// (`scheme://user:password@host` or `scheme://:password@host`).
+/// (`scheme://user:password@host` or `scheme://:password@host`). The user
+/// info ends at the last `@`, wherever it is: a password with an unescaped
+/// `/` or `@` in it is hidden too, never half shown.
 fn redact_url(url: &str) -> String {
     let Some(start) = url.find("://").map(|i| i + 3) else {
         return url.to_owned();
     };
     let rest = &url[start..];
-    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
-    match authority.rfind('@') {
-        Some(at) => match authority[..at].split_once(':') {
+    match rest.rfind('@') {
+        Some(at) => match rest[..at].split_once(':') {
             Some((user, _password)) => {
                 format!("{}{user}:***{}", &url[..start], &rest[at..])
             }
@@ -1950,6 +1951,7 @@ mod tests {
             ("redis://127.0.0.1:6379/", "redis://127.0.0.1:6379/"),
             ("redis://:pw@h:1/0", "redis://:***@h:1/0"),
             ("redis://u:p@ss:w@rd@h:1", "redis://u:***@h:1"),
+            ("redis://u:pa/ss@h:1/0", "redis://u:***@h:1/0"),
             ("redis://user@h:1/", "redis://user@h:1/"),
             (
                 "redis+unix:///run/redis.sock",
