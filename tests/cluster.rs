@@ -1089,6 +1089,30 @@ async fn metric(n: &Running, series: &str) -> f64 {
         .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
+/// A second live node with a node id already in use does not start (it
+/// would read the first one's channel and reset its presence); another id
+/// does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_id_in_use_by_a_live_node_is_refused() {
+    let redis = Redis::start();
+    let first = node(&redis, "a").await;
+    // Once its feed is subscribed, the id is visibly in use.
+    login(&first, Kind::Tcp, 1).await;
+    let text = format!(
+        "[server]\ntcp = \"127.0.0.1:0\"\n[store]\nbackend = \"redis\"\nurl = \"{}\"\n\
+         [cluster]\nnode_id = \"a\"\n",
+        redis.url()
+    );
+    let config = comet::server::ServerConfig::parse(&text, "test.toml").unwrap();
+    let err = match comet::server::start(config).await {
+        Ok(_) => panic!("a second node \"a\" started"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("node id \"a\" is taken"), "{err}");
+    let second = node(&redis, "b").await;
+    login(&second, Kind::Tcp, 2).await;
+}
+
 /// A node names, in its log, each Redis setting under which the cluster
 /// would lose or reuse acknowledged sends, or hold a slow node's backlog in
 /// Redis without bound; on the tests' settings (AOF on, no memory limit,

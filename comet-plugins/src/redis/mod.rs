@@ -410,6 +410,23 @@ impl RedisCluster {
             .set_max_delay(1_000);
         let mut con = ConnectionManager::new_with_config(client.clone(), config).await?;
         check_settings(&mut con, &opts.node_id).await;
+        // Two live nodes with one id would both read its channel (each
+        // pushing the other's recipients to their inboxes), and this one
+        // would reset the other's presence when its feed subscribes.
+        let channel = format!("{}ch:{}", opts.prefix, opts.node_id);
+        let (_, readers): (String, u64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(&channel)
+            .query_async(&mut con)
+            .await?;
+        if readers > 0 {
+            return Err(format!(
+                "cluster node id {:?} is taken: a live node reads its channel {channel}; \
+                 give each node its own node_id",
+                opts.node_id
+            )
+            .into());
+        }
         let scripts = Scripts {
             send: Script::new(&scripts::send()),
             login: Script::new(&scripts::login()),
