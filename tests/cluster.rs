@@ -1002,9 +1002,23 @@ async fn nodes_reach_a_redis_over_tls_and_check_its_certificate() {
 
 /// `GET path` on `addr`: the status code and the body.
 async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    request(addr, "GET", path, "").await
+}
+
+/// One HTTP/1.1 request (a JSON `body` unless empty): the status code and
+/// the body of the answer.
+async fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if !body.is_empty() {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
     tcp.write_all(req.as_bytes()).await.unwrap();
     let mut raw = String::new();
     tcp.read_to_string(&mut raw).await.unwrap();
@@ -1113,6 +1127,104 @@ async fn a_node_id_in_use_by_a_live_node_is_refused() {
     login(&second, Kind::Tcp, 2).await;
 }
 
+/// The admin API on a cluster: a 1:1 and a group send posted on one node
+/// reach sessions on the other; a system group send (`"system": true`)
+/// skips the membership check as on a single node, its non-member sender's
+/// own session included, while without `system` that sender is refused;
+/// and group membership changes (`PUT` / `DELETE`) hold for every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admin_pushes_reach_every_node_and_system_sends_skip_the_membership_check() {
+    let redis = Redis::start();
+    let admin = |c: &mut comet::server::ServerConfig| {
+        c.admin = Some(comet::server::AdminSection {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            token: None,
+        });
+    };
+    let a = node_with(&redis, "a", admin).await;
+    let b = node(&redis, "b").await;
+    let api = a.admin_addr.unwrap();
+    let mut one = login(&a, Kind::Tcp, 1).await;
+    let mut two = login(&b, Kind::WsJson, 2).await;
+    // 9 is not in group 100 = {1, 2, 3}.
+    let mut nine = login(&b, Kind::WsBinary, 9).await;
+
+    let (status, body) = request(
+        api,
+        "POST",
+        "/api/send/user",
+        r#"{"from": 1, "to": 2, "msg": "pushed"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(take(&mut two, 1).await[0].msg, b"pushed");
+    // The sender's sessions get their copy, as for a client's op 18.
+    assert_eq!(take(&mut one, 1).await[0].msg, b"pushed");
+
+    let (status, body) = request(
+        api,
+        "POST",
+        "/api/send/group",
+        r#"{"from": 9, "group": 100, "msg": "not a member"}"#,
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = request(
+        api,
+        "POST",
+        "/api/send/group",
+        r#"{"from": 9, "group": 100, "msg": "from the system", "system": true}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let sent: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(sent["chatId"], 1, "{body}");
+    for c in [&mut one, &mut two, &mut nine] {
+        let got = take(c, 1).await;
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            (got[0].op, got[0].chat_id, got[0].from, got[0].to),
+            (20, 1, 9, 100)
+        );
+        assert_eq!(got[0].msg, b"from the system");
+    }
+
+    // Membership through the API, for every node: 9 joins and may send.
+    let member = "/api/groups/100/members/9";
+    let (status, body) = request(api, "PUT", member, "").await;
+    assert_eq!(
+        (status, body.contains(r#""changed":true"#)),
+        (200, true),
+        "{body}"
+    );
+    let (status, body) = request(api, "PUT", member, "").await;
+    assert_eq!(
+        (status, body.contains(r#""changed":false"#)),
+        (200, true),
+        "{body}"
+    );
+    let (_, body) = get(api, "/api/groups/100/members").await;
+    assert!(body.contains('9'), "{body}");
+    let ack = nine.send_msg(20, 9, 100, b"a member now").await;
+    assert_eq!((ack.ret, ack.chat_id), (0, 2));
+    for c in [&mut one, &mut two] {
+        assert_eq!(take(c, 1).await[0].msg, b"a member now");
+    }
+    let (status, body) = request(api, "DELETE", member, "").await;
+    assert_eq!(
+        (status, body.contains(r#""changed":true"#)),
+        (200, true),
+        "{body}"
+    );
+    let (status, body) = request(api, "DELETE", member, "").await;
+    assert_eq!(
+        (status, body.contains(r#""changed":false"#)),
+        (200, true),
+        "{body}"
+    );
+    assert_eq!(nine.send_msg(20, 9, 100, b"gone").await.ret, -1);
+}
+
 /// A node names, in its log, each Redis setting under which the cluster
 /// would lose or reuse acknowledged sends, or hold a slow node's backlog in
 /// Redis without bound; on the tests' settings (AOF on, no memory limit,
@@ -1126,10 +1238,23 @@ async fn a_node_warns_of_redis_settings_that_lose_acknowledged_sends() {
     ];
     let redis = Redis::start();
     let dir = tempfile::tempdir().unwrap();
-    let log = |name: &str| std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap();
-    drop(Proc::start(&redis, dir.path(), "safe"));
+    // A node listens before it connects to Redis: its log is whole once
+    // it has said "cluster node", which comes after the warnings.
+    let log = |name: &str| {
+        let path = dir.path().join(format!("{name}.log"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(&path).unwrap();
+            if text.contains("cluster node") {
+                return text;
+            }
+            assert!(Instant::now() < deadline, "{name} never connected: {text}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let safe_node = Proc::start(&redis, dir.path(), "safe");
     let safe = log("safe");
-    assert!(safe.contains("cluster node"), "{safe}");
+    drop(safe_node);
     for setting in RISKY {
         assert!(
             !safe.contains(setting),
@@ -1146,8 +1271,9 @@ async fn a_node_warns_of_redis_settings_that_lose_acknowledged_sends() {
         let ok: String = redis.cmd(redis::cmd("CONFIG").arg("SET").arg(name).arg(value));
         assert_eq!(ok, "OK");
     }
-    drop(Proc::start(&redis, dir.path(), "risky"));
+    let risky_node = Proc::start(&redis, dir.path(), "risky");
     let risky = log("risky");
+    drop(risky_node);
     for setting in RISKY {
         let line = risky
             .lines()

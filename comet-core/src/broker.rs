@@ -48,6 +48,20 @@ pub trait Broker: Send + Sync + 'static {
     /// sessions comes back through the broker's feed, not from this call.
     async fn send(&self, draft: Draft, except: Option<ConnId>) -> Result<i64, BrokerError>;
 
+    /// [`send`](Self::send) for a trusted sender: an op 20 without the
+    /// membership check, behind
+    /// [`Comet::send_to_group_as_system`](crate::Comet::send_to_group_as_system)
+    /// (the admin API's `"system": true`). The sender's own sessions get
+    /// their copy whether or not it is a member, as on a single node. The
+    /// default refuses ([`BrokerError::Unavailable`]): a broker that cannot
+    /// skip the check must say so, not apply it.
+    async fn send_trusted(&self, draft: Draft) -> Result<i64, BrokerError> {
+        let _ = draft;
+        Err(BrokerError::Unavailable(
+            "this cluster broker has no trusted (system) sends".into(),
+        ))
+    }
+
     /// A session of `mid` was registered on this node: from now on the
     /// broker routes `mid`'s messages here. Called before the session reads
     /// its offline inbox, so that every message is either in the inbox or
@@ -64,5 +78,41 @@ pub trait Broker: Send + Sync + 'static {
     /// Must not block. The default: always.
     fn is_ready(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Conversation;
+
+    /// A broker with nothing but the required methods.
+    struct Minimal;
+
+    #[async_trait]
+    impl Broker for Minimal {
+        async fn send(&self, _: Draft, _: Option<ConnId>) -> Result<i64, BrokerError> {
+            Ok(1)
+        }
+        async fn login(&self, _: Mid) -> Result<(), BoxError> {
+            Ok(())
+        }
+        fn logout(&self, _: Mid) {}
+    }
+
+    #[tokio::test]
+    async fn a_broker_without_trusted_sends_refuses_them_rather_than_checking() {
+        let draft = Draft {
+            conversation: Conversation::Group(100),
+            op: crate::op::SEND_TO_GROUP,
+            from: 9,
+            to: 100,
+            msg: bytes::Bytes::from_static(b"m"),
+        };
+        match Minimal.send_trusted(draft).await {
+            Err(BrokerError::Unavailable(e)) => assert!(e.to_string().contains("trusted")),
+            other => panic!("{other:?}"),
+        }
+        assert!(Minimal.is_ready());
     }
 }

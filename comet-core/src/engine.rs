@@ -177,7 +177,7 @@ impl Engine {
             });
         }
         if let Some(broker) = &self.broker {
-            return self.send_through(broker, op, req, except).await;
+            return self.send_through(broker, op, req, except, trusted).await;
         }
         let (conversation, members) = if op == op::SEND_TO_GROUP {
             let member = trusted
@@ -264,6 +264,7 @@ impl Engine {
         op: u32,
         req: &SendRequest,
         except: Option<ConnId>,
+        trusted: bool,
     ) -> Result<i64, SendError> {
         let conversation = if op == op::SEND_TO_GROUP {
             Conversation::Group(req.to)
@@ -278,7 +279,14 @@ impl Engine {
             to: req.to,
             msg: req.msg.clone(),
         };
-        let sent = tokio::time::timeout(self.config.hook_timeout, broker.send(draft, except)).await;
+        let send = async {
+            if trusted && op == op::SEND_TO_GROUP {
+                broker.send_trusted(draft).await
+            } else {
+                broker.send(draft, except).await
+            }
+        };
+        let sent = tokio::time::timeout(self.config.hook_timeout, send).await;
         match sent {
             Ok(Ok(chat_id)) => {
                 self.stats.message();

@@ -82,8 +82,8 @@ use comet_core::broker::{Broker, BrokerError};
 use comet_core::payload::Delivered;
 use comet_core::store::{Draft, History, MessageStore, Offline};
 use comet_core::{
-    async_trait, BoxError, ConnId, Conversation, Delivery, GroupDirectory, GroupId, Members,
-    Message, Mid, Registry,
+    async_trait, BoxError, ConnId, Conversation, Delivery, GroupDirectory, GroupId,
+    GroupMembership, Members, Message, Mid, Registry,
 };
 use futures_util::{FutureExt as _, StreamExt as _};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -323,7 +323,7 @@ impl Inner {
     async fn send_script(
         &self,
         draft: &Draft,
-        route: bool,
+        route: Route,
         except: ConnId,
         echo_here: bool,
     ) -> redis::RedisResult<i64> {
@@ -338,13 +338,24 @@ impl Inner {
             .arg(conv_key(draft.conversation))
             .arg(o.history)
             .arg(o.inbox)
-            .arg(i32::from(route))
+            .arg(route as i32)
             .arg(&o.node_id)
             .arg(except)
             .arg(i32::from(echo_here))
             .invoke_async(&mut self.con())
             .await
     }
+}
+
+/// What the send script does after storing (its `route` argument).
+#[derive(Clone, Copy)]
+enum Route {
+    /// Nothing: `MessageStore::append`.
+    StoreOnly = 0,
+    /// Checks an op 20 sender's membership, then routes.
+    Checked = 1,
+    /// Routes without the membership check (a trusted system send).
+    Trusted = 2,
 }
 
 /// One node's connection to the cluster's Redis; cheap to clone. See the
@@ -1061,8 +1072,8 @@ async fn deliver_group(
 }
 
 /// Fills `recipients` with this node's members of a group (those whose
-/// login reached the feed) but `from`; returns `from` as the echo if it is
-/// one of them.
+/// login reached the feed) but `from`; returns `from` as the echo if it has
+/// sessions here (a member or not: a trusted sender need not be one).
 fn group_recipients(
     local: &HashSet<Mid>,
     members: &HashSet<Mid>,
@@ -1089,6 +1100,11 @@ fn group_recipients(
             .iter()
             .filter(|m| local.contains(m))
             .for_each(|&m| take(m));
+    }
+    // A trusted sender need not be a member; its sessions here get their
+    // copy all the same (a member sender was found above).
+    if echo.is_none() && local.contains(&from) {
+        echo = Some(from);
     }
     echo
 }
@@ -1478,13 +1494,23 @@ impl Broker for RedisBroker {
         };
         let chat = self
             .inner
-            .send_script(&draft, true, except.unwrap_or(0), echo_here)
+            .send_script(&draft, Route::Checked, except.unwrap_or(0), echo_here)
             .await
             .map_err(unavailable)?;
         if chat < 0 {
             return Err(BrokerError::NotMember);
         }
         Ok(chat)
+    }
+
+    async fn send_trusted(&self, draft: Draft) -> Result<i64, BrokerError> {
+        // Only op 20 has a check to skip; the sender's sessions here all get
+        // the copy (no sending connection to leave out).
+        let echo_here = self.registry.sessions_of(draft.from) > 0;
+        self.inner
+            .send_script(&draft, Route::Trusted, 0, echo_here)
+            .await
+            .map_err(unavailable)
     }
 
     async fn login(&self, mid: Mid) -> Result<(), BoxError> {
@@ -1586,7 +1612,10 @@ fn bad_reply(what: &str) -> BoxError {
 #[async_trait]
 impl MessageStore for RedisStore {
     async fn append(&self, draft: Draft) -> Result<Arc<Message>, BoxError> {
-        let chat = self.inner.send_script(&draft, false, 0, false).await?;
+        let chat = self
+            .inner
+            .send_script(&draft, Route::StoreOnly, 0, false)
+            .await?;
         Ok(draft.into_message(chat))
     }
 
@@ -1722,32 +1751,26 @@ impl RedisGroups {
     /// Adds `mid` to `group` (creating it); idempotent. A new member's
     /// catch-up starts at the group's current chatId.
     pub async fn join(&self, group: GroupId, mid: Mid) -> Result<(), BoxError> {
-        let mut con = self.inner.con();
-        let _: i64 = self
-            .inner
-            .scripts
-            .join
-            .arg(&self.inner.opts.prefix)
-            .arg(group)
-            .arg(mid)
-            .invoke_async(&mut con)
-            .await?;
+        self.change(&self.inner.scripts.join, group, mid).await?;
         Ok(())
     }
 
     /// Removes `mid` from `group`.
     pub async fn leave(&self, group: GroupId, mid: Mid) -> Result<(), BoxError> {
+        self.change(&self.inner.scripts.leave, group, mid).await?;
+        Ok(())
+    }
+
+    /// Runs the join or leave script; whether the membership changed.
+    async fn change(&self, script: &Script, group: GroupId, mid: Mid) -> Result<bool, BoxError> {
         let mut con = self.inner.con();
-        let _: i64 = self
-            .inner
-            .scripts
-            .leave
+        let changed: i64 = script
             .arg(&self.inner.opts.prefix)
             .arg(group)
             .arg(mid)
             .invoke_async(&mut con)
             .await?;
-        Ok(())
+        Ok(changed == 1)
     }
 
     /// Adds every mid of `members` to `group` (idempotent: members already
@@ -1782,8 +1805,26 @@ impl RedisGroups {
     }
 }
 
+/// The admin API's `PUT` / `DELETE /api/groups/{group}/members/{mid}` in
+/// cluster mode: [`join`](RedisGroups::join) and
+/// [`leave`](RedisGroups::leave), for every node.
+#[async_trait]
+impl GroupMembership for RedisGroups {
+    async fn add_member(&self, group: GroupId, mid: Mid) -> Result<bool, BoxError> {
+        self.change(&self.inner.scripts.join, group, mid).await
+    }
+
+    async fn remove_member(&self, group: GroupId, mid: Mid) -> Result<bool, BoxError> {
+        self.change(&self.inner.scripts.leave, group, mid).await
+    }
+}
+
 #[async_trait]
 impl GroupDirectory for RedisGroups {
+    fn membership(&self) -> Option<&dyn GroupMembership> {
+        Some(self)
+    }
+
     async fn is_member(&self, group: GroupId, mid: Mid) -> Result<bool, BoxError> {
         let mut con = self.inner.con();
         let key = format!("{}gm:{group}", self.inner.opts.prefix);

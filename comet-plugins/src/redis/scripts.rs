@@ -57,7 +57,8 @@ end
 ";
 
 /// One send. ARGV: prefix, op, from, to, bytes, conv, hist_max, inbox_max,
-/// route (1: check membership and route, 0: store only, as
+/// route (1: check an op 20 sender's membership and route; 2: route
+/// without the check, a trusted system send; 0: store only, as
 /// `MessageStore::append`), node, except, echo_here (1: the sending node
 /// holds a session of the sender other than `except`). Returns the chatId,
 /// or -1 when an op 20 sender is not a member (nothing written).
@@ -78,10 +79,10 @@ local p, op, from, to, msg, conv = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], 
 local hmax, imax = tonumber(ARGV[7]), tonumber(ARGV[8])
 local route, node, except, echo_here = ARGV[9], ARGV[10], ARGV[11], ARGV[12]
 local targets
-if route ~= '1' then
+if route == '0' then
   targets = {}
 elseif op == '20' then
-  if redis.call('SISMEMBER', p .. 'gm:' .. to, from) == 0 then return -1 end
+  if route == '1' and redis.call('SISMEMBER', p .. 'gm:' .. to, from) == 0 then return -1 end
 elseif from == to then
   targets = {from}
 else
@@ -94,7 +95,7 @@ if hmax > 0 then
 else
   redis.call('DEL', p .. 'h:' .. conv)
 end
-if route ~= '1' then return chat end
+if route == '0' then return chat end
 if op == '20' then
   redis.call('PUBLISH', p .. 'all', 'G\n' .. cs .. '\n' .. from .. '\n' .. to .. '\n' .. node .. '\n' .. except .. '\n' .. msg)
   return chat
@@ -283,28 +284,32 @@ pub(crate) fn push() -> String {
 
 /// Adds a member to a group (idempotent): its catch-up starts at the
 /// group's current chatId; every node's membership cache hears of it (`J`)
-/// in order with the group's messages. ARGV: prefix, group, mid.
+/// in order with the group's messages. ARGV: prefix, group, mid. Returns 1
+/// if the mid was not a member yet, else 0.
 pub(crate) const JOIN: &str = r"
 local p, g, m = ARGV[1], ARGV[2], ARGV[3]
-if redis.call('SADD', p .. 'gm:' .. g, m) == 1 then
+local added = redis.call('SADD', p .. 'gm:' .. g, m)
+if added == 1 then
   redis.call('PUBLISH', p .. 'all', 'J\n' .. g .. '\n' .. m)
 end
 if redis.call('SADD', p .. 'ug:' .. m, g) == 1 then
   redis.call('HSET', p .. 'lr:' .. m, g, redis.call('GET', p .. 'head:g:' .. g) or '0')
 end
-return 1
+return added
 ";
 
 /// Removes a member from a group; every node's membership cache hears of
-/// it (`L`). ARGV: prefix, group, mid.
+/// it (`L`). ARGV: prefix, group, mid. Returns 1 if the mid was a member,
+/// else 0.
 pub(crate) const LEAVE: &str = r"
 local p, g, m = ARGV[1], ARGV[2], ARGV[3]
-if redis.call('SREM', p .. 'gm:' .. g, m) == 1 then
+local removed = redis.call('SREM', p .. 'gm:' .. g, m)
+if removed == 1 then
   redis.call('PUBLISH', p .. 'all', 'L\n' .. g .. '\n' .. m)
 end
 redis.call('SREM', p .. 'ug:' .. m, g)
 redis.call('HDEL', p .. 'lr:' .. m, g)
-return 1
+return removed
 ";
 
 /// A node's membership cache asks for a group: its members are published
