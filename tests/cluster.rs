@@ -1131,7 +1131,8 @@ async fn a_node_id_in_use_by_a_live_node_is_refused() {
 /// reach sessions on the other; a system group send (`"system": true`)
 /// skips the membership check as on a single node, its non-member sender's
 /// own session included, while without `system` that sender is refused;
-/// and group membership changes (`PUT` / `DELETE`) hold for every node.
+/// group membership changes (`PUT` / `DELETE`) hold for every node; and a
+/// kick closes the user's sessions on every node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn admin_pushes_reach_every_node_and_system_sends_skip_the_membership_check() {
     let redis = Redis::start();
@@ -1223,6 +1224,17 @@ async fn admin_pushes_reach_every_node_and_system_sends_skip_the_membership_chec
         "{body}"
     );
     assert_eq!(nine.send_msg(20, 9, 100, b"gone").await.ret, -1);
+
+    // A kick posted on node a closes user 1's sessions on both nodes.
+    let mut one_on_b = login(&b, Kind::WsJson, 1).await;
+    let (status, body) = request(api, "POST", "/api/users/1/kick", "").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""closed":1"#), "{body}");
+    common::within("the kick on node a", one.closed()).await;
+    common::within("the kick on node b", one_on_b.closed()).await;
+    // Nobody else's.
+    two.heartbeat().await;
+    nine.heartbeat().await;
 }
 
 /// A node names, in its log, each Redis setting under which the cluster

@@ -72,6 +72,17 @@ pub trait Broker: Send + Sync + 'static {
     /// this node. Must not block.
     fn logout(&self, mid: Mid);
 
+    /// Closes the sessions of `mid` on every node of the cluster (this
+    /// node's too, whose are already closing: see
+    /// [`Comet::disconnect_everywhere`](crate::Comet::disconnect_everywhere)).
+    /// Returns once the request is on its way, not when the sessions are
+    /// closed. The default refuses: a broker that cannot reach the other
+    /// nodes must say so, not leave their sessions open quietly.
+    async fn disconnect(&self, mid: Mid) -> Result<(), BoxError> {
+        let _ = mid;
+        Err("this cluster broker cannot close sessions on other nodes".into())
+    }
+
     /// Whether this node can take logins and deliver now (a cluster node:
     /// its feed is subscribed). The admin API's `GET /readyz` answers 503
     /// while not, so that a load balancer sends new clients elsewhere.
@@ -101,7 +112,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_broker_without_trusted_sends_refuses_them_rather_than_checking() {
+    async fn a_broker_without_trusted_sends_or_kicks_refuses_them_rather_than_pretending() {
         let draft = Draft {
             conversation: Conversation::Group(100),
             op: crate::op::SEND_TO_GROUP,
@@ -113,6 +124,7 @@ mod tests {
             Err(BrokerError::Unavailable(e)) => assert!(e.to_string().contains("trusted")),
             other => panic!("{other:?}"),
         }
+        assert!(Minimal.disconnect(9).await.is_err());
         assert!(Minimal.is_ready());
     }
 }

@@ -493,9 +493,27 @@ impl Comet {
         self.engine.active.load(Ordering::Acquire)
     }
 
-    /// Closes every session of `mid`; returns how many there were.
+    /// Closes every session of `mid` on this node; returns how many there
+    /// were. In cluster mode, see
+    /// [`disconnect_everywhere`](Self::disconnect_everywhere).
     pub fn disconnect(&self, mid: Mid) -> usize {
         self.engine.registry.disconnect(mid)
+    }
+
+    /// Closes every session of `mid` on this node and, in cluster mode, on
+    /// every other node ([`Broker::disconnect`]): the admin API's kick.
+    /// Returns how many sessions this node had; the other nodes close
+    /// theirs as the request reaches them. On a single node it is
+    /// [`disconnect`](Self::disconnect). An error (the cluster unreachable)
+    /// leaves this node's sessions closed and the others' as they were.
+    pub async fn disconnect_everywhere(&self, mid: Mid) -> Result<usize, BoxError> {
+        let here = self.engine.registry.disconnect(mid);
+        if let Some(broker) = &self.engine.broker {
+            tokio::time::timeout(self.engine.config.hook_timeout, broker.disconnect(mid))
+                .await
+                .map_err(|_| BoxError::from("the cluster broker timed out"))??;
+        }
+        Ok(here)
     }
 
     /// Closes one connection: the authenticated session with id `conn_id`

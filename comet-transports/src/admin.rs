@@ -14,7 +14,7 @@
 //! | `POST /api/send/group` | send to a group on behalf of `from`, as op 20; `"system": true` skips the membership check |
 //! | `GET /api/online` | session and connection totals, online users |
 //! | `GET /api/users/{mid}` | whether `mid` is online, and its session count |
-//! | `POST /api/users/{mid}/kick` | closes every session of `mid` |
+//! | `POST /api/users/{mid}/kick` | closes every session of `mid` (on every node of a cluster) |
 //! | `GET /api/history/user/{a}/{b}` | a page of the a–b conversation (`after`, `limit`) |
 //! | `GET /api/history/group/{group}` | a page of a group's conversation |
 //! | `GET /api/groups/{group}/members` | a group's members |
@@ -613,15 +613,17 @@ async fn user(
 pub struct Kicked {
     /// 0.
     pub ret: i32,
-    /// Sessions closed.
+    /// Sessions closed on this node (in cluster mode the other nodes close
+    /// theirs as the kick reaches them).
     pub closed: usize,
 }
 
 #[utoipa::path(post, path = "/api/users/{mid}/kick", tag = "presence",
     params(("mid" = i32, Path, description = "the user")),
     responses(
-        (status = 200, description = "its sessions are closing", body = Kicked),
+        (status = 200, description = "its sessions are closing, on every node", body = Kicked),
         (status = 401, description = "missing or wrong token", body = ApiError),
+        (status = 503, description = "the cluster is unreachable (this node's sessions are closed)", body = ApiError),
     ),
     security(("bearer" = [])))]
 async fn kick(
@@ -629,10 +631,13 @@ async fn kick(
     mid: Result<Path<Mid>, PathRejection>,
 ) -> ApiResult<Kicked> {
     let mid = path(mid)?;
-    Ok(Json(Kicked {
-        ret: 0,
-        closed: state.comet.disconnect(mid),
-    }))
+    let closed = state.comet.disconnect_everywhere(mid).await.map_err(|e| {
+        Failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cluster unavailable: {e}"),
+        )
+    })?;
+    Ok(Json(Kicked { ret: 0, closed }))
 }
 
 /// A page to read.

@@ -828,6 +828,9 @@ impl Feed {
                         }
                     }),
                     b'S' => self.snapshot(rest).await,
+                    b'K' => num(rest).map(|mid: Mid| {
+                        self.registry.disconnect(mid);
+                    }),
                     _ => None,
                 }
             }
@@ -1501,6 +1504,18 @@ impl Broker for RedisBroker {
             return Err(BrokerError::NotMember);
         }
         Ok(chat)
+    }
+
+    async fn disconnect(&self, mid: Mid) -> Result<(), BoxError> {
+        // Every node's feed, this one's included, closes its sessions of
+        // `mid` in feed order (after the messages published before it).
+        let mut con = self.inner.con();
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(format!("{}all", self.inner.opts.prefix))
+            .arg(format!("K\n{mid}"))
+            .query_async(&mut con)
+            .await?;
+        Ok(())
     }
 
     async fn send_trusted(&self, draft: Draft) -> Result<i64, BrokerError> {
