@@ -14,8 +14,6 @@ use base64::Engine as _;
 use comet::server::{AdminSection, Running};
 use common::raw::{Client, Closed, Kind};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const TOKEN: &str = "test-token-4f2a";
 
@@ -31,68 +29,7 @@ async fn start() -> (Running, SocketAddr) {
     (running, admin)
 }
 
-/// An HTTP answer.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    headers: String,
-    body: String,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
-    }
-}
-
-/// One HTTP/1.1 request on a fresh connection (`Connection: close`).
-async fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&str>,
-) -> Answer {
-    common::within("an HTTP answer", async {
-        let mut tcp = TcpStream::connect(addr).await.expect("connect to admin");
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-        if let Some(token) = token {
-            req.push_str(&format!("Authorization: Bearer {token}\r\n"));
-        }
-        let body = body.unwrap_or("");
-        if !body.is_empty() || method != "GET" {
-            req.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                body.len()
-            ));
-        }
-        req.push_str("\r\n");
-        req.push_str(body);
-        tcp.write_all(req.as_bytes()).await.unwrap();
-        let mut raw = Vec::new();
-        tcp.read_to_end(&mut raw).await.unwrap();
-        let text = String::from_utf8(raw).expect("UTF-8 answer");
-        let (head, body) = text.split_once("\r\n\r\n").expect("HTTP head");
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("status code");
-        assert!(
-            !head
-                .to_ascii_lowercase()
-                .contains("transfer-encoding: chunked"),
-            "answers are sent whole"
-        );
-        Answer {
-            status,
-            headers: head.to_owned(),
-            body: body.to_owned(),
-        }
-    })
-    .await
-}
+use common::http::{http, Answer};
 
 async fn api(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -> Answer {
     let body = body.map(|b| b.to_string());

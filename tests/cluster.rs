@@ -1005,26 +1005,11 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     request(addr, "GET", path, "").await
 }
 
-/// One HTTP/1.1 request (a JSON `body` unless empty): the status code and
-/// the body of the answer.
+/// One HTTP/1.1 request (with a JSON `body` unless empty): the status code
+/// and the body of the answer.
 async fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    if !body.is_empty() {
-        req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    tcp.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = String::new();
-    tcp.read_to_string(&mut raw).await.unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, body.to_owned())
+    let answer = common::http::http(addr, method, path, None, Some(body)).await;
+    (answer.status, answer.body)
 }
 
 /// `/readyz` of `n` until its status is `want`; returns the body.

@@ -2,6 +2,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod engine;
+pub mod http;
 pub mod raw;
 pub mod redis;
 pub mod server;
