@@ -1210,13 +1210,38 @@ async fn admin_pushes_reach_every_node_and_system_sends_skip_the_membership_chec
     );
     assert_eq!(nine.send_msg(20, 9, 100, b"gone").await.ret, -1);
 
-    // A kick posted on node a closes user 1's sessions on both nodes.
+    // Presence for the whole cluster: user 1 on both nodes, 2 on b only.
     let mut one_on_b = login(&b, Kind::WsJson, 1).await;
+    let presence = |mid: i32| async move {
+        let (status, body) = get(api, &format!("/api/users/{mid}")).await;
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    let p1 = presence(1).await;
+    assert_eq!(
+        (p1["online"].clone(), p1["sessions"].clone()),
+        (json!(true), json!(1))
+    );
+    assert_eq!(p1["nodes"], json!(["a", "b"]), "{p1}");
+    let p2 = presence(2).await;
+    assert_eq!(
+        (p2["online"].clone(), p2["sessions"].clone()),
+        (json!(false), json!(0))
+    );
+    assert_eq!(p2["nodes"], json!(["b"]), "{p2}");
+
+    // A kick posted on node a closes user 1's sessions on both nodes.
     let (status, body) = request(api, "POST", "/api/users/1/kick", "").await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains(r#""closed":1"#), "{body}");
     common::within("the kick on node a", one.closed()).await;
     common::within("the kick on node b", one_on_b.closed()).await;
+    // Their logouts reach the presence (a logout does not block the close).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while presence(1).await["nodes"] != json!([]) {
+        assert!(Instant::now() < deadline, "{}", presence(1).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Nobody else's.
     two.heartbeat().await;
     nine.heartbeat().await;

@@ -72,6 +72,14 @@ pub trait Broker: Send + Sync + 'static {
     /// this node. Must not block.
     fn logout(&self, mid: Mid);
 
+    /// The nodes of the cluster holding a session of `mid` now (their
+    /// ids, sorted; this node among them if it holds one): the admin API's
+    /// `GET /api/users/{mid}`. The default refuses.
+    async fn nodes_of(&self, mid: Mid) -> Result<Vec<String>, BoxError> {
+        let _ = mid;
+        Err("this cluster broker has no presence to read".into())
+    }
+
     /// Closes the sessions of `mid` on every node of the cluster (this
     /// node's too, whose are already closing: see
     /// [`Comet::disconnect_everywhere`](crate::Comet::disconnect_everywhere)).
@@ -112,7 +120,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_broker_without_trusted_sends_or_kicks_refuses_them_rather_than_pretending() {
+    async fn a_broker_without_trusted_sends_kicks_or_presence_refuses_them_rather_than_pretending()
+    {
         let draft = Draft {
             conversation: Conversation::Group(100),
             op: crate::op::SEND_TO_GROUP,
@@ -125,6 +134,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(Minimal.disconnect(9).await.is_err());
+        assert!(Minimal.nodes_of(9).await.is_err());
         assert!(Minimal.is_ready());
     }
 }

@@ -500,6 +500,19 @@ impl Comet {
         self.engine.registry.disconnect(mid)
     }
 
+    /// In cluster mode, the nodes holding a session of `mid` now
+    /// ([`Broker::nodes_of`]); `None` on a single node, where
+    /// [`sessions_of`](Self::sessions_of) says it all.
+    pub async fn nodes_of(&self, mid: Mid) -> Result<Option<Vec<String>>, BoxError> {
+        let Some(broker) = &self.engine.broker else {
+            return Ok(None);
+        };
+        tokio::time::timeout(self.engine.config.hook_timeout, broker.nodes_of(mid))
+            .await
+            .map_err(|_| BoxError::from("the cluster broker timed out"))?
+            .map(Some)
+    }
+
     /// Closes every session of `mid` on this node and, in cluster mode, on
     /// every other node ([`Broker::disconnect`]): the admin API's kick.
     /// Returns how many sessions this node had; the other nodes close

@@ -13,7 +13,7 @@
 //! | `POST /api/send/users` | the same message to several users, one 1:1 send each |
 //! | `POST /api/send/group` | send to a group on behalf of `from`, as op 20; `"system": true` skips the membership check |
 //! | `GET /api/online` | session and connection totals, online users |
-//! | `GET /api/users/{mid}` | whether `mid` is online, and its session count |
+//! | `GET /api/users/{mid}` | whether `mid` is online here, its session count here, and in cluster mode the nodes holding a session of it |
 //! | `POST /api/users/{mid}/kick` | closes every session of `mid` (on every node of a cluster) |
 //! | `GET /api/history/user/{a}/{b}` | a page of the a–b conversation (`after`, `limit`) |
 //! | `GET /api/history/group/{group}` | a page of a group's conversation |
@@ -583,8 +583,12 @@ pub struct UserState {
     pub mid: Mid,
     /// Whether it has a session on this node.
     pub online: bool,
-    /// Its session count.
+    /// Its session count on this node.
     pub sessions: usize,
+    /// In cluster mode: the nodes holding a session of it now, this one
+    /// included (their ids, sorted); absent on a single node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<Vec<String>>,
 }
 
 #[utoipa::path(get, path = "/api/users/{mid}", tag = "presence",
@@ -592,6 +596,7 @@ pub struct UserState {
     responses(
         (status = 200, description = "presence", body = UserState),
         (status = 401, description = "missing or wrong token", body = ApiError),
+        (status = 503, description = "the cluster is unreachable", body = ApiError),
     ),
     security(("bearer" = [])))]
 async fn user(
@@ -600,11 +605,18 @@ async fn user(
 ) -> ApiResult<UserState> {
     let mid = path(mid)?;
     let sessions = state.comet.sessions_of(mid);
+    let nodes = state.comet.nodes_of(mid).await.map_err(|e| {
+        Failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cluster unavailable: {e}"),
+        )
+    })?;
     Ok(Json(UserState {
         ret: 0,
         mid,
         online: sessions > 0,
         sessions,
+        nodes,
     }))
 }
 

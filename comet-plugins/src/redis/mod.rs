@@ -298,6 +298,7 @@ struct Scripts {
     join: Script,
     leave: Script,
     load_group: Script,
+    nodes_of: Script,
 }
 
 struct Inner {
@@ -448,6 +449,7 @@ impl RedisCluster {
             join: Script::new(scripts::JOIN),
             leave: Script::new(scripts::LEAVE),
             load_group: Script::new(scripts::LOAD_GROUP),
+            nodes_of: Script::new(scripts::NODES_OF),
         };
         Ok(RedisCluster {
             inner: Arc::new(Inner {
@@ -1504,6 +1506,20 @@ impl Broker for RedisBroker {
             return Err(BrokerError::NotMember);
         }
         Ok(chat)
+    }
+
+    async fn nodes_of(&self, mid: Mid) -> Result<Vec<String>, BoxError> {
+        let mut con = self.inner.con();
+        let mut nodes: Vec<String> = self
+            .inner
+            .scripts
+            .nodes_of
+            .arg(&self.inner.opts.prefix)
+            .arg(mid)
+            .invoke_async(&mut con)
+            .await?;
+        nodes.sort_unstable();
+        Ok(nodes)
     }
 
     async fn disconnect(&self, mid: Mid) -> Result<(), BoxError> {

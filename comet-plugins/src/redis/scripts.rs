@@ -312,6 +312,17 @@ redis.call('HDEL', p .. 'lr:' .. m, g)
 return removed
 ";
 
+/// The live nodes holding a session of a mid (presence entries of nodes
+/// whose heartbeat expired are left out). ARGV: prefix, mid.
+pub(crate) const NODES_OF: &str = r"
+local p, m = ARGV[1], ARGV[2]
+local live = {}
+for _, n in ipairs(redis.call('SMEMBERS', p .. 'pr:' .. m)) do
+  if redis.call('EXISTS', p .. 'node:' .. n) == 1 then live[#live + 1] = n end
+end
+return live
+";
+
 /// A node's membership cache asks for a group: its members are published
 /// on the node's own feed (`S`), where they take their place among the
 /// group's messages and membership events. ARGV: prefix, group, node.
