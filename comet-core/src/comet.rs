@@ -507,9 +507,9 @@ impl Comet {
         let Some(broker) = &self.engine.broker else {
             return Ok(None);
         };
-        tokio::time::timeout(self.engine.config.hook_timeout, broker.nodes_of(mid))
+        self.engine
+            .bounded("cluster broker", broker.nodes_of(mid))
             .await
-            .map_err(|_| BoxError::from("the cluster broker timed out"))?
             .map(Some)
     }
 
@@ -522,9 +522,9 @@ impl Comet {
     pub async fn disconnect_everywhere(&self, mid: Mid) -> Result<usize, BoxError> {
         let here = self.engine.registry.disconnect(mid);
         if let Some(broker) = &self.engine.broker {
-            tokio::time::timeout(self.engine.config.hook_timeout, broker.disconnect(mid))
-                .await
-                .map_err(|_| BoxError::from("the cluster broker timed out"))??;
+            self.engine
+                .bounded("cluster broker", broker.disconnect(mid))
+                .await?;
         }
         Ok(here)
     }
