@@ -1110,6 +1110,15 @@ async fn a_node_id_in_use_by_a_live_node_is_refused() {
     assert!(err.contains("node id \"a\" is taken"), "{err}");
     let second = node(&redis, "b").await;
     login(&second, Kind::Tcp, 2).await;
+
+    // A subscription Redis still holds for a node that died without
+    // closing it (a power cut: no heartbeat any more) does not stop that
+    // id from starting again.
+    let mut stale = redis.client().get_connection().unwrap();
+    let mut stale = stale.as_pubsub();
+    stale.subscribe("comet:ch:c").unwrap();
+    let restarted = node(&redis, "c").await;
+    login(&restarted, Kind::Tcp, 3).await;
 }
 
 /// The admin API on a cluster: a 1:1 and a group send posted on one node

@@ -377,7 +377,9 @@ impl std::fmt::Debug for RedisCluster {
 
 impl RedisCluster {
     /// Connects to Redis (failing if it cannot be reached now; later
-    /// outages are recovered from by themselves), and logs a warning for
+    /// outages are recovered from by themselves, and failing if a live
+    /// node, subscribed and heartbeating, already has this node id), and
+    /// logs a warning for
     /// each Redis setting that could lose acknowledged sends or let a slow
     /// node's backlog grow without bound (`maxmemory-policy`, `appendonly`,
     /// the pubsub `client-output-buffer-limit`: docs/CLUSTER.md).
@@ -424,14 +426,21 @@ impl RedisCluster {
         check_settings(&mut con, &opts.node_id).await;
         // Two live nodes with one id would both read its channel (each
         // pushing the other's recipients to their inboxes), and this one
-        // would reset the other's presence when its feed subscribes.
+        // would reset the other's presence when its feed subscribes. Live
+        // means heartbeating too: after a power cut or a network cut Redis
+        // keeps a dead node's subscription until TCP keepalive ends it
+        // (minutes), and that must not keep the node from restarting once
+        // its heartbeat has expired.
         let channel = format!("{}ch:{}", opts.prefix, opts.node_id);
-        let (_, readers): (String, u64) = redis::cmd("PUBSUB")
+        let ((_, readers), heartbeat): ((String, u64), bool) = redis::pipe()
+            .cmd("PUBSUB")
             .arg("NUMSUB")
             .arg(&channel)
+            .cmd("EXISTS")
+            .arg(format!("{}node:{}", opts.prefix, opts.node_id))
             .query_async(&mut con)
             .await?;
-        if readers > 0 {
+        if readers > 0 && heartbeat {
             return Err(format!(
                 "cluster node id {:?} is taken: a live node reads its channel {channel}; \
                  give each node its own node_id",
