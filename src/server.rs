@@ -210,6 +210,9 @@ pub struct ClusterSection {
     /// Most bytes of its feed the node reads ahead of delivering them
     /// (default 16 MiB, [`RedisOptions::feed_budget`]).
     pub feed_budget: Option<u64>,
+    /// Milliseconds a node counts as alive after its last heartbeat
+    /// (default 10,000, at least 300; [`RedisOptions::node_ttl`]).
+    pub node_ttl_ms: Option<u64>,
 }
 
 /// When the embedded store fsyncs (see [`Fsync`]).
@@ -543,6 +546,9 @@ impl ServerConfig {
                 );
             }
         }
+        if self.cluster.node_ttl_ms.is_some_and(|ms| ms < 300) {
+            return bad("cluster.node_ttl_ms", "must be at least 300");
+        }
         if st.fsync_interval_ms == 0 {
             return bad("store.fsync_interval_ms", "must be greater than 0");
         }
@@ -839,6 +845,9 @@ pub async fn assemble_cluster(
     }
     if let Some(bytes) = config.cluster.feed_budget {
         opts = opts.feed_budget(bytes);
+    }
+    if let Some(ms) = config.cluster.node_ttl_ms {
+        opts = opts.node_ttl(std::time::Duration::from_millis(ms));
     }
     let read = |key: &str, path: &std::path::Path| {
         std::fs::read(path)

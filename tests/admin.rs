@@ -305,6 +305,14 @@ async fn presence_and_kick() {
     let body = a.json();
     assert_eq!(body["users"], json!([5]));
     assert_eq!(body["sessions"], 2);
+    // A single node: no cluster totals, no node list.
+    assert!(body.get("cluster").is_none(), "{body}");
+    let a = api(admin, "GET", "/api/nodes", None).await;
+    assert_eq!(a.status, 404, "{a:?}");
+    assert_eq!(
+        a.json(),
+        json!({"ret": -1, "error": "not a cluster: this comet runs on its own"})
+    );
 
     let a = api(admin, "POST", "/api/users/5/kick", None).await;
     assert_eq!(a.json(), json!({"ret": 0, "closed": 2}));

@@ -1065,6 +1065,13 @@ async fn a_node_without_its_feed_is_not_ready() {
     acl("resetchannels");
     let why = ready_until(&n, 503).await;
     assert!(why.contains("feed is not subscribed"), "{why}");
+    // The node list says so too: alive (heartbeating), not ready.
+    let (status, body) = get(n.admin_addr.unwrap(), "/api/nodes").await;
+    assert_eq!(status, 200, "{body}");
+    let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(listed["nodes"][0]["id"], json!("a"), "{body}");
+    assert_eq!(listed["nodes"][0]["ready"], json!(false), "{body}");
+    assert_eq!(listed["totals"]["ready"], json!(0), "{body}");
     // The counter is the process's: other tests' nodes add to it too.
     let subscriptions = metric(&n, "comet_cluster_feed_subscriptions_total").await;
     assert_eq!(metric(&n, "comet_cluster_ready").await, 0.0);
@@ -1125,19 +1132,23 @@ async fn a_node_id_in_use_by_a_live_node_is_refused() {
 /// reach sessions on the other; a system group send (`"system": true`)
 /// skips the membership check as on a single node, its non-member sender's
 /// own session included, while without `system` that sender is refused;
-/// group membership changes (`PUT` / `DELETE`) hold for every node; and a
+/// group membership changes (`PUT` / `DELETE`) hold for every node; the
+/// node list and the cluster's totals count every node's sessions; and a
 /// kick closes the user's sessions on every node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn admin_pushes_reach_every_node_and_system_sends_skip_the_membership_check() {
     let redis = Redis::start();
-    let admin = |c: &mut comet::server::ServerConfig| {
+    // Heartbeats (and session counts) every 500 ms.
+    let ttl = |c: &mut comet::server::ServerConfig| c.cluster.node_ttl_ms = Some(1500);
+    let a = node_with(&redis, "a", |c| {
+        ttl(c);
         c.admin = Some(comet::server::AdminSection {
             listen: "127.0.0.1:0".parse().unwrap(),
             token: None,
         });
-    };
-    let a = node_with(&redis, "a", admin).await;
-    let b = node(&redis, "b").await;
+    })
+    .await;
+    let b = node_with(&redis, "b", ttl).await;
     let api = a.admin_addr.unwrap();
     let mut one = login(&a, Kind::Tcp, 1).await;
     let mut two = login(&b, Kind::WsJson, 2).await;
@@ -1239,6 +1250,40 @@ async fn admin_pushes_reach_every_node_and_system_sends_skip_the_membership_chec
     );
     assert_eq!(p2["nodes"], json!(["b"]), "{p2}");
 
+    // Every node's sessions, as its heartbeats report them: 1 on a; 2, 9
+    // and 1 on b.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let listed = loop {
+        let (status, body) = get(api, "/api/nodes").await;
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let counts: Vec<_> = v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| (n["id"].clone(), n["sessions"].clone()))
+            .collect();
+        if counts == [(json!("a"), json!(1)), (json!("b"), json!(3))] {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for n in listed["nodes"].as_array().unwrap() {
+        assert_eq!(n["ready"], json!(true), "{listed}");
+        assert!(n["reported_ms_ago"].as_u64().unwrap() < 1500, "{listed}");
+    }
+    let totals = json!({"nodes": 2, "ready": 2, "sessions": 4});
+    assert_eq!(listed["totals"], totals, "{listed}");
+    let (status, body) = get(api, "/api/online").await;
+    assert_eq!(status, 200, "{body}");
+    let online: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (online["sessions"].clone(), online["users"].clone()),
+        (json!(1), json!([1]))
+    );
+    assert_eq!(online["cluster"], totals, "{online}");
+
     // A kick posted on node a closes user 1's sessions on both nodes.
     let (status, body) = request(api, "POST", "/api/users/1/kick", "").await;
     assert_eq!(status, 200, "{body}");
@@ -1254,6 +1299,21 @@ async fn admin_pushes_reach_every_node_and_system_sends_skip_the_membership_chec
     // Nobody else's.
     two.heartbeat().await;
     nine.heartbeat().await;
+
+    // A node that stopped leaves the list once its heartbeat expires.
+    assert!(b.shutdown().await);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = get(api, "/api/nodes").await;
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if v["nodes"].as_array().unwrap().len() == 1 {
+            assert_eq!(v["nodes"][0]["id"], json!("a"), "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A node names, in its log, each Redis setting under which the cluster

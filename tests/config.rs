@@ -225,6 +225,10 @@ fn bad_configs_are_refused_with_file_key_and_problem() {
             &["bad.toml", "cluster.node_id", "without spaces"],
         ),
         (
+            format!("{ok_server}[store]\nbackend = \"redis\"\n[cluster]\nnode_ttl_ms = 100\n"),
+            &["bad.toml", "cluster.node_ttl_ms", "at least 300"],
+        ),
+        (
             format!("{ok_server}[cluster]\nnode = \"a\"\n"),
             &["bad.toml", "cluster", "unknown field `node`"],
         ),

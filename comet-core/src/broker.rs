@@ -16,6 +16,8 @@
 //! session is registered locally and before its offline inbox is read,
 //! [`Broker::logout`] once it has ended.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 
 use crate::auth::ConnId;
@@ -34,6 +36,40 @@ pub enum BrokerError {
     /// The broker could not be reached or failed; no chatId was consumed.
     #[error("{0}")]
     Unavailable(BoxError),
+}
+
+/// One live node of a cluster, as [`Broker::nodes`] reports it: the
+/// admin API's `GET /api/nodes`. Counts are as of the node's last report,
+/// `reported` ago.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NodeStatus {
+    /// The node's id.
+    pub id: String,
+    /// Whether the node's feed is subscribed (it takes logins and delivers).
+    pub ready: bool,
+    /// Its authenticated sessions when it last reported.
+    pub sessions: u64,
+    /// How long ago it reported them.
+    pub reported: Duration,
+}
+
+impl NodeStatus {
+    /// A node's status: see the fields.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let n = comet_core::NodeStatus::new("a", true, 12, Duration::from_millis(800));
+    /// assert_eq!((n.id.as_str(), n.sessions), ("a", 12));
+    /// ```
+    pub fn new(id: impl Into<String>, ready: bool, sessions: u64, reported: Duration) -> Self {
+        NodeStatus {
+            id: id.into(),
+            ready,
+            sessions,
+            reported,
+        }
+    }
 }
 
 /// Orders, keeps and routes messages for a cluster of comet nodes.
@@ -78,6 +114,13 @@ pub trait Broker: Send + Sync + 'static {
     async fn nodes_of(&self, mid: Mid) -> Result<Vec<String>, BoxError> {
         let _ = mid;
         Err("this cluster broker has no presence to read".into())
+    }
+
+    /// The cluster's live nodes, sorted by id, with their session counts:
+    /// the admin API's `GET /api/nodes` and the cluster totals of
+    /// `GET /api/online`. The default refuses.
+    async fn nodes(&self) -> Result<Vec<NodeStatus>, BoxError> {
+        Err("this cluster broker has no list of nodes".into())
     }
 
     /// Closes the sessions of `mid` on every node of the cluster (this
@@ -135,6 +178,7 @@ mod tests {
         }
         assert!(Minimal.disconnect(9).await.is_err());
         assert!(Minimal.nodes_of(9).await.is_err());
+        assert!(Minimal.nodes().await.is_err());
         assert!(Minimal.is_ready());
     }
 }

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tower::{Layer, Service, ServiceExt as _};
 
 use crate::auth::{Authenticator, ConnId, ConnInfo, UserDirectory};
-use crate::broker::Broker;
+use crate::broker::{Broker, NodeStatus};
 use crate::config::Config;
 use crate::engine::{Engine, EventHook, LayerFn, EVENT_BUFFER, SEND_STRIPES};
 use crate::error::{BoxError, FrameError, SendError, SyncError};
@@ -509,6 +509,18 @@ impl Comet {
         };
         self.engine
             .bounded("cluster broker", broker.nodes_of(mid))
+            .await
+            .map(Some)
+    }
+
+    /// In cluster mode, the live nodes and their session counts
+    /// ([`Broker::nodes`]); `None` on a single node.
+    pub async fn nodes(&self) -> Result<Option<Vec<NodeStatus>>, BoxError> {
+        let Some(broker) = &self.engine.broker else {
+            return Ok(None);
+        };
+        self.engine
+            .bounded("cluster broker", broker.nodes())
             .await
             .map(Some)
     }

@@ -116,7 +116,7 @@ pub use crate::auth::{
     TlsInfo, UserDirectory,
 };
 #[doc(no_inline)]
-pub use crate::broker::{Broker, BrokerError};
+pub use crate::broker::{Broker, BrokerError, NodeStatus};
 #[doc(no_inline)]
 pub use crate::comet::{BuildError, Comet, CometBuilder, Event};
 #[doc(no_inline)]

@@ -12,7 +12,8 @@
 //! | `POST /api/send/user` | send to a user on behalf of `from`, as op 18 |
 //! | `POST /api/send/users` | the same message to several users, one 1:1 send each |
 //! | `POST /api/send/group` | send to a group on behalf of `from`, as op 20; `"system": true` skips the membership check |
-//! | `GET /api/online` | session and connection totals, online users |
+//! | `GET /api/online` | this node's session and connection totals and online users; in cluster mode also the cluster's live nodes and sessions |
+//! | `GET /api/nodes` | in cluster mode, every live node with its readiness and session count (404 on a single node) |
 //! | `GET /api/users/{mid}` | whether `mid` is online here, its session count here, and in cluster mode the nodes holding a session of it |
 //! | `POST /api/users/{mid}/kick` | closes every session of `mid` (on every node of a cluster) |
 //! | `GET /api/history/user/{a}/{b}` | a page of the a–b conversation (`after`, `limit`) |
@@ -149,6 +150,7 @@ pub fn router(comet: Comet, options: AdminOptions) -> Router {
         .route("/send/users", post(send_users))
         .route("/send/group", post(send_group))
         .route("/online", get(online))
+        .route("/nodes", get(nodes))
         .route("/users/{mid}", get(user))
         .route("/users/{mid}/kick", post(kick))
         .route("/history/user/{a}/{b}", get(history_user))
@@ -186,6 +188,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         send_users,
         send_group,
         online,
+        nodes,
         user,
         kick,
         history_user,
@@ -543,35 +546,126 @@ async fn send_group(
     Ok(Json(Sent { ret: 0, chat_id }))
 }
 
-/// Totals of this node.
+/// Totals of this node, and in cluster mode of the cluster.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Online {
     /// 0.
     pub ret: i32,
-    /// Logged-in sessions.
+    /// Logged-in sessions on this node.
     pub sessions: usize,
-    /// Connections, logged in or not.
+    /// Connections to this node, logged in or not.
     pub connections: usize,
-    /// Mids with at least one session.
+    /// Mids with at least one session on this node.
     pub users: Vec<Mid>,
+    /// In cluster mode: the live nodes and their sessions, as each node
+    /// last reported them (every third of its heartbeat lifetime); absent
+    /// on a single node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterTotals>,
+}
+
+/// The cluster's totals, summed over its live nodes' reports.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ClusterTotals {
+    /// Live nodes (heartbeat not expired).
+    pub nodes: usize,
+    /// Of them, those whose feed is subscribed (taking logins).
+    pub ready: usize,
+    /// Logged-in sessions on all of them.
+    pub sessions: u64,
+}
+
+impl ClusterTotals {
+    fn of(nodes: &[comet_core::NodeStatus]) -> Self {
+        ClusterTotals {
+            nodes: nodes.len(),
+            ready: nodes.iter().filter(|n| n.ready).count(),
+            sessions: nodes.iter().map(|n| n.sessions).sum(),
+        }
+    }
+}
+
+fn cluster_unavailable(e: comet_core::BoxError) -> Failure {
+    Failure(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("cluster unavailable: {e}"),
+    )
 }
 
 #[utoipa::path(get, path = "/api/online", tag = "presence",
     responses(
         (status = 200, description = "totals", body = Online),
         (status = 401, description = "missing or wrong token", body = ApiError),
+        (status = 503, description = "the cluster is unreachable", body = ApiError),
     ),
     security(("bearer" = [])))]
-async fn online(State(state): State<AppState>) -> Json<Online> {
+async fn online(State(state): State<AppState>) -> ApiResult<Online> {
     let c = &state.comet;
+    let cluster = c.nodes().await.map_err(cluster_unavailable)?;
     let mut users = c.online_users();
     users.sort_unstable();
-    Json(Online {
+    Ok(Json(Online {
         ret: 0,
         sessions: c.session_count(),
         connections: c.connection_count(),
         users,
-    })
+        cluster: cluster.as_deref().map(ClusterTotals::of),
+    }))
+}
+
+/// The cluster's live nodes.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Nodes {
+    /// 0.
+    pub ret: i32,
+    /// Sorted by id.
+    pub nodes: Vec<Node>,
+    /// Their totals.
+    pub totals: ClusterTotals,
+}
+
+/// One live node.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Node {
+    /// Its `node_id`.
+    pub id: String,
+    /// Whether its feed is subscribed: it takes logins and delivers.
+    pub ready: bool,
+    /// Its logged-in sessions when it last reported.
+    pub sessions: u64,
+    /// Milliseconds since that report (under a third of `node_ttl` while
+    /// the node heartbeats).
+    pub reported_ms_ago: u64,
+}
+
+#[utoipa::path(get, path = "/api/nodes", tag = "presence",
+    responses(
+        (status = 200, description = "the live nodes", body = Nodes),
+        (status = 401, description = "missing or wrong token", body = ApiError),
+        (status = 404, description = "a single node, not a cluster", body = ApiError),
+        (status = 503, description = "the cluster is unreachable", body = ApiError),
+    ),
+    security(("bearer" = [])))]
+async fn nodes(State(state): State<AppState>) -> ApiResult<Nodes> {
+    let Some(list) = state.comet.nodes().await.map_err(cluster_unavailable)? else {
+        return Err(Failure(
+            StatusCode::NOT_FOUND,
+            "not a cluster: this comet runs on its own".into(),
+        ));
+    };
+    Ok(Json(Nodes {
+        ret: 0,
+        totals: ClusterTotals::of(&list),
+        nodes: list
+            .into_iter()
+            .map(|n| Node {
+                reported_ms_ago: u64::try_from(n.reported.as_millis()).unwrap_or(u64::MAX),
+                id: n.id,
+                ready: n.ready,
+                sessions: n.sessions,
+            })
+            .collect(),
+    }))
 }
 
 /// One user's presence.
@@ -605,12 +699,11 @@ async fn user(
 ) -> ApiResult<UserState> {
     let mid = path(mid)?;
     let sessions = state.comet.sessions_of(mid);
-    let nodes = state.comet.nodes_of(mid).await.map_err(|e| {
-        Failure(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("cluster unavailable: {e}"),
-        )
-    })?;
+    let nodes = state
+        .comet
+        .nodes_of(mid)
+        .await
+        .map_err(cluster_unavailable)?;
     Ok(Json(UserState {
         ret: 0,
         mid,
@@ -643,12 +736,11 @@ async fn kick(
     mid: Result<Path<Mid>, PathRejection>,
 ) -> ApiResult<Kicked> {
     let mid = path(mid)?;
-    let closed = state.comet.disconnect_everywhere(mid).await.map_err(|e| {
-        Failure(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("cluster unavailable: {e}"),
-        )
-    })?;
+    let closed = state
+        .comet
+        .disconnect_everywhere(mid)
+        .await
+        .map_err(cluster_unavailable)?;
     Ok(Json(Kicked { ret: 0, closed }))
 }
 

@@ -78,7 +78,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use comet_core::broker::{Broker, BrokerError};
+use comet_core::broker::{Broker, BrokerError, NodeStatus};
 use comet_core::payload::Delivered;
 use comet_core::store::{Draft, History, MessageStore, Offline};
 use comet_core::{
@@ -112,7 +112,9 @@ pub struct RedisOptions {
     /// group catch-up copies per group at login.
     pub inbox: usize,
     /// How long a node's presence outlives its last heartbeat (default
-    /// 10 s; heartbeats go every third of it).
+    /// 10 s, at least 300 ms; heartbeats go every third of it): how soon
+    /// the cluster counts a node that died without a word as gone, its
+    /// users' messages then going to their inboxes.
     pub node_ttl: Duration,
     /// Bound on connecting to Redis and on each answer (default 2 s).
     pub timeout: Duration,
@@ -299,6 +301,8 @@ struct Scripts {
     leave: Script,
     load_group: Script,
     nodes_of: Script,
+    heartbeat: Script,
+    nodes: Script,
 }
 
 struct Inner {
@@ -387,6 +391,13 @@ impl RedisCluster {
         if opts.node_id.is_empty() || opts.node_id.contains(['\n', ',']) {
             return Err(format!("bad cluster node id {:?}", opts.node_id).into());
         }
+        if opts.node_ttl < MIN_NODE_TTL {
+            return Err(format!(
+                "cluster node_ttl {:?} is under {MIN_NODE_TTL:?}: heartbeats every third of it would not fit in Redis's answer time",
+                opts.node_ttl
+            )
+            .into());
+        }
         let client = if opts.tls_ca.is_some() || opts.tls_client.is_some() {
             redis::Client::build_with_tls(
                 opts.url.as_str(),
@@ -459,6 +470,8 @@ impl RedisCluster {
             leave: Script::new(scripts::LEAVE),
             load_group: Script::new(scripts::LOAD_GROUP),
             nodes_of: Script::new(scripts::NODES_OF),
+            heartbeat: Script::new(scripts::HEARTBEAT),
+            nodes: Script::new(scripts::NODES),
         };
         Ok(RedisCluster {
             inner: Arc::new(Inner {
@@ -497,7 +510,7 @@ impl RedisCluster {
     pub fn broker(&self, registry: Arc<Registry>) -> Arc<dyn Broker> {
         let link = Arc::new(Link::default());
         let feed = tokio::spawn(feed(self.inner.clone(), registry.clone(), link.clone()));
-        let heartbeat = tokio::spawn(heartbeat(self.inner.clone()));
+        let heartbeat = tokio::spawn(heartbeat(self.inner.clone(), registry.clone()));
         Arc::new(RedisBroker {
             inner: self.inner.clone(),
             registry,
@@ -615,22 +628,27 @@ fn conv_key(c: Conversation) -> String {
     }
 }
 
-/// Refreshes this node's heartbeat key every third of its lifetime.
-async fn heartbeat(inner: Arc<Inner>) {
-    let key = format!("{}node:{}", inner.opts.prefix, inner.opts.node_id);
+/// The shortest [`RedisOptions::node_ttl`].
+const MIN_NODE_TTL: Duration = Duration::from_millis(300);
+
+/// Refreshes this node's heartbeat key every third of its lifetime, and
+/// reports its session count with it ([`RedisBroker`]'s `nodes`).
+async fn heartbeat(inner: Arc<Inner>, registry: Arc<Registry>) {
     let ttl = u64::try_from(inner.opts.node_ttl.as_millis()).unwrap_or(u64::MAX);
     let mut tick = tokio::time::interval(inner.opts.node_ttl / 3);
     loop {
         tick.tick().await;
         let mut con = inner.con();
-        let set: redis::RedisResult<()> = redis::cmd("SET")
-            .arg(&key)
-            .arg(1)
-            .arg("PX")
+        let beat: redis::RedisResult<i64> = inner
+            .scripts
+            .heartbeat
+            .arg(&inner.opts.prefix)
+            .arg(&inner.opts.node_id)
             .arg(ttl)
-            .query_async(&mut con)
+            .arg(registry.session_count())
+            .invoke_async(&mut con)
             .await;
-        if let Err(e) = set {
+        if let Err(e) = beat {
             tracing::warn!(cause = %e, "cluster heartbeat failed");
         }
     }
@@ -1531,6 +1549,32 @@ impl Broker for RedisBroker {
         Ok(nodes)
     }
 
+    async fn nodes(&self) -> Result<Vec<NodeStatus>, BoxError> {
+        let mut con = self.inner.con();
+        let flat: Vec<redis::Value> = self
+            .inner
+            .scripts
+            .nodes
+            .arg(&self.inner.opts.prefix)
+            .invoke_async(&mut con)
+            .await?;
+        let mut nodes = Vec::with_capacity(flat.len() / 4);
+        for n in flat.chunks_exact(4) {
+            let id: String = redis::from_redis_value(&n[0])?;
+            let ready: i64 = redis::from_redis_value(&n[1])?;
+            let sessions: u64 = redis::from_redis_value(&n[2])?;
+            let age: u64 = redis::from_redis_value(&n[3])?;
+            nodes.push(NodeStatus::new(
+                id,
+                ready == 1,
+                sessions,
+                Duration::from_millis(age),
+            ));
+        }
+        nodes.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        Ok(nodes)
+    }
+
     async fn disconnect(&self, mid: Mid) -> Result<(), BoxError> {
         // Every node's feed, this one's included, closes its sessions of
         // `mid` in feed order (after the messages published before it).
@@ -2041,6 +2085,13 @@ mod tests {
         let empty = RedisOptions::new("rediss://127.0.0.1:1/", "n").tls_ca("not a PEM");
         let err = RedisCluster::connect(empty).await.unwrap_err();
         assert!(err.to_string().contains("tls_ca"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_node_ttl_too_short_to_heartbeat_in_is_refused_before_connecting() {
+        let short = RedisOptions::new("redis://127.0.0.1:1/", "n").node_ttl(Duration::ZERO);
+        let err = RedisCluster::connect(short).await.unwrap_err();
+        assert!(err.to_string().contains("node_ttl"), "{err}");
     }
 
     #[test]

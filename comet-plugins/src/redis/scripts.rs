@@ -12,7 +12,10 @@
 //!   group's messages, read while it is offline everywhere (catch-up);
 //! - `P pr:<mid>`: the nodes holding a session of `mid` (presence);
 //!   `P nm:<node>`: the mids a node registered; `P node:<node>`: the node's
-//!   heartbeat, a key that expires unless refreshed.
+//!   heartbeat, a key that expires unless refreshed; `P nodes`: hash node →
+//!   `sessions\nms`, its session count and the Redis time (milliseconds)
+//!   of its last heartbeat (fields of nodes whose heartbeat expired are
+//!   dropped when the list is read).
 //!
 //! Channels, every payload a one-letter kind, then `\n`-separated fields:
 //!
@@ -331,4 +334,43 @@ local p, g, node = ARGV[1], ARGV[2], ARGV[3]
 local members = redis.call('SMEMBERS', p .. 'gm:' .. g)
 redis.call('PUBLISH', p .. 'ch:' .. node, 'S\n' .. g .. '\n' .. table.concat(members, ','))
 return #members
+";
+
+/// A node's heartbeat: refreshes its key and reports its session count.
+/// ARGV: prefix, node, node_ttl_ms, sessions. The time is Redis's, so the
+/// nodes' clocks do not matter.
+pub(crate) const HEARTBEAT: &str = r"
+local p, n, ttl, sessions = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+redis.call('SET', p .. 'node:' .. n, '1', 'PX', ttl)
+local t = redis.call('TIME')
+redis.call('HSET', p .. 'nodes', n, sessions .. '\n' .. string.format('%d', t[1] * 1000 + math.floor(t[2] / 1000)))
+return 1
+";
+
+/// The live nodes (heartbeat key present), each as four entries: id,
+/// ready (1: a subscriber reads its channel), sessions, milliseconds since
+/// it reported them. Drops the reports of nodes whose heartbeat expired.
+/// ARGV: prefix.
+pub(crate) const NODES: &str = r"
+local p = ARGV[1]
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local all = redis.call('HGETALL', p .. 'nodes')
+local out = {}
+for i = 1, #all, 2 do
+  local n = all[i]
+  if redis.call('EXISTS', p .. 'node:' .. n) == 1 then
+    local sessions, at = string.match(all[i + 1], '^(%d+)\n(%d+)$')
+    local subs = redis.call('PUBSUB', 'NUMSUB', p .. 'ch:' .. n)
+    local ready = 0
+    if tonumber(subs[2]) > 0 then ready = 1 end
+    out[#out + 1] = n
+    out[#out + 1] = ready
+    out[#out + 1] = tonumber(sessions or '0')
+    out[#out + 1] = math.max(0, now - tonumber(at or now))
+  else
+    redis.call('HDEL', p .. 'nodes', n)
+  end
+end
+return out
 ";
