@@ -16,7 +16,9 @@
 # flight, so enough pairs make the pairs scenario throughput-bound rather
 # than latency-bound), FANOUT_MESSAGES (default 1000), RATE_MESSAGES
 # (default 300, at 50 msg/s), PAIRS_SECONDS (default 5), NODE_WORKERS
-# (tokio worker threads per cluster node; default: one per core, as the
+# (tokio worker threads per cluster node; default: cores / nodes, at least
+# one, as docs/CLUSTER.md advises for nodes sharing a machine: three nodes
+# on two cores get one each, one node on Redis gets one per core like the
 # single node), REDIS_PORT, SKIP_BUILD=1. One run takes about 2-5 minutes.
 #
 # Output: target/bench/cluster.jsonl (one JSON line per scenario run,
@@ -59,14 +61,22 @@ wait_port() {
   done
   echo "nothing listens on $1" >&2; exit 1
 }
+cores=$(nproc)
+# node_workers COUNT: tokio workers of each of COUNT nodes on this machine.
+node_workers() {
+  echo "${NODE_WORKERS:-$(( cores / $1 > 0 ? cores / $1 : 1 ))}"
+}
 users=$(( 2 * pairs > 2010 ? 2 * pairs : 2010 ))
 layout=(--users "$users" --groups 1 --group-size 2000)
 run() { # label addr more-addrs scenario args...
   local label=$1 addr=$2 more=$3; shift 3
   local extra=()
   [ -n "$more" ] && extra=(--more-addrs "$more")
-  local workers=cores
-  [ "$label" = single ] || workers=${NODE_WORKERS:-cores}
+  local workers=$cores
+  case $label in
+    cluster1) workers=$(node_workers 1) ;;
+    cluster3) workers=$(node_workers 3) ;;
+  esac
   "$bin" run "$@" --addr "$addr" "${extra[@]}" --label "setup=$label" \
     --label "node_workers=$workers" --quiet >> "$results" \
     || { failed=1; echo "run failed: $label $*" >&2; }
@@ -152,7 +162,7 @@ cluster_up() { # nodes: a fresh redis-server and that many nodes, subscribed
   nodes=()
   for i in $(seq 0 $((count - 1))); do
     port=$((4711 + 2 * i))
-    env ${NODE_WORKERS:+TOKIO_WORKER_THREADS=$NODE_WORKERS} "$bin" serve --server comet \
+    TOKIO_WORKER_THREADS=$(node_workers "$count") "$bin" serve --server comet \
       --tcp "127.0.0.1:$port" --store redis --redis-url "redis://127.0.0.1:$rport/" \
       --node-id "bench$i" "${layout[@]}" > "$dir/node$i.log" 2>&1 &
     nodes+=($!)

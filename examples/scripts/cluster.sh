@@ -10,6 +10,8 @@
 # others. Users 1..4 (mkey "k<mid>") and group 100 = {1, 2, 3}, as in
 # examples/chat_server.toml. Redis keeps its AOF in a temporary directory
 # removed at exit; logs go to that directory too (printed at start).
+# Nodes sharing this machine get TOKIO_WORKER_THREADS = cores / NODES (at
+# least 1) each, as docs/CLUSTER.md advises; NODE_WORKERS overrides it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 nodes=${1:-3}
@@ -28,6 +30,8 @@ else
     cargo build --example chat_server
 fi
 bin=target/$profile/examples/chat_server
+cores=$(nproc)
+workers=${NODE_WORKERS:-$(( cores / nodes > 0 ? cores / nodes : 1 ))}
 
 dir=$(mktemp -d -t comet-cluster.XXXXXX)
 pids=()
@@ -61,9 +65,9 @@ for i in $(seq 0 $((nodes - 1))); do
         for mid in 1 2 3 4; do printf '[[users]]\nmid = %d\nmkey = "k%d"\n' "$mid" "$mid"; done
         printf '[[groups]]\nid = 100\nmembers = [1, 2, 3]\n'
     } >"$cfg"
-    "$bin" --config "$cfg" >"$dir/node$i.log" 2>&1 &
+    TOKIO_WORKER_THREADS=$workers "$bin" --config "$cfg" >"$dir/node$i.log" 2>&1 &
     pids+=($!)
-    echo "node$i: tcp 127.0.0.1:$tcp  ws ws://127.0.0.1:$ws/sub"
+    echo "node$i: tcp 127.0.0.1:$tcp  ws ws://127.0.0.1:$ws/sub  ($workers worker threads)"
 done
 echo "redis on 127.0.0.1:$redis_port; logs in $dir; Ctrl-C stops all"
 wait -n || true
