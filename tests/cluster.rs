@@ -1128,6 +1128,63 @@ async fn a_node_id_in_use_by_a_live_node_is_refused() {
     login(&restarted, Kind::Tcp, 3).await;
 }
 
+/// A process that takes a running node's id over (two processes started
+/// with one id at the same instant, both passing the start-up check, or a
+/// node that stalled past its heartbeat's lifetime while another started
+/// with its id) makes the running one step down at its next heartbeat: it
+/// closes its sessions, refuses logins with the reason, answers not ready,
+/// stops reading the id's channel and leaves the id's presence and claim
+/// to the newcomer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_whose_id_another_process_claims_steps_down() {
+    let redis = Redis::start();
+    let n = node_with(&redis, "a", |c| {
+        // Heartbeats every 300 ms.
+        c.cluster.node_ttl_ms = Some(900);
+        c.admin = Some(comet::server::AdminSection {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            token: None,
+        });
+    })
+    .await;
+    let mut one = login(&n, Kind::Tcp, 1).await;
+    assert_eq!(ready_until(&n, 200).await, "ready\n");
+    let presence = || -> Vec<String> { redis.cmd(redis::cmd("SMEMBERS").arg("comet:pr:1")) };
+    assert_eq!(presence(), ["a"]);
+
+    // What a second process's start-up claim writes (scripts::CLAIM).
+    let ok: String = redis.cmd(redis::cmd("SET").arg("comet:own:a").arg("another process"));
+    assert_eq!(ok, "OK");
+    common::within("the displaced node closing its session", one.closed()).await;
+    let why = ready_until(&n, 503).await;
+    assert!(why.contains("not subscribed"), "{why}");
+    let mut c = Client::connect(Kind::Tcp, addr(&n, Kind::Tcp)).await;
+    let (ret, body) = c.auth(json!({"mid": 2, "mkey": "k2"})).await;
+    // (The reason, "taken over by another process", goes to the log.)
+    assert_ne!(ret, 0, "{body}");
+    assert_eq!(body["error"], "cluster unavailable", "{body}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, readers): (String, u64) =
+            redis.cmd(redis::cmd("PUBSUB").arg("NUMSUB").arg("comet:ch:a"));
+        if readers == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the displaced node still reads comet:ch:a"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Past several of its heartbeat periods, the newcomer's claim and the
+    // id's presence are as the newcomer would have them: the displaced node
+    // neither heartbeats over the claim nor logs its closed session out.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let own: String = redis.cmd(redis::cmd("GET").arg("comet:own:a"));
+    assert_eq!(own, "another process");
+    assert_eq!(presence(), ["a"]);
+}
+
 /// The admin API on a cluster: a 1:1 and a group send posted on one node
 /// reach sessions on the other; a system group send (`"system": true`)
 /// skips the membership check as on a single node, its non-member sender's

@@ -307,6 +307,8 @@ struct Scripts {
 
 struct Inner {
     opts: RedisOptions,
+    /// This process's claim on its node id (see `scripts::CLAIM`).
+    token: String,
     client: redis::Client,
     /// The feed connection's TLS, for a `rediss://` URL.
     feed_tls: Option<tokio_rustls::TlsConnector>,
@@ -437,25 +439,20 @@ impl RedisCluster {
         check_settings(&mut con, &opts.node_id).await;
         // Two live nodes with one id would both read its channel (each
         // pushing the other's recipients to their inboxes), and this one
-        // would reset the other's presence when its feed subscribes. Live
-        // means heartbeating too: after a power cut or a network cut Redis
-        // keeps a dead node's subscription until TCP keepalive ends it
-        // (minutes), and that must not keep the node from restarting once
-        // its heartbeat has expired.
-        let channel = format!("{}ch:{}", opts.prefix, opts.node_id);
-        let ((_, readers), heartbeat): ((String, u64), bool) = redis::pipe()
-            .cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg(&channel)
-            .cmd("EXISTS")
-            .arg(format!("{}node:{}", opts.prefix, opts.node_id))
-            .query_async(&mut con)
+        // would reset the other's presence when its feed subscribes.
+        let token = claim_token();
+        let claimed: i64 = Script::new(scripts::CLAIM)
+            .arg(&opts.prefix)
+            .arg(&opts.node_id)
+            .arg(&token)
+            .arg(u64::try_from(opts.node_ttl.as_millis()).unwrap_or(u64::MAX))
+            .invoke_async(&mut con)
             .await?;
-        if readers > 0 && heartbeat {
+        if claimed == 0 {
             return Err(format!(
-                "cluster node id {:?} is taken: a live node reads its channel {channel}; \
+                "cluster node id {:?} is taken: a live node reads its channel {}ch:{}; \
                  give each node its own node_id",
-                opts.node_id
+                opts.node_id, opts.prefix, opts.node_id
             )
             .into());
         }
@@ -476,6 +473,7 @@ impl RedisCluster {
         Ok(RedisCluster {
             inner: Arc::new(Inner {
                 opts,
+                token,
                 client,
                 feed_tls,
                 con,
@@ -510,7 +508,12 @@ impl RedisCluster {
     pub fn broker(&self, registry: Arc<Registry>) -> Arc<dyn Broker> {
         let link = Arc::new(Link::default());
         let feed = tokio::spawn(feed(self.inner.clone(), registry.clone(), link.clone()));
-        let heartbeat = tokio::spawn(heartbeat(self.inner.clone(), registry.clone()));
+        let heartbeat = tokio::spawn(heartbeat(
+            self.inner.clone(),
+            registry.clone(),
+            link.clone(),
+            feed.abort_handle(),
+        ));
         Arc::new(RedisBroker {
             inner: self.inner.clone(),
             registry,
@@ -631,9 +634,18 @@ fn conv_key(c: Conversation) -> String {
 /// The shortest [`RedisOptions::node_ttl`].
 const MIN_NODE_TTL: Duration = Duration::from_millis(300);
 
-/// Refreshes this node's heartbeat key every third of its lifetime, and
-/// reports its session count with it ([`RedisBroker`]'s `nodes`).
-async fn heartbeat(inner: Arc<Inner>, registry: Arc<Registry>) {
+/// Refreshes this node's claim and heartbeat key every third of their
+/// lifetime, and reports its session count with them ([`RedisBroker`]'s
+/// `nodes`). If another process has claimed the node id since, this node
+/// steps down: it stops its feed (which that process now reads), refuses
+/// logins, answers not ready and closes its sessions, so that they log in
+/// again elsewhere; the heartbeat stops.
+async fn heartbeat(
+    inner: Arc<Inner>,
+    registry: Arc<Registry>,
+    link: Arc<Link>,
+    feed: tokio::task::AbortHandle,
+) {
     let ttl = u64::try_from(inner.opts.node_ttl.as_millis()).unwrap_or(u64::MAX);
     let mut tick = tokio::time::interval(inner.opts.node_ttl / 3);
     loop {
@@ -646,12 +658,42 @@ async fn heartbeat(inner: Arc<Inner>, registry: Arc<Registry>) {
             .arg(&inner.opts.node_id)
             .arg(ttl)
             .arg(registry.session_count())
+            .arg(&inner.token)
             .invoke_async(&mut con)
             .await;
-        if let Err(e) = beat {
-            tracing::warn!(cause = %e, "cluster heartbeat failed");
+        match beat {
+            Ok(0) => {
+                link.displaced.store(true, Ordering::SeqCst);
+                feed.abort();
+                link.subscribed.store(false, Ordering::SeqCst);
+                let sessions = registry.session_count();
+                registry.disconnect_all();
+                tracing::error!(
+                    node = %inner.opts.node_id,
+                    sessions,
+                    "cluster node id taken over by another process: this node stopped its feed, \
+                     refuses logins and closed its sessions; give each node its own node_id"
+                );
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(cause = %e, "cluster heartbeat failed"),
         }
     }
+}
+
+/// A token no other process picks: this process's claim on its node id.
+fn claim_token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState's keys are random per process.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    format!("{:016x}", h.finish())
 }
 
 /// The state of this node's feed that logins check: whether it is
@@ -661,13 +703,18 @@ async fn heartbeat(inner: Arc<Inner>, registry: Arc<Registry>) {
 struct Link {
     subscribed: AtomicBool,
     epoch: AtomicU64,
+    /// Another process claimed this node's id: this one stepped down for
+    /// good.
+    displaced: AtomicBool,
 }
 
 impl Link {
-    /// The current subscription, if the feed is subscribed.
+    /// The current subscription, if the feed is subscribed (never once the
+    /// node is displaced).
     fn current(&self) -> Option<u64> {
         let epoch = self.epoch.load(Ordering::SeqCst);
-        self.subscribed.load(Ordering::SeqCst).then_some(epoch)
+        (self.subscribed.load(Ordering::SeqCst) && !self.displaced.load(Ordering::SeqCst))
+            .then_some(epoch)
     }
 }
 
@@ -1599,6 +1646,9 @@ impl Broker for RedisBroker {
 
     async fn login(&self, mid: Mid) -> Result<(), BoxError> {
         let Some(epoch) = self.link.current() else {
+            if self.link.displaced.load(Ordering::SeqCst) {
+                return Err("cluster node id taken over by another process".into());
+            }
             return Err("cluster feed not subscribed".into());
         };
         let o = &self.inner.opts;
@@ -1630,6 +1680,10 @@ impl Broker for RedisBroker {
     }
 
     fn logout(&self, mid: Mid) {
+        // The node id's presence is another process's now.
+        if self.link.displaced.load(Ordering::SeqCst) {
+            return;
+        }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };

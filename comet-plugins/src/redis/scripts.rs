@@ -15,7 +15,9 @@
 //!   heartbeat, a key that expires unless refreshed; `P nodes`: hash node →
 //!   `sessions\nms`, its session count and the Redis time (milliseconds)
 //!   of its last heartbeat (fields of nodes whose heartbeat expired are
-//!   dropped when the list is read).
+//!   dropped when the list is read); `P own:<node>`: the claim of the
+//!   process running as that node, a token it picked at start (a second
+//!   process that takes the id over makes the first one step down).
 //!
 //! Channels, every payload a one-letter kind, then `\n`-separated fields:
 //!
@@ -336,14 +338,36 @@ redis.call('PUBLISH', p .. 'ch:' .. node, 'S\n' .. g .. '\n' .. table.concat(mem
 return #members
 ";
 
-/// A node's heartbeat: refreshes its key and reports its session count.
-/// ARGV: prefix, node, node_ttl_ms, sessions. The time is Redis's, so the
-/// nodes' clocks do not matter.
+/// A node's heartbeat: refreshes its claim and its key, and reports its
+/// session count. ARGV: prefix, node, node_ttl_ms, sessions, token.
+/// Returns 0, touching nothing, when another process has claimed the node
+/// id since (see `CLAIM`); else 1. The time is Redis's, so the nodes'
+/// clocks do not matter.
 pub(crate) const HEARTBEAT: &str = r"
-local p, n, ttl, sessions = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local p, n, ttl, sessions, token = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local own = redis.call('GET', p .. 'own:' .. n)
+if own and own ~= token then return 0 end
+redis.call('SET', p .. 'own:' .. n, token, 'PX', ttl)
 redis.call('SET', p .. 'node:' .. n, '1', 'PX', ttl)
 local t = redis.call('TIME')
 redis.call('HSET', p .. 'nodes', n, sessions .. '\n' .. string.format('%d', t[1] * 1000 + math.floor(t[2] / 1000)))
+return 1
+";
+
+/// A process starting as a node claims its id. ARGV: prefix, node, token,
+/// node_ttl_ms. Refused (0) while a live node holds the id: someone reads
+/// its channel and its heartbeat is fresh (a dead node's subscription may
+/// outlive it by minutes after a power or network cut, until TCP
+/// keepalive ends it; its heartbeat expires sooner). Otherwise the claim
+/// is this process's (1), whoever had it before: a process that held it
+/// and still runs (two started at the same instant, or one that stalled
+/// past its heartbeat's lifetime) finds out at its next heartbeat and
+/// steps down.
+pub(crate) const CLAIM: &str = r"
+local p, n, token, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local subs = redis.call('PUBSUB', 'NUMSUB', p .. 'ch:' .. n)
+if tonumber(subs[2]) > 0 and redis.call('EXISTS', p .. 'node:' .. n) == 1 then return 0 end
+redis.call('SET', p .. 'own:' .. n, token, 'PX', ttl)
 return 1
 ";
 
