@@ -738,6 +738,15 @@ enum Pending {
     Msg(Arc<Message>, Option<ConnId>),
     Join(Mid),
     Leave(Mid),
+    /// A login (`I`, `login` true) or logout (`O`) of `mid` on this node
+    /// while the group loaded, and whether the feed held `mid` as local
+    /// just before it: a message that waited is delivered to the sessions
+    /// of its own moment, not to those of the moment its group loaded.
+    Presence {
+        mid: Mid,
+        login: bool,
+        before: bool,
+    },
 }
 
 /// What the feed task keeps between messages; reset when the feed is lost.
@@ -749,6 +758,8 @@ struct Feed {
     /// has not: group messages reach their sessions here.
     local: HashSet<Mid>,
     groups: HashMap<GroupId, Group>,
+    /// The groups in `groups` that are loading.
+    loading: HashSet<GroupId>,
     /// Reused for each delivery's recipients.
     recipients: Vec<Mid>,
     /// The messages of the current burst that go to the same sessions,
@@ -864,6 +875,7 @@ impl Feed {
     fn reset(&mut self) {
         self.local.clear();
         self.groups.clear();
+        self.loading.clear();
         self.run.msgs.clear();
     }
 
@@ -896,13 +908,7 @@ impl Feed {
                     b'D' => self.direct(rest).await,
                     b'G' => self.group_message(rest).await,
                     b'J' | b'L' => self.membership(*kind == b'J', rest),
-                    b'I' | b'O' => num(rest).map(|mid: Mid| {
-                        if *kind == b'I' {
-                            self.local.insert(mid);
-                        } else {
-                            self.local.remove(&mid);
-                        }
-                    }),
+                    b'I' | b'O' => num(rest).map(|mid: Mid| self.presence(*kind == b'I', mid)),
                     b'S' => self.snapshot(rest).await,
                     b'K' => num(rest).map(|mid: Mid| {
                         self.registry.disconnect(mid);
@@ -1014,6 +1020,7 @@ impl Feed {
                 }
                 self.groups
                     .insert(group, Group::Loading(vec![Pending::Msg(msg, except)]));
+                self.loading.insert(group);
                 let epoch = self.link.epoch.load(Ordering::SeqCst);
                 tokio::spawn(load_group(
                     self.inner.clone(),
@@ -1034,7 +1041,34 @@ impl Feed {
             "cluster feed: group members did not load in time; closing this node's sessions so they resync"
         );
         self.groups.remove(&group);
+        self.loading.remove(&group);
         self.registry.disconnect_all();
+    }
+
+    /// A login (`I`) or logout (`O`) of `mid` reached the feed: group
+    /// messages from here on reach (no longer reach) its sessions here.
+    /// Each loading group's wait records it, for the messages before it.
+    fn presence(&mut self, login: bool, mid: Mid) {
+        let before = if login {
+            !self.local.insert(mid)
+        } else {
+            self.local.remove(&mid)
+        };
+        if self.loading.is_empty() {
+            return;
+        }
+        let mut overflowed = Vec::new();
+        for group in &self.loading {
+            if let Some(Group::Loading(pending)) = self.groups.get_mut(group) {
+                pending.push(Pending::Presence { mid, login, before });
+                if pending.len() > MAX_PENDING {
+                    overflowed.push(*group);
+                }
+            }
+        }
+        for group in overflowed {
+            self.overflow(group);
+        }
     }
 
     fn membership(&mut self, joined: bool, payload: &[u8]) -> Option<()> {
@@ -1085,27 +1119,13 @@ impl Feed {
         let Some(Group::Loading(pending)) = self.groups.remove(&group) else {
             return Some(());
         };
+        self.loading.remove(&group);
         rewind(&mut members, &pending);
-        for p in pending {
-            match p {
-                Pending::Msg(msg, except) => {
-                    deliver_group(
-                        &self.registry,
-                        &self.local,
-                        &members,
-                        &mut self.recipients,
-                        &msg,
-                        except,
-                    )
-                    .await;
-                }
-                Pending::Join(m) => {
-                    members.insert(m);
-                }
-                Pending::Leave(m) => {
-                    members.remove(&m);
-                }
+        for (msg, except, recipients, echo) in replay(&self.local, &mut members, pending) {
+            if recipients.is_empty() && echo.is_none() {
+                continue;
             }
+            let _ = self.registry.deliver(&recipients, echo, &msg, except).await;
         }
         self.groups.insert(group, Group::Ready(members));
         Some(())
@@ -1125,29 +1145,69 @@ fn rewind(members: &mut HashSet<Mid>, pending: &[Pending]) {
             Pending::Leave(m) => {
                 members.insert(*m);
             }
-            Pending::Msg(..) => {}
+            Pending::Msg(..) | Pending::Presence { .. } => {}
         }
     }
 }
 
-/// Delivers a group message to this node's sessions of `members`: those
-/// whose login reached this feed, skipping the sending connection. A member
-/// whose last session here ended but whose logout has not reached the feed
-/// gets it in its inbox (its catch-up position will be past it); the
-/// sender's other sessions get live copies only.
-async fn deliver_group(
-    registry: &Registry,
+/// A group message that waited for its group's members, with the
+/// recipients and echo of its own moment ([`group_recipients`]).
+type Replayed = (Arc<Message>, Option<ConnId>, Vec<Mid>, Option<Mid>);
+
+/// Plays a loaded group's waiting items forward: `members` as of the first
+/// of them (see [`rewind`]) becomes the members as of now, and each waiting
+/// message gets the recipients of its own moment: the members then, and
+/// this node's sessions then. `local` is as of now; a mid whose login or
+/// logout waited too counts as it stood when the message was published.
+/// So a member who logs in here while the group loads does not also get,
+/// live, a message its login's catch-up copied to its inbox, and one who
+/// logs out gets a message from before that in its inbox (a mid that has
+/// no session here any more gets its copy there).
+fn replay(
     local: &HashSet<Mid>,
-    members: &HashSet<Mid>,
-    recipients: &mut Vec<Mid>,
-    msg: &Arc<Message>,
-    except: Option<ConnId>,
-) {
-    let echo = group_recipients(local, members, msg.delivered().from, recipients);
-    if recipients.is_empty() && echo.is_none() {
-        return;
+    members: &mut HashSet<Mid>,
+    pending: Vec<Pending>,
+) -> Vec<Replayed> {
+    // Whether each mid whose presence changed during the wait is local,
+    // as of the point reached: first as it stood before its first change.
+    let mut then: HashMap<Mid, bool> = HashMap::new();
+    for p in &pending {
+        if let Pending::Presence { mid, before, .. } = p {
+            then.entry(*mid).or_insert(*before);
+        }
     }
-    let _ = registry.deliver(recipients, echo, msg, except).await;
+    let mut out = Vec::new();
+    for p in pending {
+        match p {
+            Pending::Msg(msg, except) => {
+                let mut recipients = Vec::new();
+                let from = msg.delivered().from;
+                let mut echo = group_recipients(local, members, from, &mut recipients);
+                if !then.is_empty() {
+                    recipients.retain(|m| then.get(m).copied().unwrap_or(true));
+                    for (&m, &here) in &then {
+                        if here && m != from && !local.contains(&m) && members.contains(&m) {
+                            recipients.push(m);
+                        }
+                    }
+                    if let Some(&here) = then.get(&from) {
+                        echo = here.then_some(from);
+                    }
+                }
+                out.push((msg, except, recipients, echo));
+            }
+            Pending::Join(m) => {
+                members.insert(m);
+            }
+            Pending::Leave(m) => {
+                members.remove(&m);
+            }
+            Pending::Presence { mid, login, .. } => {
+                then.insert(mid, login);
+            }
+        }
+    }
+    out
 }
 
 /// Fills `recipients` with this node's members of a group (those whose
@@ -1340,6 +1400,7 @@ async fn feed(inner: Arc<Inner>, registry: Arc<Registry>, link: Arc<Link>) {
         link: link.clone(),
         local: HashSet::new(),
         groups: HashMap::new(),
+        loading: HashSet::new(),
         recipients: Vec::new(),
         run: Run::default(),
         pushes: 0,
@@ -2011,6 +2072,63 @@ mod tests {
         assert_eq!(members, [1, 2].into());
         rewind(&mut members, &pending[..1]);
         assert_eq!(members, [1, 2].into(), "messages change nothing");
+    }
+
+    /// A message that waited for its group's members goes to the sessions
+    /// of its own moment: a member whose login reached the feed after it
+    /// (its login's catch-up has it) does not get it live, and one whose
+    /// logout came after it still does (in its inbox, having no session).
+    #[test]
+    fn a_message_that_waited_for_its_group_goes_to_the_sessions_of_its_moment() {
+        let msg = |chat_id, from| {
+            Pending::Msg(
+                Message::new(Delivered {
+                    op: comet_core::op::SEND_TO_GROUP,
+                    chat_id,
+                    from,
+                    to: 9,
+                    msg: Bytes::from_static(b"m"),
+                }),
+                None,
+            )
+        };
+        let presence = |mid, login| Pending::Presence {
+            mid,
+            login,
+            before: !login,
+        };
+        // Members {1, 2, 3, 4}; local before the wait {2, 4, 5}.
+        let pending = vec![
+            msg(1, 2),
+            presence(3, true),
+            presence(4, false),
+            msg(2, 2),
+            presence(2, false),
+            msg(3, 1),
+        ];
+        let local: HashSet<Mid> = [3, 5].into();
+        let mut members: HashSet<Mid> = [1, 2, 3, 4].into();
+        let got: Vec<(i64, Vec<Mid>, Option<Mid>)> = replay(&local, &mut members, pending)
+            .into_iter()
+            .map(|(m, _, mut to, echo)| {
+                to.sort_unstable();
+                (m.delivered().chat_id, to, echo)
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (1, vec![4], Some(2)),
+                (2, vec![3], Some(2)),
+                (3, vec![3], None)
+            ]
+        );
+        assert_eq!(members, [1, 2, 3, 4].into());
+
+        // Nothing changed during the wait: the sessions of now.
+        let mut members: HashSet<Mid> = [1, 2, 3].into();
+        let got = replay(&local, &mut members, vec![msg(4, 1)]);
+        assert_eq!((got[0].2.clone(), got[0].3), (vec![3], None));
     }
 
     /// Reads from `r` until a read would wait; returns the bytes read.
