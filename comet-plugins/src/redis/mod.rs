@@ -735,19 +735,27 @@ enum Group {
 }
 
 enum Pending {
-    Msg(Arc<Message>, Option<ConnId>),
+    /// A message, the connection to skip, and the position in the feed's
+    /// log of logins and logouts (`Feed::moves`) when it came: it goes to
+    /// the sessions of its own moment, not of the moment its group loaded.
+    Msg(Arc<Message>, Option<ConnId>, u64),
     Join(Mid),
     Leave(Mid),
-    /// A login (`I`, `login` true) or logout (`O`) of `mid` on this node
-    /// while the group loaded, and whether the feed held `mid` as local
-    /// just before it: a message that waited is delivered to the sessions
-    /// of its own moment, not to those of the moment its group loaded.
-    Presence {
-        mid: Mid,
-        login: bool,
-        before: bool,
-    },
 }
+
+/// A login (`I`, `login` true) or logout (`O`) of `mid` that reached the
+/// feed while a group loaded, and whether the feed held `mid` as local just
+/// before it.
+#[derive(Clone, Copy, Debug)]
+struct Move {
+    mid: Mid,
+    login: bool,
+    before: bool,
+}
+
+/// Most logins and logouts the feed logs while groups load; past it the
+/// node closes its sessions (they resync) and forgets the loading groups.
+const MAX_MOVES: usize = 1 << 20;
 
 /// What the feed task keeps between messages; reset when the feed is lost.
 struct Feed {
@@ -760,6 +768,11 @@ struct Feed {
     groups: HashMap<GroupId, Group>,
     /// The groups in `groups` that are loading.
     loading: HashSet<GroupId>,
+    /// The logins and logouts that reached the feed since a group began
+    /// loading (empty while none is), shared by the loading groups: entry
+    /// `i` is at position `moves_base + i`.
+    moves: Vec<Move>,
+    moves_base: u64,
     /// Reused for each delivery's recipients.
     recipients: Vec<Mid>,
     /// The messages of the current burst that go to the same sessions,
@@ -876,6 +889,7 @@ impl Feed {
         self.local.clear();
         self.groups.clear();
         self.loading.clear();
+        self.forget_moves();
         self.run.msgs.clear();
     }
 
@@ -1009,7 +1023,8 @@ impl Feed {
         match self.groups.get_mut(&group) {
             Some(Group::Ready(_)) => {}
             Some(Group::Loading(pending)) => {
-                pending.push(Pending::Msg(msg, except));
+                let at = self.moves_base + self.moves.len() as u64;
+                pending.push(Pending::Msg(msg, except, at));
                 if pending.len() > MAX_PENDING {
                     self.overflow(group);
                 }
@@ -1018,8 +1033,9 @@ impl Feed {
                 if self.groups.len() >= MAX_CACHED_GROUPS {
                     self.groups.retain(|_, g| matches!(g, Group::Loading(_)));
                 }
+                let at = self.moves_base + self.moves.len() as u64;
                 self.groups
-                    .insert(group, Group::Loading(vec![Pending::Msg(msg, except)]));
+                    .insert(group, Group::Loading(vec![Pending::Msg(msg, except, at)]));
                 self.loading.insert(group);
                 let epoch = self.link.epoch.load(Ordering::SeqCst);
                 tokio::spawn(load_group(
@@ -1041,13 +1057,28 @@ impl Feed {
             "cluster feed: group members did not load in time; closing this node's sessions so they resync"
         );
         self.groups.remove(&group);
-        self.loading.remove(&group);
+        self.loaded(group);
         self.registry.disconnect_all();
+    }
+
+    /// `group` is no longer loading; with none left, the log of logins and
+    /// logouts is dropped.
+    fn loaded(&mut self, group: GroupId) {
+        self.loading.remove(&group);
+        if self.loading.is_empty() {
+            self.forget_moves();
+        }
+    }
+
+    fn forget_moves(&mut self) {
+        self.moves_base += self.moves.len() as u64;
+        self.moves.clear();
     }
 
     /// A login (`I`) or logout (`O`) of `mid` reached the feed: group
     /// messages from here on reach (no longer reach) its sessions here.
-    /// Each loading group's wait records it, for the messages before it.
+    /// While groups load, it is logged once for all of them, for the
+    /// messages that wait.
     fn presence(&mut self, login: bool, mid: Mid) {
         let before = if login {
             !self.local.insert(mid)
@@ -1057,17 +1088,17 @@ impl Feed {
         if self.loading.is_empty() {
             return;
         }
-        let mut overflowed = Vec::new();
-        for group in &self.loading {
-            if let Some(Group::Loading(pending)) = self.groups.get_mut(group) {
-                pending.push(Pending::Presence { mid, login, before });
-                if pending.len() > MAX_PENDING {
-                    overflowed.push(*group);
-                }
+        self.moves.push(Move { mid, login, before });
+        if self.moves.len() > MAX_MOVES {
+            tracing::warn!(
+                groups = self.loading.len(),
+                "cluster feed: too many logins while group members loaded; closing this node's sessions so they resync"
+            );
+            for group in std::mem::take(&mut self.loading) {
+                self.groups.remove(&group);
             }
-        }
-        for group in overflowed {
-            self.overflow(group);
+            self.forget_moves();
+            self.registry.disconnect_all();
         }
     }
 
@@ -1119,9 +1150,16 @@ impl Feed {
         let Some(Group::Loading(pending)) = self.groups.remove(&group) else {
             return Some(());
         };
-        self.loading.remove(&group);
         rewind(&mut members, &pending);
-        for (msg, except, recipients, echo) in replay(&self.local, &mut members, pending) {
+        let replayed = replay(
+            &self.local,
+            &mut members,
+            pending,
+            &self.moves,
+            self.moves_base,
+        );
+        self.loaded(group);
+        for (msg, except, recipients, echo) in replayed {
             if recipients.is_empty() && echo.is_none() {
                 continue;
             }
@@ -1145,7 +1183,7 @@ fn rewind(members: &mut HashSet<Mid>, pending: &[Pending]) {
             Pending::Leave(m) => {
                 members.insert(*m);
             }
-            Pending::Msg(..) | Pending::Presence { .. } => {}
+            Pending::Msg(..) => {}
         }
     }
 }
@@ -1157,29 +1195,44 @@ type Replayed = (Arc<Message>, Option<ConnId>, Vec<Mid>, Option<Mid>);
 /// Plays a loaded group's waiting items forward: `members` as of the first
 /// of them (see [`rewind`]) becomes the members as of now, and each waiting
 /// message gets the recipients of its own moment: the members then, and
-/// this node's sessions then. `local` is as of now; a mid whose login or
-/// logout waited too counts as it stood when the message was published.
-/// So a member who logs in here while the group loads does not also get,
-/// live, a message its login's catch-up copied to its inbox, and one who
-/// logs out gets a message from before that in its inbox (a mid that has
-/// no session here any more gets its copy there).
+/// this node's sessions then. `local` is as of now; `moves` (entry `i` at
+/// position `base + i`) are the logins and logouts since before the first
+/// waiting message, so a mid among them counts as it stood when each
+/// message came. A member who logs in here while the group loads does not
+/// also get, live, a message its login's catch-up copied to its inbox, and
+/// one who logs out gets a message from before that in its inbox (a mid
+/// without a session here any more gets its copy there).
 fn replay(
     local: &HashSet<Mid>,
     members: &mut HashSet<Mid>,
     pending: Vec<Pending>,
+    moves: &[Move],
+    base: u64,
 ) -> Vec<Replayed> {
-    // Whether each mid whose presence changed during the wait is local,
-    // as of the point reached: first as it stood before its first change.
+    // Index in `moves` of a position (positions before the log count as
+    // its start).
+    let index = |at: u64| {
+        usize::try_from(at.saturating_sub(base)).map_or(moves.len(), |i| i.min(moves.len()))
+    };
+    // Whether each mid that moved is local as of the point reached: first
+    // as it stood before its first move.
     let mut then: HashMap<Mid, bool> = HashMap::new();
-    for p in &pending {
-        if let Pending::Presence { mid, before, .. } = p {
-            then.entry(*mid).or_insert(*before);
-        }
+    let mut applied = match pending.first() {
+        Some(Pending::Msg(_, _, at)) => index(*at),
+        _ => 0,
+    };
+    for m in &moves[applied..] {
+        then.entry(m.mid).or_insert(m.before);
     }
     let mut out = Vec::new();
     for p in pending {
         match p {
-            Pending::Msg(msg, except) => {
+            Pending::Msg(msg, except, at) => {
+                let upto = index(at).max(applied);
+                for m in &moves[applied..upto] {
+                    then.insert(m.mid, m.login);
+                }
+                applied = upto;
                 let mut recipients = Vec::new();
                 let from = msg.delivered().from;
                 let mut echo = group_recipients(local, members, from, &mut recipients);
@@ -1201,9 +1254,6 @@ fn replay(
             }
             Pending::Leave(m) => {
                 members.remove(&m);
-            }
-            Pending::Presence { mid, login, .. } => {
-                then.insert(mid, login);
             }
         }
     }
@@ -1401,6 +1451,8 @@ async fn feed(inner: Arc<Inner>, registry: Arc<Registry>, link: Arc<Link>) {
         local: HashSet::new(),
         groups: HashMap::new(),
         loading: HashSet::new(),
+        moves: Vec::new(),
+        moves_base: 0,
         recipients: Vec::new(),
         run: Run::default(),
         pushes: 0,
@@ -2061,7 +2113,7 @@ mod tests {
         // Before: {1, 2}. Then a message, 3 joins, 2 leaves, 2 joins again,
         // 1 leaves: the snapshot that follows says {2, 3}.
         let pending = [
-            Pending::Msg(msg, None),
+            Pending::Msg(msg, None, 0),
             Pending::Join(3),
             Pending::Leave(2),
             Pending::Join(2),
@@ -2080,7 +2132,7 @@ mod tests {
     /// logout came after it still does (in its inbox, having no session).
     #[test]
     fn a_message_that_waited_for_its_group_goes_to_the_sessions_of_its_moment() {
-        let msg = |chat_id, from| {
+        let msg = |chat_id, from, at| {
             Pending::Msg(
                 Message::new(Delivered {
                     op: comet_core::op::SEND_TO_GROUP,
@@ -2090,44 +2142,46 @@ mod tests {
                     msg: Bytes::from_static(b"m"),
                 }),
                 None,
+                at,
             )
         };
-        let presence = |mid, login| Pending::Presence {
+        let moved = |mid, login| Move {
             mid,
             login,
             before: !login,
         };
-        // Members {1, 2, 3, 4}; local before the wait {2, 4, 5}.
-        let pending = vec![
-            msg(1, 2),
-            presence(3, true),
-            presence(4, false),
-            msg(2, 2),
-            presence(2, false),
-            msg(3, 1),
+        // Members {1, 2, 3, 4}; local before the wait {2, 4, 5}. The log
+        // starts at position 100 (earlier loads' moves were dropped); 7
+        // moved before the first waiting message, which is not this wait's.
+        let moves = [
+            moved(7, true),
+            moved(3, true),
+            moved(4, false),
+            moved(2, false),
         ];
-        let local: HashSet<Mid> = [3, 5].into();
-        let mut members: HashSet<Mid> = [1, 2, 3, 4].into();
-        let got: Vec<(i64, Vec<Mid>, Option<Mid>)> = replay(&local, &mut members, pending)
-            .into_iter()
-            .map(|(m, _, mut to, echo)| {
-                to.sort_unstable();
-                (m.delivered().chat_id, to, echo)
-            })
-            .collect();
+        let pending = vec![msg(1, 2, 101), msg(2, 2, 103), msg(3, 1, 104)];
+        let local: HashSet<Mid> = [3, 5, 7].into();
+        let mut members: HashSet<Mid> = [1, 2, 3, 4, 7].into();
+        let got: Vec<(i64, Vec<Mid>, Option<Mid>)> =
+            replay(&local, &mut members, pending, &moves, 100)
+                .into_iter()
+                .map(|(m, _, mut to, echo)| {
+                    to.sort_unstable();
+                    (m.delivered().chat_id, to, echo)
+                })
+                .collect();
         assert_eq!(
             got,
             [
-                (1, vec![4], Some(2)),
-                (2, vec![3], Some(2)),
-                (3, vec![3], None)
+                (1, vec![4, 7], Some(2)),
+                (2, vec![3, 7], Some(2)),
+                (3, vec![3, 7], None)
             ]
         );
-        assert_eq!(members, [1, 2, 3, 4].into());
 
-        // Nothing changed during the wait: the sessions of now.
+        // Nothing moved during the wait: the sessions of now.
         let mut members: HashSet<Mid> = [1, 2, 3].into();
-        let got = replay(&local, &mut members, vec![msg(4, 1)]);
+        let got = replay(&local, &mut members, vec![msg(4, 1, 104)], &moves, 100);
         assert_eq!((got[0].2.clone(), got[0].3), (vec![3], None));
     }
 
