@@ -725,7 +725,13 @@ async fn a_node_that_falls_behind_its_feed_stops_reading_and_resyncs_its_session
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_down_refuses_sends_and_logins_then_recovers() {
     let mut redis = Redis::start();
-    let a = node(&redis, "a").await;
+    let a = node_with(&redis, "a", |c| {
+        c.admin = Some(comet::server::AdminSection {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            token: None,
+        });
+    })
+    .await;
     let b = node(&redis, "b").await;
     let mut one = login(&a, Kind::Tcp, 1).await;
     let mut two = login(&b, Kind::WsJson, 2).await;
@@ -747,6 +753,18 @@ async fn redis_down_refuses_sends_and_logins_then_recovers() {
         let reason = body["error"].as_str().unwrap_or_default();
         assert!(!reason.is_empty(), "refused without a reason: {body}");
     }
+    // The admin API: this node's totals still, with why the cluster's are
+    // missing; the node list cannot be read.
+    let api = a.admin_addr.unwrap();
+    let (status, body) = get(api, "/api/online").await;
+    assert_eq!(status, 200, "{body}");
+    let online: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(online["sessions"], json!(0), "{online}");
+    assert!(online.get("cluster").is_none(), "{online}");
+    let why = online["cluster_error"].as_str().unwrap_or_default();
+    assert!(why.starts_with("cluster unavailable: "), "{online}");
+    let (status, body) = get(api, "/api/nodes").await;
+    assert_eq!(status, 503, "{body}");
 
     // Redis comes back (same port, same AOF; its script cache is empty).
     redis.spawn();
