@@ -546,8 +546,15 @@ impl ServerConfig {
                 );
             }
         }
-        if self.cluster.node_ttl_ms.is_some_and(|ms| ms < 300) {
-            return bad("cluster.node_ttl_ms", "must be at least 300");
+        if self
+            .cluster
+            .node_ttl_ms
+            .is_some_and(|ms| !(300..=86_400_000).contains(&ms))
+        {
+            return bad(
+                "cluster.node_ttl_ms",
+                "must be at least 300 and at most 86400000 (a day)",
+            );
         }
         if st.fsync_interval_ms == 0 {
             return bad("store.fsync_interval_ms", "must be greater than 0");

@@ -309,6 +309,7 @@ struct Inner {
     opts: RedisOptions,
     /// This process's claim on its node id (see `scripts::CLAIM`).
     token: String,
+    claim: Script,
     client: redis::Client,
     /// The feed connection's TLS, for a `rediss://` URL.
     feed_tls: Option<tokio_rustls::TlsConnector>,
@@ -395,10 +396,21 @@ impl RedisCluster {
         }
         if opts.node_ttl < MIN_NODE_TTL {
             return Err(format!(
-                "cluster node_ttl {:?} is under {MIN_NODE_TTL:?}: heartbeats every third of it would not fit in Redis's answer time",
+                "cluster node_ttl {:?} is under {MIN_NODE_TTL:?}",
                 opts.node_ttl
             )
             .into());
+        }
+        if opts.node_ttl < 3 * opts.timeout {
+            // One slow answer to a heartbeat would let the node's keys
+            // expire: the other nodes would count it as gone and send its
+            // users' messages to their inboxes meanwhile.
+            tracing::warn!(
+                node = %opts.node_id,
+                node_ttl = ?opts.node_ttl,
+                timeout = ?opts.timeout,
+                "cluster node_ttl is under three Redis answer timeouts: a slow heartbeat answer makes the cluster count this node as gone for a moment"
+            );
         }
         let client = if opts.tls_ca.is_some() || opts.tls_client.is_some() {
             redis::Client::build_with_tls(
@@ -441,7 +453,8 @@ impl RedisCluster {
         // pushing the other's recipients to their inboxes), and this one
         // would reset the other's presence when its feed subscribes.
         let token = claim_token();
-        let claimed: i64 = Script::new(scripts::CLAIM)
+        let claim = Script::new(scripts::CLAIM);
+        let claimed: i64 = claim
             .arg(&opts.prefix)
             .arg(&opts.node_id)
             .arg(&token)
@@ -474,6 +487,7 @@ impl RedisCluster {
             inner: Arc::new(Inner {
                 opts,
                 token,
+                claim,
                 client,
                 feed_tls,
                 con,
@@ -512,7 +526,6 @@ impl RedisCluster {
             self.inner.clone(),
             registry.clone(),
             link.clone(),
-            feed.abort_handle(),
         ));
         Arc::new(RedisBroker {
             inner: self.inner.clone(),
@@ -637,20 +650,31 @@ const MIN_NODE_TTL: Duration = Duration::from_millis(300);
 /// Refreshes this node's claim and heartbeat key every third of their
 /// lifetime, and reports its session count with them ([`RedisBroker`]'s
 /// `nodes`). If another process has claimed the node id since, this node
-/// steps down: it stops its feed (which that process now reads), refuses
-/// logins, answers not ready and closes its sessions, so that they log in
-/// again elsewhere; the heartbeat stops.
-async fn heartbeat(
-    inner: Arc<Inner>,
-    registry: Arc<Registry>,
-    link: Arc<Link>,
-    feed: tokio::task::AbortHandle,
-) {
+/// steps down ([`step_down`]); while stepped down it claims the id again
+/// every third of `node_ttl`, which succeeds once no live node holds it
+/// (the other process stopped, or was never more than a claim), and then
+/// its feed subscribes again.
+async fn heartbeat(inner: Arc<Inner>, registry: Arc<Registry>, link: Arc<Link>) {
     let ttl = u64::try_from(inner.opts.node_ttl.as_millis()).unwrap_or(u64::MAX);
     let mut tick = tokio::time::interval(inner.opts.node_ttl / 3);
     loop {
         tick.tick().await;
         let mut con = inner.con();
+        if link.displaced.load(Ordering::SeqCst) {
+            let claimed: redis::RedisResult<i64> = inner
+                .claim
+                .arg(&inner.opts.prefix)
+                .arg(&inner.opts.node_id)
+                .arg(&inner.token)
+                .arg(ttl)
+                .invoke_async(&mut con)
+                .await;
+            if let Ok(1) = claimed {
+                tracing::warn!(node = %inner.opts.node_id, "cluster node id claimed again: this node takes logins again");
+                link.displaced.store(false, Ordering::SeqCst);
+            }
+            continue;
+        }
         let beat: redis::RedisResult<i64> = inner
             .scripts
             .heartbeat
@@ -662,24 +686,30 @@ async fn heartbeat(
             .invoke_async(&mut con)
             .await;
         match beat {
-            Ok(0) => {
-                link.displaced.store(true, Ordering::SeqCst);
-                feed.abort();
-                link.subscribed.store(false, Ordering::SeqCst);
-                let sessions = registry.session_count();
-                registry.disconnect_all();
-                tracing::error!(
-                    node = %inner.opts.node_id,
-                    sessions,
-                    "cluster node id taken over by another process: this node stopped its feed, \
-                     refuses logins and closed its sessions; give each node its own node_id"
-                );
-                return;
-            }
+            Ok(0) => step_down(&inner, &link, &registry),
             Ok(_) => {}
             Err(e) => tracing::warn!(cause = %e, "cluster heartbeat failed"),
         }
     }
+}
+
+/// Another process has claimed this node's id: the node stops reading the
+/// id's channel (its feed unsubscribes and waits), refuses logins, answers
+/// not ready, closes its sessions so that they log in elsewhere, and
+/// leaves the id's presence alone, until [`heartbeat`] claims the id again.
+fn step_down(inner: &Inner, link: &Link, registry: &Registry) {
+    if link.displaced.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    link.stepped.notify_waiters();
+    let sessions = registry.session_count();
+    registry.disconnect_all();
+    tracing::error!(
+        node = %inner.opts.node_id,
+        sessions,
+        "cluster node id taken over by another process: this node stopped reading its channel, \
+         refuses logins and closed its sessions until it can claim the id again; give each node its own node_id"
+    );
 }
 
 /// A token no other process picks: this process's claim on its node id.
@@ -703,9 +733,11 @@ fn claim_token() -> String {
 struct Link {
     subscribed: AtomicBool,
     epoch: AtomicU64,
-    /// Another process claimed this node's id: this one stepped down for
-    /// good.
+    /// Another process claimed this node's id: this one stepped down
+    /// ([`step_down`]) until it claims the id again.
     displaced: AtomicBool,
+    /// Wakes the feed when the node steps down.
+    stepped: tokio::sync::Notify,
 }
 
 impl Link {
@@ -1460,6 +1492,12 @@ async fn feed(inner: Arc<Inner>, registry: Arc<Registry>, link: Arc<Link>) {
     let mut first = true;
     let budget = Arc::new(Budget::new(inner.opts.feed_budget.max(MIN_FEED_BUDGET)));
     loop {
+        if link.displaced.load(Ordering::SeqCst) {
+            // Back from a step-down: this id's presence may be stale.
+            first = true;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            continue;
+        }
         match subscribe(&inner, [own.as_str(), all.as_str()], &budget).await {
             Ok(stream) => {
                 if first {
@@ -1470,8 +1508,13 @@ async fn feed(inner: Arc<Inner>, registry: Arc<Registry>, link: Arc<Link>) {
                         .reset_node
                         .arg(&inner.opts.prefix)
                         .arg(&inner.opts.node_id)
+                        .arg(&inner.token)
                         .invoke_async(&mut con)
                         .await;
+                    if let Ok(-1) = reset {
+                        step_down(&inner, &link, &registry);
+                        continue;
+                    }
                     if let Err(e) = reset {
                         tracing::warn!(cause = %e, "cluster: resetting this node's presence failed");
                         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -1496,14 +1539,26 @@ async fn feed(inner: Arc<Inner>, registry: Arc<Registry>, link: Arc<Link>) {
                 // budget (Budget::caught_up), so the reader, which may be
                 // stopped at FEED_BUDGET, reads on before the feed waits.
                 'feed: loop {
+                    // Registered before the check, so a step-down between
+                    // the two still wakes the wait below.
+                    let stepped = link.stepped.notified();
+                    tokio::pin!(stepped);
+                    stepped.as_mut().enable();
+                    if link.displaced.load(Ordering::SeqCst) {
+                        break 'feed;
+                    }
                     let msg = match stream.next().now_or_never() {
                         Some(Some(msg)) => msg,
                         Some(None) => break 'feed,
                         None => {
                             budget.caught_up();
-                            match stream.next().await {
-                                Some(msg) => msg,
-                                None => break 'feed,
+                            tokio::select! {
+                                biased;
+                                _ = &mut stepped => break 'feed,
+                                next = stream.next() => match next {
+                                    Some(msg) => msg,
+                                    None => break 'feed,
+                                },
                             }
                         }
                     };
@@ -1767,7 +1822,7 @@ impl Broker for RedisBroker {
         let o = &self.inner.opts;
         let _order = stripe(&self.stripes, mid).lock().await;
         let mut con = self.inner.con();
-        let _copied: i64 = self
+        let copied: i64 = self
             .inner
             .scripts
             .login
@@ -1777,8 +1832,13 @@ impl Broker for RedisBroker {
             .arg(u64::try_from(o.node_ttl.as_millis()).unwrap_or(u64::MAX))
             .arg(o.inbox)
             .arg(o.inbox)
+            .arg(&self.inner.token)
             .invoke_async(&mut con)
             .await?;
+        if copied < 0 {
+            step_down(&self.inner, &self.link, &self.registry);
+            return Err("cluster node id taken over by another process".into());
+        }
         // Lost while the script ran (even if subscribed again since): the
         // feed may have missed this mid's messages and its `I`, and
         // `disconnect_all` may have run before the session was registered.
@@ -1815,6 +1875,7 @@ impl Broker for RedisBroker {
                 .arg(&inner.opts.prefix)
                 .arg(mid)
                 .arg(&inner.opts.node_id)
+                .arg(&inner.token)
                 .invoke_async(&mut con)
                 .await;
             if let Err(e) = gone {

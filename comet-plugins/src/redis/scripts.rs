@@ -43,13 +43,19 @@
 //! group.
 
 /// `live(prefix, node)`: the node's heartbeat is fresh and its feed has a
-/// subscriber. `push_inbox(prefix, mid, bound, tail)`: appends an entry to the mid's
+/// subscriber. `ours(prefix, node, token)`: no other process has claimed
+/// the node id (`own:<node>` is this token, or unset: the heartbeat claims
+/// it again). `push_inbox(prefix, mid, bound, tail)`: appends an entry to the mid's
 /// inbox under the next seq and drops the oldest past the bound.
 const TRIM: &str = r"
 local function live(p, n)
   if redis.call('EXISTS', p .. 'node:' .. n) == 0 then return false end
   local subs = redis.call('PUBSUB', 'NUMSUB', p .. 'ch:' .. n)
   return tonumber(subs[2]) > 0
+end
+local function ours(p, n, token)
+  local own = redis.call('GET', p .. 'own:' .. n)
+  return (not own) or own == token
 end
 local function push_inbox(p, m, imax, entry_tail)
   local seq = redis.call('INCR', p .. 'inseq')
@@ -169,6 +175,7 @@ pub(crate) fn send() -> String {
 const LOGIN_BODY: &str = r"
 local p, m, node = ARGV[1], ARGV[2], ARGV[3]
 local ttl, max, imax = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+if not ours(p, node, ARGV[7]) then return -1 end
 redis.call('SET', p .. 'node:' .. node, '1', 'PX', ttl)
 local online = false
 for _, n in ipairs(redis.call('SMEMBERS', p .. 'pr:' .. m)) do
@@ -220,6 +227,7 @@ pub(crate) fn login() -> String {
 /// offline everywhere.
 const LOGOUT_BODY: &str = r"
 local p, m, node = ARGV[1], ARGV[2], ARGV[3]
+if not ours(p, node, ARGV[4]) then return -1 end
 redis.call('SREM', p .. 'pr:' .. m, node)
 redis.call('SREM', p .. 'nm:' .. node, m)
 redis.call('PUBLISH', p .. 'ch:' .. node, 'O\n' .. m)
@@ -239,9 +247,12 @@ pub(crate) fn logout() -> String {
 }
 
 /// A node (re)starts: forgets the presence it had registered before.
-/// ARGV: prefix, node.
+/// ARGV: prefix, node, token. Returns -1, touching nothing, when another
+/// process holds the node id's claim.
 pub(crate) const RESET_NODE: &str = r"
-local p, node = ARGV[1], ARGV[2]
+local p, node, token = ARGV[1], ARGV[2], ARGV[3]
+local own = redis.call('GET', p .. 'own:' .. node)
+if own and own ~= token then return -1 end
 for _, m in ipairs(redis.call('SMEMBERS', p .. 'nm:' .. node)) do
   redis.call('SREM', p .. 'pr:' .. m, node)
 end
