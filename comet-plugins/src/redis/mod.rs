@@ -1539,11 +1539,6 @@ async fn feed(inner: Arc<Inner>, registry: Arc<Registry>, link: Arc<Link>) {
                 // budget (Budget::caught_up), so the reader, which may be
                 // stopped at FEED_BUDGET, reads on before the feed waits.
                 'feed: loop {
-                    // Registered before the check, so a step-down between
-                    // the two still wakes the wait below.
-                    let stepped = link.stepped.notified();
-                    tokio::pin!(stepped);
-                    stepped.as_mut().enable();
                     if link.displaced.load(Ordering::SeqCst) {
                         break 'feed;
                     }
@@ -1552,6 +1547,16 @@ async fn feed(inner: Arc<Inner>, registry: Arc<Registry>, link: Arc<Link>) {
                         Some(None) => break 'feed,
                         None => {
                             budget.caught_up();
+                            // Only a feed with nothing to read waits, so
+                            // only it needs waking by a step-down: the
+                            // waiter is registered before the flag is
+                            // checked again, so one in between still wakes it.
+                            let stepped = link.stepped.notified();
+                            tokio::pin!(stepped);
+                            stepped.as_mut().enable();
+                            if link.displaced.load(Ordering::SeqCst) {
+                                break 'feed;
+                            }
                             tokio::select! {
                                 biased;
                                 _ = &mut stepped => break 'feed,
