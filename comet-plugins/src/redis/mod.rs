@@ -473,15 +473,15 @@ impl RedisCluster {
             send: Script::new(&scripts::send()),
             login: Script::new(&scripts::login()),
             logout: Script::new(&scripts::logout()),
-            reset_node: Script::new(scripts::RESET_NODE),
+            reset_node: Script::new(&scripts::reset_node()),
             history: Script::new(scripts::HISTORY),
             push: Script::new(&scripts::push()),
             join: Script::new(scripts::JOIN),
             leave: Script::new(scripts::LEAVE),
             load_group: Script::new(scripts::LOAD_GROUP),
             nodes_of: Script::new(scripts::NODES_OF),
-            heartbeat: Script::new(scripts::HEARTBEAT),
-            nodes: Script::new(scripts::NODES),
+            heartbeat: Script::new(&scripts::heartbeat()),
+            nodes: Script::new(&scripts::nodes()),
         };
         Ok(RedisCluster {
             inner: Arc::new(Inner {

@@ -45,7 +45,8 @@
 /// `live(prefix, node)`: the node's heartbeat is fresh and its feed has a
 /// subscriber. `ours(prefix, node, token)`: no other process has claimed
 /// the node id (`own:<node>` is this token, or unset: the heartbeat claims
-/// it again). `push_inbox(prefix, mid, bound, tail)`: appends an entry to the mid's
+/// it again). `now_ms()`: Redis's clock, in milliseconds (the nodes'
+/// clocks never matter). `push_inbox(prefix, mid, bound, tail)`: appends an entry to the mid's
 /// inbox under the next seq and drops the oldest past the bound.
 const TRIM: &str = r"
 local function live(p, n)
@@ -56,6 +57,10 @@ end
 local function ours(p, n, token)
   local own = redis.call('GET', p .. 'own:' .. n)
   return (not own) or own == token
+end
+local function now_ms()
+  local t = redis.call('TIME')
+  return t[1] * 1000 + math.floor(t[2] / 1000)
 end
 local function push_inbox(p, m, imax, entry_tail)
   local seq = redis.call('INCR', p .. 'inseq')
@@ -249,16 +254,20 @@ pub(crate) fn logout() -> String {
 /// A node (re)starts: forgets the presence it had registered before.
 /// ARGV: prefix, node, token. Returns -1, touching nothing, when another
 /// process holds the node id's claim.
-pub(crate) const RESET_NODE: &str = r"
+const RESET_NODE_BODY: &str = r"
 local p, node, token = ARGV[1], ARGV[2], ARGV[3]
-local own = redis.call('GET', p .. 'own:' .. node)
-if own and own ~= token then return -1 end
+if not ours(p, node, token) then return -1 end
 for _, m in ipairs(redis.call('SMEMBERS', p .. 'nm:' .. node)) do
   redis.call('SREM', p .. 'pr:' .. m, node)
 end
 redis.call('DEL', p .. 'nm:' .. node)
 return 1
 ";
+
+/// The presence-reset script's source.
+pub(crate) fn reset_node() -> String {
+    format!("{TRIM}{RESET_NODE_BODY}")
+}
 
 /// A page of history, read atomically. ARGV: prefix, conv, after, limit.
 /// Returns `{head, oldest, id1, from1, bytes1, id2, ...}`.
@@ -354,16 +363,19 @@ return #members
 /// Returns 0, touching nothing, when another process has claimed the node
 /// id since (see `CLAIM`); else 1. The time is Redis's, so the nodes'
 /// clocks do not matter.
-pub(crate) const HEARTBEAT: &str = r"
+const HEARTBEAT_BODY: &str = r"
 local p, n, ttl, sessions, token = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local own = redis.call('GET', p .. 'own:' .. n)
-if own and own ~= token then return 0 end
+if not ours(p, n, token) then return 0 end
 redis.call('SET', p .. 'own:' .. n, token, 'PX', ttl)
 redis.call('SET', p .. 'node:' .. n, '1', 'PX', ttl)
-local t = redis.call('TIME')
-redis.call('HSET', p .. 'nodes', n, sessions .. '\n' .. string.format('%d', t[1] * 1000 + math.floor(t[2] / 1000)))
+redis.call('HSET', p .. 'nodes', n, sessions .. '\n' .. string.format('%d', now_ms()))
 return 1
 ";
+
+/// The heartbeat script's source.
+pub(crate) fn heartbeat() -> String {
+    format!("{TRIM}{HEARTBEAT_BODY}")
+}
 
 /// A process starting as a node claims its id. ARGV: prefix, node, token,
 /// node_ttl_ms. Refused (0) while a live node holds the id: someone reads
@@ -386,10 +398,9 @@ return 1
 /// ready (1: a subscriber reads its channel), sessions, milliseconds since
 /// it reported them. Drops the reports of nodes whose heartbeat expired.
 /// ARGV: prefix.
-pub(crate) const NODES: &str = r"
+const NODES_BODY: &str = r"
 local p = ARGV[1]
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local now = now_ms()
 local all = redis.call('HGETALL', p .. 'nodes')
 local out = {}
 for i = 1, #all, 2 do
@@ -409,3 +420,8 @@ for i = 1, #all, 2 do
 end
 return out
 ";
+
+/// The node list script's source.
+pub(crate) fn nodes() -> String {
+    format!("{TRIM}{NODES_BODY}")
+}
