@@ -504,23 +504,26 @@ impl Comet {
     /// ([`Broker::nodes_of`]); `None` on a single node, where
     /// [`sessions_of`](Self::sessions_of) says it all.
     pub async fn nodes_of(&self, mid: Mid) -> Result<Option<Vec<String>>, BoxError> {
-        let Some(broker) = &self.engine.broker else {
-            return Ok(None);
-        };
-        self.engine
-            .bounded("cluster broker", broker.nodes_of(mid))
-            .await
-            .map(Some)
+        self.ask_broker(|b| b.nodes_of(mid)).await
     }
 
     /// In cluster mode, the live nodes and their session counts
     /// ([`Broker::nodes`]); `None` on a single node.
     pub async fn nodes(&self) -> Result<Option<Vec<NodeStatus>>, BoxError> {
+        self.ask_broker(|b| b.nodes()).await
+    }
+
+    /// `call` on the cluster broker, bounded like every broker call;
+    /// `None` on a single node.
+    async fn ask_broker<'a, T>(
+        &'a self,
+        call: impl FnOnce(&'a dyn Broker) -> futures_util::future::BoxFuture<'a, Result<T, BoxError>>,
+    ) -> Result<Option<T>, BoxError> {
         let Some(broker) = &self.engine.broker else {
             return Ok(None);
         };
         self.engine
-            .bounded("cluster broker", broker.nodes())
+            .bounded("cluster broker", call(broker.as_ref()))
             .await
             .map(Some)
     }

@@ -608,7 +608,7 @@ async fn online(State(state): State<AppState>) -> Json<Online> {
     // node's own totals.
     let (cluster, cluster_error) = match c.nodes().await {
         Ok(nodes) => (nodes.as_deref().map(ClusterTotals::of), None),
-        Err(e) => (None, Some(format!("cluster unavailable: {e}"))),
+        Err(e) => (None, Some(cluster_unavailable(e).1)),
     };
     let mut users = c.online_users();
     users.sort_unstable();
