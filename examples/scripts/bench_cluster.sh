@@ -54,13 +54,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_port() {
-  for _ in $(seq 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "nothing listens on $1" >&2; exit 1
-}
+# shellcheck source=examples/scripts/lib.sh
+. examples/scripts/lib.sh
 cores=$(nproc)
 # node_workers COUNT: tokio workers of each of COUNT nodes on this machine.
 node_workers() {
@@ -158,7 +153,7 @@ cluster_up() { # nodes: a fresh redis-server and that many nodes, subscribed
   redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly yes --dir "$dir/redis" \
     --daemonize no > "$dir/redis.log" 2>&1 &
   rpid=$!
-  wait_port "$rport"
+  wait_port "$rport" 200
   nodes=()
   for i in $(seq 0 $((count - 1))); do
     port=$((4711 + 2 * i))
@@ -166,7 +161,7 @@ cluster_up() { # nodes: a fresh redis-server and that many nodes, subscribed
       --tcp "127.0.0.1:$port" --store redis --redis-url "redis://127.0.0.1:$rport/" \
       --node-id "bench$i" "${layout[@]}" > "$dir/node$i.log" 2>&1 &
     nodes+=($!)
-    wait_port "$port"
+    wait_port "$port" 200
   done
   pids+=("$rpid" "${nodes[@]}")
   # A node refuses logins until its feed is subscribed (and its previous
@@ -189,7 +184,7 @@ for _ in $(seq "$runs"); do
   # One node, memory store.
   "$bin" serve --server comet --tcp 127.0.0.1:4701 "${layout[@]}" > "$dir/single.log" 2>&1 &
   pids+=($!)
-  wait_port 4701
+  wait_port 4701 200
   run single 127.0.0.1:4701 "" "${fanout_max[@]}"
   run single 127.0.0.1:4701 "" "${fanout_rate[@]}"
   run single 127.0.0.1:4701 "" "${pairs_run[@]}"

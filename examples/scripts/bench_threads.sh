@@ -30,13 +30,8 @@ stop() {
 }
 trap stop EXIT
 
-wait_port() {
-  for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "nothing listens on $1" >&2; exit 1
-}
+# shellcheck source=examples/scripts/lib.sh
+. examples/scripts/lib.sh
 
 # cpu_sample: "busy_ticks total_ticks context_switches" now.
 cpu_sample() {
